@@ -1,0 +1,307 @@
+"""Every knob as a dataclass; YAML files plus dotted ``key=value`` overrides.
+
+A config is built in three steps: read YAML into a plain dict, apply command-line overrides
+to that dict, then convert it to dataclasses while checking every key and type. Errors name
+the dotted field and the fix, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from scaling_jax.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Decoder shape. ``series`` (e.g. ``passuntil:2``, ``kaplan:6x512``) fills the shape fields."""
+
+    series: str = "custom"
+    layers: int = 4
+    d_model: int = 128
+    heads: int = 2
+    kv_heads: int = 0  # 0 means multi-head attention (kv_heads = heads)
+    head_dim: int = 64
+    d_ff: int = 320
+    mlp: str = "geglu"  # geglu | swiglu
+    tie_embeddings: bool = True
+    vocab_size: int = 0  # 0: taken from the tokenizer
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    param_dtype: str = "float32"
+    remat: bool = False  # recompute each block's activations in the backward pass
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and how they are packed into rows."""
+
+    source: str = "stdlib"  # 'stdlib' (the embedded default) or a file path / glob
+    format: str = "auto"  # auto | text | jsonl | parquet
+    text_field: str = "text"  # column / key holding the text for jsonl and parquet
+    tokenizer: str = "byte"
+    seq_len: int = 256
+    batch_size: int = 16  # global batch, in rows of seq_len tokens
+    val_fraction: float = 0.05  # share of documents (by stable hash of their name) held out
+    max_docs: int = 0  # 0: all documents
+    shuffle_seed: int = 0
+    num_threads: int = 1  # grain read threads
+    prefetch: int = 8  # batches prefetched by grain
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with a warmup and a decay schedule."""
+
+    lr: float = 3e-3
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine, wsd)
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying at the end
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0  # global-norm clipping; 0 disables
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh (data, fsdp, tensor); -1 takes the devices the others leave."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    # Logical axis -> mesh axes, tried in order; a mesh axis already used by an earlier
+    # dimension of the same array is skipped (T5X semantics). Empty: the default table.
+    rules: list = field(default_factory=list)
+
+
+@dataclass
+class ObjectiveConfig:
+    """Training objective; selecting one is ``objective=NAME``."""
+
+    name: str = "causal"
+
+
+@dataclass
+class TrainConfig:
+    """The loop: length, evaluation, checkpoints, logging."""
+
+    steps: int = 1000
+    seed: int = 0
+    run_dir: str = "runs/default"
+    eval_every: int = 200  # 0: only at the end
+    eval_batches: int = 8
+    checkpoint_every: int = 200  # 0: only at the end
+    keep_checkpoints: int = 3
+    async_checkpointing: bool = True
+    peak_flops_per_device: float = 0.0  # for MFU; 0: look up by device kind
+    progress: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.mlp": ("geglu", "swiglu"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "data.format": ("auto", "text", "jsonl", "parquet"),
+    "optimizer.schedule": ("cosine", "wsd", "constant"),
+    "objective.name": ("causal",),
+}
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``['model.layers=4', 'objective=mtp']`` -> ``{'model.layers': 4, 'objective': 'mtp'}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not key=value; write e.g. model.layers=4")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def _apply_override(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            child = node[part] = {"name": child}
+        node = child
+    last = parts[-1]
+    if isinstance(node.get(last), dict) and not isinstance(value, dict):
+        node[last]["name"] = value  # `objective=mtp` picks the section's `name`
+    else:
+        node[last] = value  # a scalar for a whole section is read as its `name` by _build
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    origin = typing.get_origin(typ) or typ
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+    elif origin is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif origin is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif origin is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            return [list(v) if isinstance(v, tuple) else v for v in value]
+    else:
+        return value
+    name = getattr(origin, "__name__", str(origin))
+    raise ConfigError(f"{where} must be {name}, got {value!r} ({type(value).__name__}); fix the value in the YAML or override")
+
+
+def _build(cls: type, raw: dict, prefix: str) -> Any:
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(raw, dict) and "name" in names:
+        raw = {"name": raw}  # `objective: mtp` is short for `objective: {name: mtp}`
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{where}'; {hint}")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value, f"{where}.")
+        else:
+            kwargs[key] = _coerce(value, typ, where)
+            allowed = CHOICES.get(where)
+            if allowed and kwargs[key] not in allowed:
+                raise ConfigError(f"{where}={kwargs[key]!r} is not one of {', '.join(allowed)}")
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Build and validate a Config from a plain nested dict (YAML contents + overrides)."""
+    config = _build(Config, raw, "")
+    from scaling_jax.model.family import apply_series  # pure Python; no JAX import
+
+    apply_series(config.model, explicit=set((raw.get("model") or {}).keys()))
+    if config.model.vocab_size == 0:
+        from scaling_jax.data.tokenizer import build_tokenizer
+
+        config.model.vocab_size = build_tokenizer(config.data.tokenizer).vocab_size
+    validate(config)
+    return config
+
+
+def load_config(path: str | None, overrides: list[str] | dict | None = None) -> Config:
+    """Read a YAML file (or nothing: all defaults) and apply dotted overrides."""
+    raw: dict = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file '{path}' does not exist; pass a YAML file such as configs/quickstart.yaml")
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file '{path}' is not valid YAML{where}; fix its syntax") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections (model:, data:, ...)")
+    items = overrides if isinstance(overrides, dict) else parse_overrides(overrides or [])
+    for key, value in items.items():
+        _apply_override(raw, key, value)
+    return config_from_dict(raw)
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str) -> None:
+    """Write the resolved config atomically (a reader never sees half a file)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _positive(config: Config, *fields_: str) -> None:
+    for dotted in fields_:
+        section, name = dotted.split(".")
+        value = getattr(getattr(config, section), name)
+        if value <= 0:
+            raise ConfigError(f"{dotted} must be > 0, got {value}")
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that do not need devices (the mesh is checked when it is built)."""
+    m, d, o, t = config.model, config.data, config.optimizer, config.train
+    _positive(config, "model.layers", "model.d_model", "model.heads", "model.head_dim", "model.d_ff",
+              "model.max_seq_len", "data.seq_len", "data.batch_size", "train.steps", "optimizer.lr",
+              "train.eval_batches", "train.keep_checkpoints")
+    kv = m.kv_heads or m.heads
+    if m.kv_heads < 0 or m.heads % kv:
+        raise ConfigError(f"model.kv_heads={m.kv_heads} must divide model.heads={m.heads} (or be 0 for multi-head attention)")
+    if m.head_dim % 2:
+        raise ConfigError(f"model.head_dim={m.head_dim} must be even for rotary embeddings")
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower data.seq_len or raise model.max_seq_len")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+    if o.warmup_steps < 0 or o.warmup_steps > t.steps:
+        raise ConfigError(f"optimizer.warmup_steps={o.warmup_steps} must be in [0, train.steps={t.steps}]")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    if not 0.0 < o.decay_fraction <= 1.0:
+        raise ConfigError(f"optimizer.decay_fraction={o.decay_fraction} must be in (0, 1]")
+    for name in ("eval_every", "checkpoint_every"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name} must be >= 0 (0 means only at the end)")
+    for axis in ("data", "fsdp", "tensor"):
+        size = getattr(config.mesh, axis)
+        if size == 0 or size < -1:
+            raise ConfigError(f"mesh.{axis}={size} must be a positive size or -1 (fill the remaining devices)")
+    for rule in config.mesh.rules:
+        if not (isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise ConfigError(f"mesh.rules entry {rule!r} must be [logical_axis, mesh_axis_or_list_or_null]")

@@ -1,0 +1,102 @@
+"""grain pipeline: documents -> tokens -> packed rows -> shuffle -> batch -> per-process slice.
+
+Rows are fixed windows over the concatenation of all documents (each wrapped in bos/eos),
+so nothing is wasted on padding and any row is computed in O(seq_len) from its index. That
+makes the whole pipeline a random-access ``grain.MapDataset``: its iterator state is a
+single index, resume is exact, and process ``p`` of ``P`` reading batches ``p, p+P, ...``
+covers the single-process stream with no overlap.
+
+A row holds ``seq_len + 1`` tokens and the segment id of each (1, 2, ... per document in the
+window, so documents never attend to each other); objectives turn rows into model batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import grain
+import numpy as np
+
+from scaling_jax.config import DataConfig
+from scaling_jax.data.tokenizer import Tokenizer
+from scaling_jax.errors import DataError
+
+Rows = dict[str, np.ndarray]
+
+
+def segment_positions(segment_ids: np.ndarray) -> np.ndarray:
+    """Position of each token inside its segment (restarting at 0 where the id changes)."""
+    seg = np.asarray(segment_ids)
+    idx = np.broadcast_to(np.arange(seg.shape[-1]), seg.shape)
+    starts = np.ones(seg.shape, dtype=bool)
+    starts[..., 1:] = seg[..., 1:] != seg[..., :-1]
+    return (idx - np.maximum.accumulate(np.where(starts, idx, 0), axis=-1)).astype(np.int32)
+
+
+class PackedRows:
+    """Random-access windows of ``seq_len + 1`` tokens over concatenated documents."""
+
+    def __init__(self, docs: Sequence[np.ndarray], seq_len: int, bos_id: int, eos_id: int):
+        parts = []
+        for doc in docs:
+            parts += [np.array([bos_id], np.int32), doc.astype(np.int32), np.array([eos_id], np.int32)]
+        stream = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+        small = stream.size and int(stream.max()) < 2**16
+        self.stream = stream.astype(np.uint16) if small else stream
+        lengths = np.array([doc.size + 2 for doc in docs], dtype=np.int64)
+        self.doc_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(docs) else np.zeros(0, np.int64)
+        self.seq_len = seq_len
+        self.num_tokens = int(stream.size)
+
+    def __len__(self) -> int:
+        return max(0, (self.num_tokens - 1) // self.seq_len)
+
+    def __getitem__(self, i: int) -> Rows:
+        start = int(i) * self.seq_len
+        span = np.arange(start, start + self.seq_len + 1)
+        doc = np.searchsorted(self.doc_starts, span, side="right")
+        return {"tokens": self.stream[span].astype(np.int32), "segment_ids": (doc - doc[0] + 1).astype(np.int32)}
+
+
+def tokenize_documents(docs: Sequence, tokenizer: Tokenizer) -> list[np.ndarray]:
+    return [tokenizer.encode(doc.text) for doc in docs]
+
+
+def shuffled(items: Sequence, seed: int) -> list:
+    """A fixed document order for a seed, so rows mix files while staying reproducible."""
+    order = np.random.default_rng(seed).permutation(len(items))
+    return [items[i] for i in order]
+
+
+def train_dataset(rows: PackedRows, cfg: DataConfig, process_index: int, process_count: int,
+                  transform: Callable[[Rows], Rows]) -> grain.MapDataset:
+    """Infinite, reshuffled every epoch, batched per process and turned into model batches."""
+    if cfg.batch_size % process_count:
+        raise DataError(f"data.batch_size={cfg.batch_size} must be divisible by the {process_count} processes")
+    if len(rows) < cfg.batch_size:
+        raise DataError(f"training split packs into {len(rows)} rows of data.seq_len={cfg.seq_len}, fewer than "
+                        f"data.batch_size={cfg.batch_size}; use more data or smaller seq_len / batch_size")
+    ds = grain.MapDataset.source(rows).shuffle(seed=cfg.shuffle_seed).repeat()
+    ds = ds.batch(cfg.batch_size // process_count, drop_remainder=True)
+    return ds[process_index::process_count].map(transform)
+
+
+def make_iterator(ds: grain.MapDataset, cfg: DataConfig) -> grain.DatasetIterator:
+    options = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch)
+    return iter(ds.to_iter_dataset(options))
+
+
+def eval_batches(rows: PackedRows, cfg: DataConfig, num_batches: int, process_index: int, process_count: int,
+                 transform: Callable[[Rows], Rows]) -> list[Rows]:
+    """The first ``num_batches`` global batches of the validation rows, in order (no shuffle)."""
+    per_process = cfg.batch_size // process_count
+    available = len(rows) // cfg.batch_size
+    if available == 0:
+        raise DataError(f"validation split packs into {len(rows)} rows, fewer than data.batch_size={cfg.batch_size}; "
+                        "raise data.val_fraction or lower data.batch_size")
+    out = []
+    for b in range(min(num_batches, available)):
+        first = b * cfg.batch_size + process_index * per_process
+        items = [rows[first + j] for j in range(per_process)]
+        out.append(transform({k: np.stack([it[k] for it in items]) for k in items[0]}))
+    return out

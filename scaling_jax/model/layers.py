@@ -1,0 +1,125 @@
+"""Llama-style building blocks as Flax NNX modules.
+
+Every parameter carries logical axis names in its ``out_sharding`` metadata (with eager
+sharding off: the trainer places parameters itself with ``jax.jit(out_shardings=...)``).
+Activations are pinned with ``constrain`` so the compiler sees the intended layout.
+Norms, softmax and logits run in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from scaling_jax.config import ModelConfig
+from scaling_jax.parallel.sharding import constrain
+
+ACT = ("batch", "length", "embed")
+
+
+def make_param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Sequence[str | None], dtype) -> nnx.Param:
+    return nnx.Param(init(rngs.params(), tuple(shape), jnp.dtype(dtype)), out_sharding=tuple(axes), eager_sharding=False)
+
+
+def attention_mask(segment_ids: jax.Array, bidirectional: jax.Array | None = None) -> jax.Array:
+    """Boolean mask ``[batch, 1, query, key]``.
+
+    A query sees a key in the same segment (packed documents never see each other) that is
+    not in its future, except that tokens both marked ``bidirectional`` (a prefix-LM input)
+    see each other fully. Segment 0 is padding. The diagonal is always visible so that no
+    row is empty (padding rows then stay finite; their loss is masked anyway).
+    """
+    t = segment_ids.shape[-1]
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
+    visible = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
+    if bidirectional is not None:
+        visible = visible | (bidirectional[:, :, None] & bidirectional[:, None, :])
+    mask = (same & visible) | jnp.eye(t, dtype=bool)[None]
+    return mask[:, None]
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, half-split layout (as in Llama/HF): pairs (i, i + d/2) rotate together.
+
+    x: [batch, length, heads, head_dim]; positions: [batch, length] (per-document positions).
+    """
+    half = x.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions.astype(jnp.float32)[..., None] * freq  # [b, t, half]
+    sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.eps = cfg.norm_eps
+        self.scale = make_param(rngs, nnx.initializers.ones, (dim,), ("embed",), cfg.param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head or grouped-query attention with RoPE and an explicit boolean mask."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.d_model, cfg.heads, cfg.kv_heads or cfg.heads, cfg.head_dim
+        init = nnx.initializers.normal(cfg.init_std)
+        out_init = nnx.initializers.normal(cfg.init_std / (2 * cfg.layers) ** 0.5)
+        self.rope_theta = cfg.rope_theta
+        self.wq = make_param(rngs, init, (d, h, hd), ("embed", "heads", "kv"), cfg.param_dtype)
+        self.wk = make_param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "kv"), cfg.param_dtype)
+        self.wv = make_param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "kv"), cfg.param_dtype)
+        self.wo = make_param(rngs, out_init, (h, hd, d), ("heads", "kv", "embed"), cfg.param_dtype)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype))
+        k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dtype))
+        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype))
+        q = constrain(rope(q, positions, self.rope_theta), ("batch", "length", "heads", "kv"))
+        k = constrain(rope(k, positions, self.rope_theta), ("batch", "length", "kv_heads", "kv"))
+        v = constrain(v, ("batch", "length", "kv_heads", "kv"))
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        out = constrain(out, ("batch", "length", "heads", "kv"))
+        return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype))
+
+
+class GatedMLP(nnx.Module):
+    """Gated GeLU (PassUntil / T5.1.1 default, tanh GeLU) or SwiGLU (Llama)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.d_ff
+        init = nnx.initializers.normal(cfg.init_std)
+        out_init = nnx.initializers.normal(cfg.init_std / (2 * cfg.layers) ** 0.5)
+        self.activation = jax.nn.gelu if cfg.mlp == "geglu" else jax.nn.silu
+        self.w_gate = make_param(rngs, init, (d, f), ("embed", "mlp"), cfg.param_dtype)
+        self.w_up = make_param(rngs, init, (d, f), ("embed", "mlp"), cfg.param_dtype)
+        self.w_down = make_param(rngs, out_init, (f, d), ("mlp", "embed"), cfg.param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        gate = self.activation(x @ self.w_gate[...].astype(dtype))
+        hidden = constrain(gate * (x @ self.w_up[...].astype(dtype)), ("batch", "length", "mlp"))
+        return hidden @ self.w_down[...].astype(dtype)
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg, rngs)
+        self.mlp = GatedMLP(cfg, rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        x = constrain(x + self.attn(self.attn_norm(x), positions, mask), ACT)
+        return constrain(x + self.mlp(self.mlp_norm(x)), ACT)

@@ -1,0 +1,50 @@
+"""The objective interface: a host-side data transform plus a loss on the model.
+
+The trainer only calls these two methods, so causal LM, multi-token prediction and UL2
+denoising are interchangeable by config (``objective=NAME``).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from scaling_jax.config import ObjectiveConfig
+from scaling_jax.errors import ConfigError
+
+Batch = dict[str, np.ndarray]
+Metrics = dict[str, jax.Array]
+
+
+class Objective(Protocol):
+    name: str
+
+    def prepare(self, rows: Batch) -> Batch:
+        """Packed rows (``tokens``, ``segment_ids``: ``[batch, seq_len + 1]``) -> model batch (numpy)."""
+
+    def loss(self, model, batch: dict[str, jax.Array]) -> tuple[jax.Array, Metrics]:
+        """Mean loss over target tokens and metrics; ``nll_sum`` and ``tokens`` allow exact sums."""
+
+
+def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> Metrics:
+    """Token-mean cross entropy over ``mask``, computed in float32, with exact sums for eval."""
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    weights = mask.astype(jnp.float32)
+    count = weights.sum()
+    nll_sum = (nll * weights).sum()
+    correct = ((jnp.argmax(logits, axis=-1) == targets) * weights).sum()
+    denom = jnp.maximum(count, 1.0)
+    return {"loss": nll_sum / denom, "accuracy": correct / denom, "nll_sum": nll_sum, "tokens": count}
+
+
+def build_objective(cfg: ObjectiveConfig) -> Objective:
+    from scaling_jax.objectives.causal import CausalLM
+
+    objectives = {"causal": CausalLM}
+    if cfg.name not in objectives:
+        raise ConfigError(f"objective.name='{cfg.name}' is unknown; choose one of {', '.join(objectives)}")
+    return objectives[cfg.name](cfg)

@@ -1,0 +1,94 @@
+"""Logical axis names -> mesh axes, for parameters and activations alike.
+
+One rule table maps T5X-style logical names (``batch, length, embed, mlp, heads, kv, vocab``)
+to the mesh axes ``data, fsdp, tensor``. Resolution follows T5X: for each dimension, the
+rules for its logical name are tried in order and a mesh axis already taken by an earlier
+dimension of the same array is skipped. That is what lets one table give FSDP for weights
+(``embed -> fsdp``) while activations, whose ``batch`` already took ``fsdp``, keep ``embed``
+whole. A mesh axis that does not divide the dimension is dropped (the dimension is
+replicated over it) so tiny test models run on any mesh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MeshAxes = str | Sequence[str] | None
+Rules = Sequence[tuple[str, MeshAxes]]
+
+DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("kv", None),
+    ("length", None),
+    ("layers", None),
+)
+
+
+def rules_from_config(rules: list) -> Rules:
+    """``mesh.rules`` from YAML (lists) as rule tuples; empty means the default table."""
+    if not rules:
+        return DEFAULT_RULES
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh, shape: Sequence[int]) -> PartitionSpec:
+    """PartitionSpec for an array of ``shape`` whose dimensions carry logical ``axes``."""
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(axes, shape, strict=True):
+        chosen: list[str] = []
+        for logical, mesh_axes in rules:
+            if logical != name or mesh_axes is None:
+                continue
+            candidates = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+            free = [a for a in candidates if a not in used and a in mesh.shape]
+            while free and dim % math.prod(mesh.shape[a] for a in free):
+                free.pop()
+            free = [a for a in free if mesh.shape[a] > 1]
+            if free:
+                chosen = free
+                break
+        used.update(chosen)
+        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    return PartitionSpec(*spec)
+
+
+def named_sharding(mesh: Mesh, rules: Rules, axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, rules, mesh, shape))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+# ----------------------------------------------------------------------------- activations
+
+_ACTIVE: list[tuple[Mesh, Rules]] = []
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """While tracing inside this context, ``constrain`` pins activations to the rules."""
+    _ACTIVE.append((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint from logical names; a no-op outside ``activation_sharding``."""
+    if not _ACTIVE:
+        return x
+    mesh, rules = _ACTIVE[-1]
+    return jax.lax.with_sharding_constraint(x, named_sharding(mesh, rules, axes, x.shape))

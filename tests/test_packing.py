@@ -6,8 +6,8 @@ import numpy as np
 from flax import nnx
 
 from scaling_jax.data.pipeline import PackedRows, segment_positions
-from scaling_jax.objectives.base import build_objective
 from scaling_jax.model.transformer import Decoder
+from scaling_jax.objectives.base import build_objective
 
 
 def test_segment_positions_restart_per_document():

@@ -12,9 +12,13 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jax
+import optax
+from jax.sharding import Mesh
 
 from scaling_jax.config import Config, save_config, to_dict
 from scaling_jax.data import pipeline, sources
@@ -26,8 +30,14 @@ from scaling_jax.parallel.mesh import build_mesh
 from scaling_jax.parallel.sharding import rules_from_config
 from scaling_jax.train import metrics as metrics_lib
 from scaling_jax.train.checkpoint import Checkpointer, model_signature
-from scaling_jax.train.state import (abstract_model, init_state, make_optimizer, param_shardings,
-                                     state_shardings)
+from scaling_jax.train.state import (
+    TrainState,
+    abstract_model,
+    init_state,
+    make_optimizer,
+    param_shardings,
+    state_shardings,
+)
 from scaling_jax.train.step import batch_shardings, jit_train_step, make_eval_step, make_train_step, to_global
 
 LN2 = math.log(2.0)
@@ -89,11 +99,33 @@ class DataBundle:
         self.num_train_docs, self.num_val_docs = len(train_docs), len(val_docs)
 
 
-def train(config: Config) -> dict:
-    """Run (or resume) training as configured; returns the final summary."""
+@dataclass
+class Session:
+    """Everything a run is built from, before any state exists (shared by train, bench, info)."""
+
+    config: Config
+    tokenizer: Any
+    objective: Any
+    mesh: Mesh
+    rules: Any
+    data: DataBundle
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    abstract: TrainState
+    state_sharding: TrainState
+    batch_sharding: dict
+    train_ds: Any
+    val_batches: list
+    step_fn: Callable
+    eval_fn: Callable
+
+    def init_state(self) -> TrainState:
+        cfg = self.config
+        return jax.jit(lambda: init_state(cfg.model, self.tx, cfg.train.seed), out_shardings=self.state_sharding)()
+
+
+def build_session(config: Config) -> Session:
     t, d = config.train, config.data
-    prepare_run_dir(t.run_dir)
-    is_main = jax.process_index() == 0
     tokenizer = build_tokenizer(d.tokenizer)
     objective = build_objective(config.objective)
     mesh = build_mesh(config.mesh)
@@ -107,27 +139,39 @@ def train(config: Config) -> dict:
     state_sharding = state_shardings(mesh, abstract, params_sharding)
 
     train_ds = pipeline.train_dataset(data.train_rows, d, jax.process_index(), jax.process_count(), objective.prepare)
-    data_iter = pipeline.make_iterator(train_ds, d)
     val_batches = pipeline.eval_batches(data.val_rows, d, t.eval_batches, jax.process_index(), jax.process_count(),
                                         objective.prepare)
     batch_sharding = batch_shardings(mesh, rules, val_batches[0])
+    step_fn = jit_train_step(make_train_step(graphdef, objective, tx, schedule, mesh, rules),
+                             state_sharding, batch_sharding, mesh)
+    eval_fn = make_eval_step(graphdef, objective, mesh, rules, params_sharding, batch_sharding,
+                             tokenizer.token_byte_lengths())
+    return Session(config, tokenizer, objective, mesh, rules, data, tx, schedule, abstract, state_sharding,
+                   batch_sharding, train_ds, val_batches, step_fn, eval_fn)
+
+
+def train(config: Config) -> dict:
+    """Run (or resume) training as configured; returns the final summary."""
+    t, d = config.train, config.data
+    prepare_run_dir(t.run_dir)
+    is_main = jax.process_index() == 0
+    session = build_session(config)
+    tokenizer, objective, mesh, data = session.tokenizer, session.objective, session.mesh, session.data
+    step_fn, eval_fn, batch_sharding, val_batches = (session.step_fn, session.eval_fn, session.batch_sharding,
+                                                     session.val_batches)
+    data_iter = pipeline.make_iterator(session.train_ds, d)
 
     checkpointer = Checkpointer(t.run_dir, t.keep_checkpoints, t.async_checkpointing)
     latest = checkpointer.latest_step()
     wall_offset = 0.0
     if latest is None:
-        state = jax.jit(lambda: init_state(config.model, tx, t.seed), out_shardings=state_sharding)()
+        state = session.init_state()
     else:
         check_compatible(checkpointer.read_meta(latest), config, tokenizer.fingerprint(), checkpointer.directory)
-        state, meta = checkpointer.restore(latest, abstract, state_sharding, data_iter)
+        state, meta = checkpointer.restore(latest, session.abstract, session.state_sharding, data_iter)
         wall_offset = float(meta["wall_time"])
     if is_main:
         save_config(config, os.path.join(t.run_dir, "config.yaml"))
-
-    step_fn = jit_train_step(make_train_step(graphdef, objective, tx, schedule, mesh, rules),
-                             state_sharding, batch_sharding, mesh)
-    eval_fn = make_eval_step(graphdef, objective, mesh, rules, params_sharding, batch_sharding,
-                             tokenizer.token_byte_lengths())
 
     counts = param_counts(config.model)
     tokens_per_step = d.batch_size * d.seq_len
@@ -147,7 +191,7 @@ def train(config: Config) -> dict:
                "val_loss": sums["nll_sum"] / max(sums["tokens"], 1.0),
                "val_bpb": sums["nll_sum"] / LN2 / max(sums["bytes"], 1.0)}
         writer.write(row)
-        bar.write(f"step {step}: val loss {row['val_loss']:.4f} nats/token, {row['val_bpb']:.3f} bits/byte "
+        say(f"step {step}: val loss {row['val_loss']:.4f} nats/token, {row['val_bpb']:.3f} bits/byte "
                   f"(unigram baseline {data.baseline_bpb:.3f})")
         return row
 
@@ -165,6 +209,13 @@ def train(config: Config) -> dict:
               f"{data.num_val_docs} validation documents; run dir {t.run_dir}"
               + (f"; resuming at step {start_step}" if latest is not None else ""), flush=True)
     bar = metrics_lib.ProgressBar(t.steps, start_step, enabled=is_main and t.progress)
+
+    def say(message: str) -> None:
+        if is_main and t.progress:
+            bar.write(message)
+        elif is_main:
+            print(message, flush=True)
+
     preemption = Preemption()
     previous_handler = preemption.install()
     started = time.perf_counter()
@@ -182,7 +233,7 @@ def train(config: Config) -> dict:
         if peak:
             row["mfu"] = flops_per_step / dt / (peak * jax.device_count())
         writer.write(row)
-        bar.update(step, row["loss"], row["tokens_per_s"])
+        bar.update(step, row["loss"], row["tokens_per_s"], **({"mfu": row["mfu"]} if "mfu" in row else {}))
 
     step = start_step
     try:
@@ -204,7 +255,7 @@ def train(config: Config) -> dict:
             log(*pending)
         if preemption.requested and step < t.steps:
             checkpoint(step, wall_offset + time.perf_counter() - started)
-            bar.write(f"SIGTERM: saved checkpoint at step {step}; rerun the same command to resume")
+            say(f"SIGTERM: saved checkpoint at step {step}; rerun the same command to resume")
         checkpointer.wait()
     finally:
         signal.signal(signal.SIGTERM, previous_handler)

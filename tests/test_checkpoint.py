@@ -1,0 +1,114 @@
+"""Checkpoints: exact resume after SIGKILL, clean exit on SIGTERM, restore onto another mesh."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from scaling_jax.config import load_config
+from scaling_jax.errors import CheckpointError
+from scaling_jax.train.checkpoint import Checkpointer
+from scaling_jax.train.loop import build_session, train
+from scaling_jax.train.metrics import read_metrics
+
+RUN = ["model.series=custom", "model.layers=2", "model.d_model=64", "model.heads=2", "model.head_dim=32", "model.d_ff=128",
+       "data.seq_len=64", "data.batch_size=4", "data.max_docs=60", "optimizer.warmup_steps=2",
+       "train.eval_every=0", "train.eval_batches=2", "train.plot=false", "train.tensorboard=false",
+       "train.progress=false"]
+
+
+def _command(run_dir, *extra):
+    return [sys.executable, "-m", "scaling_jax.cli", "train", "configs/quickstart.yaml", *RUN,
+            f"train.run_dir={run_dir}", *extra]
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _losses(run_dir):
+    return {row["step"]: row["loss"] for row in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "loss" in row}
+
+
+def _wait_for_step(proc, run_dir, step, timeout=180):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if os.path.exists(path) and max(_losses(run_dir), default=0) >= step:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"run did not reach step {step}")
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
+    steps = ["train.steps=14", "train.checkpoint_every=4"]
+    straight = tmp_path / "straight"
+    subprocess.run(_command(straight, *steps), check=True, env=_env(), capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_command(killed, *steps), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_step(proc, killed, 9)  # past the step-4 and step-8 checkpoints, mid-way to the next
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert Checkpointer(killed, 3).latest_step() in (4, 8)
+    resumed = subprocess.run(_command(killed, *steps), env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step" in resumed.stdout
+
+    expected, got = _losses(straight), _losses(killed)
+    assert sorted(got) == list(range(1, 15)) == sorted(expected)
+    assert got == expected  # exact float equality, every step
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_command(run_dir, "train.steps=500", "train.checkpoint_every=0"), env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(proc, run_dir, 3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    saved = Checkpointer(run_dir, 3).latest_step()
+    assert saved is not None and 3 <= saved < 500
+    assert "SIGTERM: saved checkpoint at step" in out
+
+
+def test_restore_onto_a_different_mesh_gives_the_same_parameters(tmp_path):
+    run_dir = str(tmp_path / "run")
+    config = load_config("configs/quickstart.yaml", RUN + ["train.steps=2", f"train.run_dir={run_dir}",
+                                                           "mesh.data=8", "train.async_checkpointing=false"])
+    train(config)
+    saved = Checkpointer(run_dir, 3)
+    reference, _ = saved.restore(2, build_session(config).abstract, build_session(config).state_sharding, None)
+
+    other = load_config("configs/quickstart.yaml", RUN + ["train.steps=2", f"train.run_dir={run_dir}",
+                                                          "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+    session = build_session(other)
+    restored, meta = saved.restore(2, session.abstract, session.state_sharding, None)
+    assert meta["step"] == 2
+    wq = restored.params["blocks"][0]["attn"]["wq"]
+    assert wq.sharding.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert wq.sharding.spec[0] == "fsdp"
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 restored.params, reference.params)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 restored.opt_state, reference.opt_state)
+
+
+def test_resuming_with_another_model_shape_is_refused(tmp_path):
+    run_dir = str(tmp_path / "run")
+    base = RUN + ["train.steps=1", f"train.run_dir={run_dir}", "train.async_checkpointing=false"]
+    train(load_config("configs/quickstart.yaml", base))
+    with pytest.raises(CheckpointError, match="model.d_model=64 but the config says 128"):
+        train(load_config("configs/quickstart.yaml", base + ["model.d_model=128"]))

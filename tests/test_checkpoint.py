@@ -108,7 +108,7 @@ def test_restore_onto_a_different_mesh_gives_the_same_parameters(tmp_path):
 
 def test_resuming_with_another_model_shape_is_refused(tmp_path):
     run_dir = str(tmp_path / "run")
-    base = RUN + ["train.steps=1", f"train.run_dir={run_dir}", "train.async_checkpointing=false"]
+    base = RUN + ["train.steps=2", f"train.run_dir={run_dir}", "train.async_checkpointing=false"]
     train(load_config("configs/quickstart.yaml", base))
     with pytest.raises(CheckpointError, match="model.d_model=64 but the config says 128"):
         train(load_config("configs/quickstart.yaml", base + ["model.d_model=128"]))

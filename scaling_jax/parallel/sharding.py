@@ -63,6 +63,15 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh, shape:
     return PartitionSpec(*spec)
 
 
+def requested_split(name: str, rules: Rules, mesh: Mesh) -> int:
+    """How many ways the rules ask to split logical axis ``name`` (before any divisibility fallback)."""
+    for logical, mesh_axes in rules:
+        if logical == name and mesh_axes is not None:
+            candidates = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+            return math.prod(mesh.shape[a] for a in candidates if a in mesh.shape)
+    return 1
+
+
 def named_sharding(mesh: Mesh, rules: Rules, axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(axes, rules, mesh, shape))
 

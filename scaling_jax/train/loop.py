@@ -23,11 +23,11 @@ from jax.sharding import Mesh
 from scaling_jax.config import Config, save_config, to_dict
 from scaling_jax.data import pipeline, sources
 from scaling_jax.data.tokenizer import build_tokenizer
-from scaling_jax.errors import CheckpointError
+from scaling_jax.errors import CheckpointError, ConfigError
 from scaling_jax.model.family import flops_per_token, param_counts
 from scaling_jax.objectives.base import build_objective
 from scaling_jax.parallel.mesh import build_mesh
-from scaling_jax.parallel.sharding import rules_from_config
+from scaling_jax.parallel.sharding import requested_split, rules_from_config
 from scaling_jax.train import metrics as metrics_lib
 from scaling_jax.train.checkpoint import Checkpointer, model_signature
 from scaling_jax.train.state import (
@@ -130,6 +130,11 @@ def build_session(config: Config) -> Session:
     objective = build_objective(config.objective)
     mesh = build_mesh(config.mesh)
     rules = rules_from_config(config.mesh.rules)
+    for field, value, logical in (("data.batch_size", d.batch_size, "batch"), ("data.seq_len", d.seq_len, "length")):
+        split = requested_split(logical, rules, mesh)
+        if value % split:
+            raise ConfigError(f"{field}={value} must be divisible by {split}, the mesh axes that shard '{logical}' "
+                              f"(mesh {dict(mesh.shape)}); change {field} or the mesh")
     data = DataBundle(config, tokenizer)
 
     tx, schedule = make_optimizer(config.optimizer, t.steps)

@@ -47,7 +47,7 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.Grad
             (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

@@ -1,0 +1,93 @@
+"""The command line: one clear line and exit code 2 for each kind of bad input; info's numbers."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from scaling_jax.config import load_config
+from scaling_jax.info import describe, sharded_param_bytes
+from scaling_jax.parallel.mesh import build_mesh
+from scaling_jax.parallel.sharding import rules_from_config
+from scaling_jax.train.state import abstract_model, param_shardings
+
+TINY = ["model.series=custom", "model.layers=1", "model.d_model=32", "model.heads=1", "model.head_dim=32",
+        "model.d_ff=64", "data.seq_len=32", "data.batch_size=4", "data.max_docs=20", "train.steps=2",
+        "optimizer.warmup_steps=1", "train.progress=false", "train.plot=false"]
+
+
+def _cli(*args, devices=1):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return subprocess.run([sys.executable, "-m", "scaling_jax.cli", *args], capture_output=True, text=True, env=env)
+
+
+def _assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("overrides, devices, fragments", [
+    (["model.layer=3"], 1, ["unknown config key 'model.layer'", "model.layers"]),
+    (["train.steps=many"], 1, ["train.steps must be int"]),
+    (["mesh.data=3"], 1, ["mesh data x fsdp x tensor = 3x1x1", "1 devices are available"]),
+    (["data.batch_size=3"], 2, ["data.batch_size=3 must be divisible by 2", "'batch'"]),
+    (["data.seq_len=31", "mesh.rules=[[length, data], [batch, null]]"], 2,
+     ["data.seq_len=31 must be divisible by 2", "'length'"]),
+    (["data.source=/nonexistent/*.txt"], 1, ["data.source", "/nonexistent/*.txt"]),
+])
+def test_bad_inputs_fail_with_one_line(tmp_path, overrides, devices, fragments):
+    result = _cli("train", "configs/quickstart.yaml", *TINY, *overrides, f"train.run_dir={tmp_path / 'run'}",
+                  devices=devices)
+    _assert_one_line_error(result, *fragments)
+
+
+def test_empty_data_source_is_one_line(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    result = _cli("train", "configs/quickstart.yaml", *TINY, f"data.source={tmp_path / 'empty.txt'}",
+                  f"train.run_dir={tmp_path / 'run'}")
+    _assert_one_line_error(result, "gives no train documents", "data.source")
+
+
+def test_unwritable_or_file_run_dir_is_one_line(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("keep me")
+    _assert_one_line_error(_cli("train", "configs/quickstart.yaml", *TINY, f"train.run_dir={a_file}"), "is a file")
+    assert a_file.read_text() == "keep me"
+    # /proc refuses new directories even to root, so this holds wherever the tests run
+    _assert_one_line_error(_cli("train", "configs/quickstart.yaml", *TINY, "train.run_dir=/proc/scaling-jax-run"),
+                           "is not writable", "train.run_dir")
+
+
+def test_missing_config_file_and_debug_traceback(tmp_path):
+    _assert_one_line_error(_cli("train", str(tmp_path / "none.yaml")), "does not exist")
+    debug = _cli("--debug", "train", str(tmp_path / "none.yaml"))
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_info_prints_size_flops_and_memory():
+    result = _cli("info", "configs/quickstart.yaml", "--devices", "8", "mesh.fsdp=8")
+    assert result.returncode == 0, result.stderr
+    assert "803,968 total" in result.stdout and "754,816 non-embedding" in result.stdout
+    assert "FLOPs/token" in result.stdout and "memory/device" in result.stdout
+    assert "'fsdp': 8" in result.stdout
+
+
+def test_info_param_memory_equals_the_real_shards():
+    config = load_config(None, ["model.layers=2", "model.d_model=64", "model.heads=4", "model.head_dim=16",
+                                "model.d_ff=128", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+    mesh = build_mesh(config.mesh, jax.devices())
+    _, shapes, axes = abstract_model(config.model)
+    shardings = param_shardings(mesh, rules_from_config([]), shapes, axes)
+    device0 = jax.devices()[0]
+    real = 0
+    for shape, sharding in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings), strict=True):
+        index = sharding.devices_indices_map(shape.shape)[device0]
+        real += 4 * int(jax.numpy.prod(jax.numpy.array([len(range(*s.indices(n))) for s, n in
+                                                          zip(index, shape.shape, strict=True)] or [1])))
+    assert sharded_param_bytes(config, 8) == real
+    assert describe(config, 8)["memory_per_device_bytes"]["params_grads_optimizer"] == pytest.approx(4 * real)

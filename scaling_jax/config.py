@@ -89,9 +89,13 @@ class MeshConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """Training objective; selecting one is ``objective=NAME``."""
+    """Training objective; selecting one is ``objective=NAME`` (extra fields belong to one objective)."""
 
     name: str = "causal"
+    heads: int = 2  # mtp: future tokens predicted; head i predicts token t+i
+    head_weights: list = field(default_factory=list)  # mtp: per-head loss weights (empty: uniform)
+    mixture: str = "ul2"  # ul2: denoiser preset, ul2 | ul2r
+    denoisers: list = field(default_factory=list)  # ul2: [{kind, rate, mean_span, weight}, ...] replaces the preset
 
 
 @dataclass
@@ -188,7 +192,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     else:
         return value
     name = getattr(origin, "__name__", str(origin))
-    raise ConfigError(f"{where} must be {name}, got {value!r} ({type(value).__name__}); fix the value in the YAML or override")
+    raise ConfigError(f"{where} must be {name}, got {value!r} ({type(value).__name__}); "
+                      "fix the value in the YAML or override")
 
 
 def _build(cls: type, raw: dict, prefix: str) -> Any:
@@ -282,11 +287,13 @@ def validate(config: Config) -> None:
               "train.eval_batches", "train.keep_checkpoints")
     kv = m.kv_heads or m.heads
     if m.kv_heads < 0 or m.heads % kv:
-        raise ConfigError(f"model.kv_heads={m.kv_heads} must divide model.heads={m.heads} (or be 0 for multi-head attention)")
+        raise ConfigError(f"model.kv_heads={m.kv_heads} must divide model.heads={m.heads} "
+                          "(or be 0 for multi-head attention)")
     if m.head_dim % 2:
         raise ConfigError(f"model.head_dim={m.head_dim} must be even for rotary embeddings")
     if d.seq_len > m.max_seq_len:
-        raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower data.seq_len or raise model.max_seq_len")
+        raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
+                          "lower data.seq_len or raise model.max_seq_len")
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
     if o.warmup_steps < 0 or o.warmup_steps > t.steps:

@@ -65,7 +65,8 @@ def main() -> None:
     bare = statistics.mean([bare_before, bare_after])
     print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind}; {args.steps} timed steps; "
           f"batch {config.data.batch_size} x {config.data.seq_len}")
-    print(f"bare jitted step : {bare * 1e3:8.2f} ms/step (before {bare_before * 1e3:.2f}, after {bare_after * 1e3:.2f})")
+    print(f"bare jitted step : {bare * 1e3:8.2f} ms/step "
+          f"(before {bare_before * 1e3:.2f}, after {bare_after * 1e3:.2f})")
     print(f"full train loop  : {loop * 1e3:8.2f} ms/step")
     print(f"ratio loop/bare  : {loop / bare:8.3f}  (goal <= 1.05)")
     tokens = config.data.batch_size * config.data.seq_len

@@ -16,8 +16,9 @@ from scaling_jax.train.checkpoint import Checkpointer
 from scaling_jax.train.loop import build_session, train
 from scaling_jax.train.metrics import read_metrics
 
-RUN = ["model.series=custom", "model.layers=2", "model.d_model=64", "model.heads=2", "model.head_dim=32", "model.d_ff=128",
-       "data.seq_len=64", "data.batch_size=4", "data.max_docs=60", "optimizer.warmup_steps=2",
+RUN = ["model.series=custom", "model.layers=2", "model.d_model=64", "model.heads=2", "model.head_dim=32",
+       "model.d_ff=128",
+       "data.seq_len=64", "data.batch_size=8", "data.max_docs=60", "optimizer.warmup_steps=2",
        "train.eval_every=0", "train.eval_batches=2", "train.plot=false", "train.tensorboard=false",
        "train.progress=false"]
 
@@ -87,13 +88,15 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
 def test_restore_onto_a_different_mesh_gives_the_same_parameters(tmp_path):
     run_dir = str(tmp_path / "run")
     config = load_config("configs/quickstart.yaml", RUN + ["train.steps=2", f"train.run_dir={run_dir}",
-                                                           "mesh.data=8", "train.async_checkpointing=false"])
+                                                           "mesh.data=8", "data.batch_size=8",
+                                                           "train.async_checkpointing=false"])
     train(config)
     saved = Checkpointer(run_dir, 3)
     reference, _ = saved.restore(2, build_session(config).abstract, build_session(config).state_sharding, None)
 
     other = load_config("configs/quickstart.yaml", RUN + ["train.steps=2", f"train.run_dir={run_dir}",
-                                                          "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+                                                          "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+                                                          "data.batch_size=8"])
     session = build_session(other)
     restored, meta = saved.restore(2, session.abstract, session.state_sharding, None)
     assert meta["step"] == 2

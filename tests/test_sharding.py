@@ -20,7 +20,8 @@ def _batch(config, seed=0):
     rows = PackedRows(docs, config.data.seq_len, 1, 2)
     objective = build_objective(config.objective)
     b = config.data.batch_size
-    return objective, objective.prepare({k: np.stack([rows[i][k] for i in range(b)]) for k in ("tokens", "segment_ids")})
+    rows = {k: np.stack([rows[i][k] for i in range(b)]) for k in ("tokens", "segment_ids")}
+    return objective, objective.prepare(rows)
 
 
 def _loss_and_grads(config, shape):

@@ -20,8 +20,10 @@ from scaling_jax.parallel.sharding import constrain
 ACT = ("batch", "length", "embed")
 
 
-def make_param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Sequence[str | None], dtype) -> nnx.Param:
-    return nnx.Param(init(rngs.params(), tuple(shape), jnp.dtype(dtype)), out_sharding=tuple(axes), eager_sharding=False)
+def make_param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Sequence[str | None],
+               dtype) -> nnx.Param:
+    value = init(rngs.params(), tuple(shape), jnp.dtype(dtype))
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
 def attention_mask(segment_ids: jax.Array, bidirectional: jax.Array | None = None) -> jax.Array:

@@ -12,9 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
-from scaling_jax.config import ObjectiveConfig
+from scaling_jax.config import ModelConfig, ObjectiveConfig
 from scaling_jax.errors import ConfigError
+from scaling_jax.model.transformer import Decoder
 
 Batch = dict[str, np.ndarray]
 Metrics = dict[str, jax.Array]
@@ -28,6 +30,30 @@ class Objective(Protocol):
 
     def loss(self, model, batch: dict[str, jax.Array]) -> tuple[jax.Array, Metrics]:
         """Mean loss over target tokens and metrics; ``nll_sum`` and ``tokens`` allow exact sums."""
+
+    def build_model(self, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+        """The module to train: the decoder, plus any output heads this objective owns."""
+
+    def value_and_grad(self, graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Array]):
+        """``((loss, metrics), grads)`` for the params pure dict."""
+
+
+class ObjectiveBase:
+    """Defaults: the plain decoder and plain reverse-mode autodiff of ``loss``."""
+
+    name = "base"
+
+    def __init__(self, cfg: ObjectiveConfig):
+        self.cfg = cfg
+
+    def build_model(self, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+        return Decoder(cfg, rngs)
+
+    def value_and_grad(self, graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Array]):
+        def loss_fn(p: dict):
+            return self.loss(nnx.merge(graphdef, p), batch)
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
 
 def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> Metrics:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from scaling_jax.config import ObjectiveConfig
 from scaling_jax.data.pipeline import segment_positions
-from scaling_jax.objectives.base import Batch, Metrics, masked_cross_entropy
+from scaling_jax.objectives.base import Batch, Metrics, ObjectiveBase, masked_cross_entropy
 
 
 def shift_rows(rows: Batch) -> Batch:
@@ -23,11 +22,8 @@ def shift_rows(rows: Batch) -> Batch:
     }
 
 
-class CausalLM:
+class CausalLM(ObjectiveBase):
     name = "causal"
-
-    def __init__(self, cfg: ObjectiveConfig):
-        self.cfg = cfg
 
     def prepare(self, rows: Batch) -> Batch:
         return shift_rows(rows)

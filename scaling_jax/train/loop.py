@@ -121,7 +121,9 @@ class Session:
 
     def init_state(self) -> TrainState:
         cfg = self.config
-        return jax.jit(lambda: init_state(cfg.model, self.tx, cfg.train.seed), out_shardings=self.state_sharding)()
+        build = self.objective.build_model
+        return jax.jit(lambda: init_state(cfg.model, self.tx, cfg.train.seed, build),
+                       out_shardings=self.state_sharding)()
 
 
 def build_session(config: Config) -> Session:
@@ -138,9 +140,9 @@ def build_session(config: Config) -> Session:
     data = DataBundle(config, tokenizer)
 
     tx, schedule = make_optimizer(config.optimizer, t.steps)
-    graphdef, shapes, axes = abstract_model(config.model)
+    graphdef, shapes, axes = abstract_model(config.model, objective.build_model)
     params_sharding = param_shardings(mesh, rules, shapes, axes)
-    abstract = jax.eval_shape(lambda: init_state(config.model, tx, t.seed))
+    abstract = jax.eval_shape(lambda: init_state(config.model, tx, t.seed, objective.build_model))
     state_sharding = state_shardings(mesh, abstract, params_sharding)
 
     train_ds = pipeline.train_dataset(data.train_rows, d, jax.process_index(), jax.process_count(), objective.prepare)
@@ -271,7 +273,8 @@ def train(config: Config) -> dict:
     summary = {"step": step, "preempted": step < t.steps, "tokens": step * tokens_per_step,
                "flops": step * flops_per_step, "wall_time": wall_offset + time.perf_counter() - started,
                "params": counts.total, "non_embedding_params": counts.non_embedding,
-               "baseline_bpb": data.baseline_bpb, **{k: last_eval[k] for k in ("val_loss", "val_bpb") if k in last_eval}}
+               "baseline_bpb": data.baseline_bpb,
+               **{k: last_eval[k] for k in ("val_loss", "val_bpb") if k in last_eval}}
     if is_main:
         with open(os.path.join(t.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

@@ -7,6 +7,7 @@ step with ``nnx.merge(graphdef, params)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -73,9 +74,15 @@ def _nest(flat: dict[tuple, Any]) -> dict:
     return out
 
 
-def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, dict, dict]:
-    """(graphdef, params as ShapeDtypeStructs, logical axes per param) without allocating."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
+ModelBuilder = Callable[[ModelConfig, nnx.Rngs], nnx.Module]
+
+
+def abstract_model(cfg: ModelConfig, build: ModelBuilder = Decoder) -> tuple[nnx.GraphDef, dict, dict]:
+    """(graphdef, params as ShapeDtypeStructs, logical axes per param) without allocating.
+
+    ``build`` makes the module: the plain decoder, or an objective's decoder with extra heads.
+    """
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0))))
     flat = dict(nnx.to_flat_state(state))
     shapes = _nest({p: v.get_value() for p, v in flat.items()})
     axes = _nest({p: v.get_metadata()["out_sharding"] for p, v in flat.items()})
@@ -107,9 +114,10 @@ def state_shardings(mesh: Mesh, abstract: TrainState, params_sharding: dict) -> 
     return TrainState(step=rep, params=params_sharding, opt_state=opt, rng=rep)
 
 
-def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
+               build: ModelBuilder = Decoder) -> TrainState:
     """Fresh state; meant to run under ``jax.jit(out_shardings=...)`` so weights are born sharded."""
-    _, state = nnx.split(Decoder(cfg, nnx.Rngs(seed)))
+    _, state = nnx.split(build(cfg, nnx.Rngs(seed)))
     params = nnx.to_pure_dict(state)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.key(seed)))

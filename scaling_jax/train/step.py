@@ -39,12 +39,15 @@ def make_loss_fn(graphdef: nnx.GraphDef, objective: Objective) -> Callable:
 
 def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, mesh: Mesh, rules: Rules) -> Callable:
-    """``train_step(state, batch) -> (state, metrics)``, not yet jitted."""
-    loss_fn = make_loss_fn(graphdef, objective)
+    """``train_step(state, batch) -> (state, metrics)``, not yet jitted.
+
+    The objective computes its own gradient, so one that needs a custom backward (multi-token
+    prediction's head-by-head pass) plugs in without the step knowing.
+    """
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
         with activation_sharding(mesh, rules):
-            (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+            (_, metrics), grads = objective.value_and_grad(graphdef, state.params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}

@@ -132,7 +132,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.param_dtype": ("float32", "bfloat16"),
     "data.format": ("auto", "text", "jsonl", "parquet"),
     "optimizer.schedule": ("cosine", "wsd", "constant"),
-    "objective.name": ("causal",),
+    "objective.name": ("causal", "mtp", "ul2"),
+    "objective.mixture": ("ul2", "ul2r"),
 }
 
 

@@ -6,6 +6,7 @@ denoising are interchangeable by config (``objective=NAME``).
 
 from __future__ import annotations
 
+import importlib
 from typing import Protocol
 
 import jax
@@ -67,10 +68,15 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array)
     return {"loss": nll_sum / denom, "accuracy": correct / denom, "nll_sum": nll_sum, "tokens": count}
 
 
-def build_objective(cfg: ObjectiveConfig) -> Objective:
-    from scaling_jax.objectives.causal import CausalLM
+OBJECTIVES = {  # name -> (module, class); imported on use so one objective's deps never load another's
+    "causal": ("scaling_jax.objectives.causal", "CausalLM"),
+    "mtp": ("scaling_jax.objectives.multi_token", "MultiTokenPrediction"),
+    "ul2": ("scaling_jax.objectives.denoisers", "MixtureOfDenoisers"),
+}
 
-    objectives = {"causal": CausalLM}
-    if cfg.name not in objectives:
-        raise ConfigError(f"objective.name='{cfg.name}' is unknown; choose one of {', '.join(objectives)}")
-    return objectives[cfg.name](cfg)
+
+def build_objective(cfg: ObjectiveConfig) -> Objective:
+    if cfg.name not in OBJECTIVES:
+        raise ConfigError(f"objective.name='{cfg.name}' is unknown; choose one of {', '.join(OBJECTIVES)}")
+    module, cls = OBJECTIVES[cfg.name]
+    return getattr(importlib.import_module(module), cls)(cfg)

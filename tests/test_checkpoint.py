@@ -115,3 +115,18 @@ def test_resuming_with_another_model_shape_is_refused(tmp_path):
     train(load_config("configs/quickstart.yaml", base))
     with pytest.raises(CheckpointError, match="model.d_model=64 but the config says 128"):
         train(load_config("configs/quickstart.yaml", base + ["model.d_model=128"]))
+
+
+def test_an_unfinished_save_never_becomes_latest(tmp_path):
+    """A save killed mid-write leaves orbax's temporary directory behind; resume must ignore it."""
+    run_dir = tmp_path / "run"
+    base = RUN + ["train.steps=2", "train.checkpoint_every=1", f"train.run_dir={run_dir}",
+                  "train.async_checkpointing=false"]
+    train(load_config("configs/quickstart.yaml", base))
+    checkpoints = run_dir / "checkpoints"
+    partial = checkpoints / "3.orbax-checkpoint-tmp-1234567"
+    partial.mkdir()
+    (partial / "state").mkdir()  # half-written: no metadata, no commit marker
+    assert Checkpointer(run_dir, 3).latest_step() == 2
+    summary = train(load_config("configs/quickstart.yaml", [*base, "train.steps=3"]))
+    assert summary["step"] == 3 and Checkpointer(run_dir, 3).latest_step() == 3

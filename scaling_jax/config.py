@@ -96,6 +96,7 @@ class ObjectiveConfig:
     head_weights: list = field(default_factory=list)  # mtp: per-head loss weights (empty: uniform)
     mixture: str = "ul2"  # ul2: denoiser preset, ul2 | ul2r
     denoisers: list = field(default_factory=list)  # ul2: [{kind, rate, mean_span, weight}, ...] replaces the preset
+    examples_per_row: int = 1  # ul2: denoising examples packed per row, each its own segment
 
 
 @dataclass

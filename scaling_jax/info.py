@@ -20,10 +20,11 @@ from scaling_jax.parallel.sharding import logical_to_spec, rules_from_config
 
 
 def sharded_param_bytes(config: Config, num_devices: int) -> float:
-    """Bytes of one device's parameter shards under the configured mesh and rules."""
+    """Bytes of one device's parameter shards under the configured mesh and rules (objective's heads included)."""
+    from scaling_jax.objectives.base import build_objective
     from scaling_jax.train.state import abstract_model
 
-    _, shapes, axes = abstract_model(config.model)
+    _, shapes, axes = abstract_model(config.model, build_objective(config.objective).build_model)
     sizes = mesh_shape(config.mesh, num_devices)
     mesh = AbstractMesh(sizes, MESH_AXES)
     rules = rules_from_config(config.mesh.rules)
@@ -55,8 +56,11 @@ def activation_bytes(config: Config, num_devices: int) -> float:
 
 
 def describe(config: Config, num_devices: int) -> dict:
+    from scaling_jax.objectives.base import build_objective
+
     m, d = config.model, config.data
-    counts = param_counts(m)
+    extras = build_objective(config.objective).size_extras()  # blocks / output heads an objective adds (mtp)
+    counts = param_counts(m, **extras)
     params = sharded_param_bytes(config, num_devices)
     state_per_param = 4 + 8  # fp32 gradients and two fp32 AdamW moments per parameter
     weights_and_state = params * (1 + state_per_param / np.dtype(m.param_dtype).itemsize)
@@ -65,9 +69,10 @@ def describe(config: Config, num_devices: int) -> dict:
         "params_total": counts.total,
         "params_non_embedding": counts.non_embedding,
         "params_embedding": counts.embedding,
-        "flops_per_token": flops_per_token(m, d.seq_len),
+        "flops_per_token": flops_per_token(m, d.seq_len, **extras),
         "flops_per_token_6N": 6.0 * counts.matmul,
-        "attention_flops_per_token": attention_flops_per_token(m, d.seq_len),
+        "attention_flops_per_token": attention_flops_per_token(m, d.seq_len,
+                                                               extra_layers=extras.get("extra_layers", 0)),
         "tokens_per_step": d.batch_size * d.seq_len,
         "mesh": dict(zip(MESH_AXES, mesh_shape(config.mesh, num_devices), strict=True)),
         "memory_per_device_bytes": {"params": params, "params_grads_optimizer": weights_and_state,

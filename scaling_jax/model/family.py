@@ -67,8 +67,10 @@ class ParamCounts:
     matmul: int  # parameters used in matmuls per token, unembedding included (FLOPs basis)
 
 
-def param_counts(model) -> ParamCounts:
-    d, v, L = model.d_model, model.vocab_size, model.layers
+def param_counts(model, extra_layers: int = 0, output_heads: int = 1) -> ParamCounts:
+    """Sizes of the decoder plus ``extra_layers`` blocks an objective adds (multi-token prediction's heads);
+    ``output_heads`` is how many times the shared unembedding is applied per token (FLOPs, not parameters)."""
+    d, v, L = model.d_model, model.vocab_size, model.layers + extra_layers
     kv = model.kv_heads or model.heads
     attn = d * model.head_dim * (2 * model.heads + 2 * kv)  # q, o and k, v projections
     mlp = 3 * d * model.d_ff  # gate, up, down
@@ -76,17 +78,18 @@ def param_counts(model) -> ParamCounts:
     embed = v * d * (1 if model.tie_embeddings else 2)
     total = L * per_layer + d + embed  # + final norm
     non_embedding = total - embed
-    matmul = L * (attn + mlp) + v * d
+    matmul = L * (attn + mlp) + output_heads * v * d
     return ParamCounts(total=total, embedding=embed, non_embedding=non_embedding, matmul=matmul)
 
 
-def attention_flops_per_token(model, seq_len: int, causal: bool = True) -> float:
+def attention_flops_per_token(model, seq_len: int, causal: bool = True, extra_layers: int = 0) -> float:
     """Training FLOPs of the score and value matmuls: 3 x 4 S H d_h per layer, halved if causal
     (MaxText's convention; equals Kaplan's 6 n_layer n_ctx d_attn)."""
-    full = 12.0 * seq_len * model.heads * model.head_dim * model.layers
+    full = 12.0 * seq_len * model.heads * model.head_dim * (model.layers + extra_layers)
     return full / 2 if causal else full
 
 
-def flops_per_token(model, seq_len: int, causal: bool = True) -> float:
-    """Training FLOPs per token: 6 x matmul parameters + the attention term."""
-    return 6.0 * param_counts(model).matmul + attention_flops_per_token(model, seq_len, causal)
+def flops_per_token(model, seq_len: int, causal: bool = True, extra_layers: int = 0, output_heads: int = 1) -> float:
+    """Training FLOPs per token: 6 x matmul parameters + the attention term (extras as in ``param_counts``)."""
+    return (6.0 * param_counts(model, extra_layers, output_heads).matmul
+            + attention_flops_per_token(model, seq_len, causal, extra_layers))

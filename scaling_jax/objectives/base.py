@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from scaling_jax.config import ModelConfig, ObjectiveConfig
+from scaling_jax.data.tokenizer import Tokenizer
 from scaling_jax.errors import ConfigError
 from scaling_jax.model.transformer import Decoder
 
@@ -38,14 +39,21 @@ class Objective(Protocol):
     def value_and_grad(self, graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Array]):
         """``((loss, metrics), grads)`` for the params pure dict."""
 
+    def size_extras(self) -> dict[str, int]:
+        """Keyword arguments for ``param_counts`` / ``flops_per_token`` (blocks and heads it adds)."""
+
 
 class ObjectiveBase:
     """Defaults: the plain decoder and plain reverse-mode autodiff of ``loss``."""
 
     name = "base"
 
-    def __init__(self, cfg: ObjectiveConfig):
+    def __init__(self, cfg: ObjectiveConfig, tokenizer: Tokenizer | None = None):
         self.cfg = cfg
+        self.tokenizer = tokenizer
+
+    def size_extras(self) -> dict[str, int]:
+        return {}
 
     def build_model(self, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
         return Decoder(cfg, rngs)
@@ -75,8 +83,9 @@ OBJECTIVES = {  # name -> (module, class); imported on use so one objective's de
 }
 
 
-def build_objective(cfg: ObjectiveConfig) -> Objective:
+def build_objective(cfg: ObjectiveConfig, tokenizer: Tokenizer | None = None) -> Objective:
+    """The configured objective; ``tokenizer`` supplies special ids (UL2's sentinels and mode tokens)."""
     if cfg.name not in OBJECTIVES:
         raise ConfigError(f"objective.name='{cfg.name}' is unknown; choose one of {', '.join(OBJECTIVES)}")
     module, cls = OBJECTIVES[cfg.name]
-    return getattr(importlib.import_module(module), cls)(cfg)
+    return getattr(importlib.import_module(module), cls)(cfg, tokenizer)

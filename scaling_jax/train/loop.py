@@ -61,9 +61,13 @@ def prepare_run_dir(run_dir: str) -> None:
 def check_compatible(meta: dict, config: Config, tokenizer_fingerprint: str, where: str) -> None:
     """Refuse to resume a checkpoint whose parameters or token ids mean something else."""
     saved, current = model_signature(meta["config"]["model"]), model_signature(to_dict(config)["model"])
+    for key in ("name", "heads"):  # objectives with their own heads change the parameter tree
+        saved[f"objective.{key}"] = meta["config"]["objective"][key]
+        current[f"objective.{key}"] = getattr(config.objective, key)
     for key in saved:
         if saved[key] != current[key]:
-            raise CheckpointError(f"checkpoint in {where} has model.{key}={saved[key]!r} but the config says "
+            name = key if key.startswith("objective.") else f"model.{key}"
+            raise CheckpointError(f"checkpoint in {where} has {name}={saved[key]!r} but the config says "
                                   f"{current[key]!r}; use the run's own config or a new train.run_dir")
     if meta.get("tokenizer") != tokenizer_fingerprint:
         raise CheckpointError(f"checkpoint in {where} was trained with another tokenizer "
@@ -129,7 +133,7 @@ class Session:
 def build_session(config: Config) -> Session:
     t, d = config.train, config.data
     tokenizer = build_tokenizer(d.tokenizer)
-    objective = build_objective(config.objective)
+    objective = build_objective(config.objective, tokenizer)
     mesh = build_mesh(config.mesh)
     rules = rules_from_config(config.mesh.rules)
     for field, value, logical in (("data.batch_size", d.batch_size, "batch"), ("data.seq_len", d.seq_len, "length")):
@@ -180,9 +184,10 @@ def train(config: Config) -> dict:
     if is_main:
         save_config(config, os.path.join(t.run_dir, "config.yaml"))
 
-    counts = param_counts(config.model)
+    extras = objective.size_extras()  # blocks / output heads an objective adds (mtp)
+    counts = param_counts(config.model, **extras)
     tokens_per_step = d.batch_size * d.seq_len
-    flops_per_step = flops_per_token(config.model, d.seq_len) * tokens_per_step
+    flops_per_step = flops_per_token(config.model, d.seq_len, **extras) * tokens_per_step
     peak = t.peak_flops_per_device or metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind)
     writer = metrics_lib.MetricsWriter(t.run_dir, tensorboard=t.tensorboard, enabled=is_main)
     start_step = int(jax.device_get(state.step))
@@ -234,8 +239,8 @@ def train(config: Config) -> dict:
         host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         now = time.perf_counter()
         dt, last_time = now - last_time, now
-        row = {"step": step, "loss": host["loss"], "accuracy": host["accuracy"], "lr": host["lr"],
-               "grad_norm": host["grad_norm"], "tokens": step * tokens_per_step, "flops": step * flops_per_step,
+        scalars = {k: v for k, v in host.items() if k not in ("nll_sum", "tokens")}  # sums are for eval
+        row = {"step": step, **scalars, "tokens": step * tokens_per_step, "flops": step * flops_per_step,
                "step_time": dt, "tokens_per_s": tokens_per_step / dt, "wall_time": wall_offset + now - started}
         if peak:
             row["mfu"] = flops_per_step / dt / (peak * jax.device_count())

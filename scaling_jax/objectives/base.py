@@ -26,6 +26,7 @@ Metrics = dict[str, jax.Array]
 
 class Objective(Protocol):
     name: str
+    next_token_eval: bool  # False: validation uses the causal objective on the same model instead
 
     def prepare(self, rows: Batch) -> Batch:
         """Packed rows (``tokens``, ``segment_ids``: ``[batch, seq_len + 1]``) -> model batch (numpy)."""
@@ -47,6 +48,7 @@ class ObjectiveBase:
     """Defaults: the plain decoder and plain reverse-mode autodiff of ``loss``."""
 
     name = "base"
+    next_token_eval = True  # `loss` / `nll_sum` are next-token prediction (validation can use them as is)
 
     def __init__(self, cfg: ObjectiveConfig, tokenizer: Tokenizer | None = None):
         self.cfg = cfg

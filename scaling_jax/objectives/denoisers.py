@@ -330,6 +330,7 @@ class MixtureOfDenoisers(ObjectiveBase):
     """UL2 MoD as a prefix-LM objective on the plain decoder (see the module docstring for the layout)."""
 
     name = "ul2"
+    next_token_eval = False  # the loss covers only denoising targets; the trainer validates causally
 
     def __init__(self, cfg: ObjectiveConfig, tokenizer: Tokenizer | None = None):
         super().__init__(cfg, tokenizer)

@@ -26,6 +26,7 @@ from scaling_jax.data.tokenizer import build_tokenizer
 from scaling_jax.errors import CheckpointError, ConfigError
 from scaling_jax.model.family import flops_per_token, param_counts
 from scaling_jax.objectives.base import build_objective
+from scaling_jax.objectives.causal import CausalLM
 from scaling_jax.parallel.mesh import build_mesh
 from scaling_jax.parallel.sharding import requested_split, rules_from_config
 from scaling_jax.train import metrics as metrics_lib
@@ -118,6 +119,7 @@ class Session:
     abstract: TrainState
     state_sharding: TrainState
     batch_sharding: dict
+    eval_sharding: dict
     train_ds: Any
     val_batches: list
     step_fn: Callable
@@ -150,15 +152,19 @@ def build_session(config: Config) -> Session:
     state_sharding = state_shardings(mesh, abstract, params_sharding)
 
     train_ds = pipeline.train_dataset(data.train_rows, d, jax.process_index(), jax.process_count(), objective.prepare)
+    # Validation is next-token loss for every objective (UL2's own loss covers only its targets), so
+    # runs with different objectives compare on one metric.
+    eval_objective = objective if objective.next_token_eval else CausalLM(config.objective, tokenizer)
     val_batches = pipeline.eval_batches(data.val_rows, d, t.eval_batches, jax.process_index(), jax.process_count(),
-                                        objective.prepare)
-    batch_sharding = batch_shardings(mesh, rules, val_batches[0])
+                                        eval_objective.prepare)
+    batch_sharding = batch_shardings(mesh, rules, train_ds[0])
+    eval_sharding = batch_shardings(mesh, rules, val_batches[0])
     step_fn = jit_train_step(make_train_step(graphdef, objective, tx, schedule, mesh, rules),
                              state_sharding, batch_sharding, mesh)
-    eval_fn = make_eval_step(graphdef, objective, mesh, rules, params_sharding, batch_sharding,
+    eval_fn = make_eval_step(graphdef, eval_objective, mesh, rules, params_sharding, eval_sharding,
                              tokenizer.token_byte_lengths())
     return Session(config, tokenizer, objective, mesh, rules, data, tx, schedule, abstract, state_sharding,
-                   batch_sharding, train_ds, val_batches, step_fn, eval_fn)
+                   batch_sharding, eval_sharding, train_ds, val_batches, step_fn, eval_fn)
 
 
 def train(config: Config) -> dict:
@@ -168,8 +174,7 @@ def train(config: Config) -> dict:
     is_main = jax.process_index() == 0
     session = build_session(config)
     tokenizer, objective, mesh, data = session.tokenizer, session.objective, session.mesh, session.data
-    step_fn, eval_fn, batch_sharding, val_batches = (session.step_fn, session.eval_fn, session.batch_sharding,
-                                                     session.val_batches)
+    step_fn, eval_fn, batch_sharding = session.step_fn, session.eval_fn, session.batch_sharding
     data_iter = pipeline.make_iterator(session.train_ds, d)
 
     checkpointer = Checkpointer(t.run_dir, t.keep_checkpoints, t.async_checkpointing)
@@ -195,8 +200,8 @@ def train(config: Config) -> dict:
 
     def evaluate(step: int) -> dict:
         sums = {"nll_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
-        for batch in val_batches:
-            out = jax.device_get(eval_fn(state.params, to_global(batch, batch_sharding)))
+        for batch in session.val_batches:
+            out = jax.device_get(eval_fn(state.params, to_global(batch, session.eval_sharding)))
             for k in sums:
                 sums[k] += float(out[k])
         row = {"step": step, "tokens": step * tokens_per_step, "flops": step * flops_per_step,

@@ -15,16 +15,16 @@ from jax.sharding import AbstractMesh
 
 from scaling_jax.config import Config
 from scaling_jax.model.family import attention_flops_per_token, flops_per_token, param_counts
+from scaling_jax.objectives.base import Objective, build_objective
 from scaling_jax.parallel.mesh import MESH_AXES, mesh_shape
 from scaling_jax.parallel.sharding import logical_to_spec, rules_from_config
+from scaling_jax.train.state import abstract_model
 
 
-def sharded_param_bytes(config: Config, num_devices: int) -> float:
+def sharded_param_bytes(config: Config, num_devices: int, objective: Objective | None = None) -> float:
     """Bytes of one device's parameter shards under the configured mesh and rules (objective's heads included)."""
-    from scaling_jax.objectives.base import build_objective
-    from scaling_jax.train.state import abstract_model
-
-    _, shapes, axes = abstract_model(config.model, build_objective(config.objective).build_model)
+    objective = objective or build_objective(config.objective)
+    _, shapes, axes = abstract_model(config.model, objective.build_model)
     sizes = mesh_shape(config.mesh, num_devices)
     mesh = AbstractMesh(sizes, MESH_AXES)
     rules = rules_from_config(config.mesh.rules)
@@ -35,7 +35,7 @@ def sharded_param_bytes(config: Config, num_devices: int) -> float:
         split = 1
         for entry in spec:
             for name in (entry,) if isinstance(entry, str) else (entry or ()):
-                split *= dict(zip(MESH_AXES, sizes, strict=True))[name]
+                split *= mesh.shape[name]
         total += math.prod(shape.shape) * np.dtype(shape.dtype).itemsize / split
     return total
 
@@ -56,12 +56,11 @@ def activation_bytes(config: Config, num_devices: int) -> float:
 
 
 def describe(config: Config, num_devices: int) -> dict:
-    from scaling_jax.objectives.base import build_objective
-
     m, d = config.model, config.data
-    extras = build_objective(config.objective).size_extras()  # blocks / output heads an objective adds (mtp)
+    objective = build_objective(config.objective)
+    extras = objective.size_extras()  # blocks / output heads an objective adds (mtp)
     counts = param_counts(m, **extras)
-    params = sharded_param_bytes(config, num_devices)
+    params = sharded_param_bytes(config, num_devices, objective)
     state_per_param = 4 + 8  # fp32 gradients and two fp32 AdamW moments per parameter
     weights_and_state = params * (1 + state_per_param / np.dtype(m.param_dtype).itemsize)
     acts = activation_bytes(config, num_devices)

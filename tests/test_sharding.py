@@ -7,11 +7,11 @@ from jax.sharding import PartitionSpec as P
 
 from scaling_jax.data.pipeline import PackedRows
 from scaling_jax.errors import ConfigError
-from scaling_jax.objectives.base import build_objective
+from scaling_jax.objectives.base import build_objective, make_loss_fn
 from scaling_jax.parallel.mesh import build_mesh, mesh_shape
 from scaling_jax.parallel.sharding import DEFAULT_RULES, logical_to_spec, rules_from_config
 from scaling_jax.train.state import abstract_model, init_state, make_optimizer, param_shardings, state_shardings
-from scaling_jax.train.step import batch_shardings, make_loss_fn, to_global
+from scaling_jax.train.step import batch_shardings, to_global
 
 
 def _batch(config, seed=0):

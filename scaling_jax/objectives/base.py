@@ -7,6 +7,7 @@ denoising are interchangeable by config (``objective=NAME``).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Protocol
 
 import jax
@@ -61,10 +62,16 @@ class ObjectiveBase:
         return Decoder(cfg, rngs)
 
     def value_and_grad(self, graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Array]):
-        def loss_fn(p: dict):
-            return self.loss(nnx.merge(graphdef, p), batch)
+        return jax.value_and_grad(make_loss_fn(graphdef, self), has_aux=True)(params, batch)
 
-        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+def make_loss_fn(graphdef: nnx.GraphDef, objective: Objective) -> Callable:
+    """``loss_fn(params, batch) -> (loss, metrics)`` on the params pure dict (for grads and eval)."""
+
+    def loss_fn(params: dict, batch: dict[str, jax.Array]):
+        return objective.loss(nnx.merge(graphdef, params), batch)
+
+    return loss_fn
 
 
 def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> Metrics:

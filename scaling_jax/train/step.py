@@ -11,7 +11,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from scaling_jax.objectives.base import Objective
+from scaling_jax.objectives.base import Objective, make_loss_fn
 from scaling_jax.parallel.sharding import Rules, activation_sharding, named_sharding, replicated
 from scaling_jax.train.state import TrainState
 
@@ -28,13 +28,6 @@ def batch_shardings(mesh: Mesh, rules: Rules, batch: dict[str, np.ndarray]) -> d
 def to_global(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
     """This process's rows -> one global array per field (multi-host safe)."""
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
-
-
-def make_loss_fn(graphdef: nnx.GraphDef, objective: Objective) -> Callable:
-    def loss_fn(params: dict, batch: dict[str, jax.Array]):
-        return objective.loss(nnx.merge(graphdef, params), batch)
-
-    return loss_fn
 
 
 def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.GradientTransformation,

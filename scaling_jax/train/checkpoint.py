@@ -67,6 +67,24 @@ class Checkpointer:
         return TrainState(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"], rng=tree["rng"]), \
             out["meta"]
 
+    def restore_partial(self, step: int, target: dict) -> dict:
+        """Restore only the items of ``target`` (e.g. ``{"params": ...}``), each leaf a
+        ``jax.ShapeDtypeStruct`` carrying the sharding to place it with.
+
+        Inference and stage continuation need parameters without paying for optimizer moments.
+        """
+        path = os.path.join(self.directory, str(step), "state")
+        if not os.path.isdir(path):
+            raise CheckpointError(f"checkpoint {self.directory}/{step} has no saved state; "
+                                  "pass a run directory with a finished checkpoint")
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        try:
+            return ocp.PyTreeCheckpointer().restore(
+                path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {self.directory}/{step} does not match this model ({e}); "
+                                  "use the model settings it was trained with") from None
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

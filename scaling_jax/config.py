@@ -270,6 +270,16 @@ def save_config(config: Config, path: str) -> None:
     os.replace(tmp, path)
 
 
+DEFAULTS_HEADER = "# Every knob with its default (generated from scaling_jax/config.py; a test keeps them equal).\n"
+
+
+def write_defaults(path: str = "configs/defaults.yaml") -> None:
+    """Regenerate the shipped defaults file from the dataclasses (run after adding a field)."""
+    with open(path, "w") as f:
+        f.write(DEFAULTS_HEADER)
+        yaml.safe_dump(to_dict(Config()), f, sort_keys=False)
+
+
 # ----------------------------------------------------------------------------- checks
 
 

@@ -1,4 +1,4 @@
-"""``scaling-jax`` command line: train, info.
+"""``scaling-jax`` command line: train, continue, info, eval, sweep, fit, report, convert, tokenizer, data.
 
 User errors (``UserError``) print one line and exit 2; ``--debug`` shows the traceback.
 """
@@ -14,8 +14,10 @@ from scaling_jax.errors import UserError
 
 def _train(args: argparse.Namespace) -> int:
     from scaling_jax.config import load_config
+    from scaling_jax.parallel.distributed import initialize
     from scaling_jax.train.loop import train
 
+    initialize(args.coordinator_address, args.num_processes, args.process_id)  # before any JAX device use
     config = load_config(args.config, args.overrides)
     summary = train(config)
     if "val_bpb" in summary:
@@ -26,11 +28,26 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _continue(args: argparse.Namespace) -> int:
+    from scaling_jax.train.continuation import child_config
+    from scaling_jax.train.loop import train
+
+    config, notes = child_config(args.source, args.stage, args.overrides)
+    for note in notes:
+        print(f"stage {config.stage.name}: {note}", flush=True)
+    summary = train(config)
+    if "val_bpb" in summary:
+        print(f"stage {config.stage.name}: validation {summary['val_bpb']:.3f} bits/byte, {summary['val_loss']:.4f} "
+              f"nats/token after {summary['step']} steps; totals over all stages {summary['total_tokens']:,} tokens, "
+              f"{summary['total_flops']:.4g} FLOPs; run dir {config.train.run_dir}")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     import jax
 
     from scaling_jax.config import load_config
-    from scaling_jax.info import describe, format_report
+    from scaling_jax.info import describe, format_lineage, format_report, read_lineage
 
     path = args.config
     if os.path.isdir(path):
@@ -41,6 +58,144 @@ def _info(args: argparse.Namespace) -> int:
     config = load_config(path, args.overrides)
     devices = args.devices or jax.device_count()
     print(format_report(config, describe(config, devices)))
+    lineage = read_lineage(args.config) if os.path.isdir(args.config) else None
+    if lineage:
+        print(format_lineage(lineage))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from scaling_jax.model import hf_convert
+
+    if args.from_hf:
+        if not args.out:
+            raise UserError("convert --from-hf needs --out RUN_DIR (the run directory to write)")
+        config = hf_convert.import_hf(args.from_hf, args.out, args.overrides, args.tokenizer)
+        m = config.model
+        print(f"imported {args.from_hf}: {m.layers} layers, d_model {m.d_model}, {m.heads} heads "
+              f"({m.kv_heads or m.heads} kv), {m.mlp}, vocab {m.vocab_size}; step-0 checkpoint in {args.out} "
+              f"(tokenizer {config.data.tokenizer}); continue with: scaling-jax train {args.out}/config.yaml")
+        return 0
+    if not args.checkpoint:
+        raise UserError("convert --to-hf needs --checkpoint RUN_DIR (the run to export)")
+    if args.overrides:
+        raise UserError(f"convert --to-hf takes no config overrides (got {' '.join(args.overrides)})")
+    out = hf_convert.export_hf(args.checkpoint, args.to_hf, args.step, args.dtype)
+    print(f"exported {args.checkpoint} to {out} (Hugging Face LlamaForCausalLM, safetensors)")
+    return 0
+
+
+def _data_config(args: argparse.Namespace):
+    """The data section of ``--config`` (optional) with dotted overrides: the source, format, tokenizer, split."""
+    from scaling_jax.config import load_config
+
+    return load_config(args.config, args.overrides).data
+
+
+def _tokenizer_train(args: argparse.Namespace) -> int:
+    from scaling_jax.data.sources import load_documents
+    from scaling_jax.data.tokenizer import train_tokenizer
+
+    data = _data_config(args)
+    if args.corpus:
+        data.source = args.corpus
+    docs = load_documents(data, "train")  # the validation split stays unseen by the tokenizer too
+    tok = train_tokenizer((d.text for d in docs), args.output, args.vocab_size, args.kind, args.library)
+    sample = docs[0].text[:2000]
+    bytes_per_token = len(sample.encode()) / max(len(tok.encode(sample)), 1)
+    lines = [f"trained {args.kind} ({tok.kind}) on {len(docs):,} documents of {data.source}: {args.output}",
+             f"  vocab {tok.vocab_size}: pad {tok.pad_id}, bos {tok.bos_id}, eos {tok.eos_id}, modes "
+             f"{list(tok.mode_ids.values())}, {tok.num_sentinels} sentinels; {bytes_per_token:.2f} bytes/token",
+             f"  use it with data.tokenizer={args.output}"]
+    print("\n".join(lines))
+    return 0
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+    from scaling_jax.data.prepare import prepare
+    from scaling_jax.data.tokenizer import build_tokenizer
+
+    data = _data_config(args)
+    tokenizer = build_tokenizer(data.tokenizer, data.seqio_modules)
+    manifest = prepare(data, tokenizer, args.output, args.chunk_tokens, args.chunks_per_shard, args.overwrite)
+    splits = manifest["splits"]
+    print(f"prepared {data.source} -> {args.output}: " + "; ".join(
+        f"{name} {s['documents']:,} documents, {s['tokens']:,} tokens in {len(s['shards'])} shard(s)"
+        for name, s in splits.items()) + f" ({tokenizer.kind} tokenizer {tokenizer.fingerprint()}, "
+        f"{manifest['seconds']:.1f} s); train on it with data.source={args.output} "
+        f"data.tokenizer={args.output}/tokenizer")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from scaling_jax.eval.harness import PassUntilOptions, run_eval
+
+    if args.overrides:
+        raise UserError(f"eval takes no config overrides (got {' '.join(args.overrides)}); "
+                        "the run's own config.yaml is used")
+    checkpoints = [c for item in args.checkpoint for c in item.split(",") if c]
+    options = PassUntilOptions(passes=args.passes, max_samples=args.max_samples) if args.passuntil else None
+    out = run_eval(checkpoints, [t for t in args.tasks.split(",") if t], args.shots, args.out, args.seed,
+                   args.num_examples, args.max_examples, options, args.predict_n)
+    with open(out["markdown"]) as f:
+        print(f.read(), end="")
+    print(f"results: {out['out_dir']}/results.json, results.md" + (f", {len(out['plots'])} plot(s)" if out["plots"]
+                                                                     else ""))
+    return 0
+
+
+def _split(items: list[str] | None) -> list[str] | None:
+    return [x for item in items for x in item.split(",") if x] if items else None
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from scaling_jax.scaling import sweep
+
+    spec = sweep.load_sweep(args.spec, args.overrides)
+    objectives, sizes = _split(args.objectives), _split(args.sizes)
+    if args.dry_run:
+        print(sweep.format_plan(sweep.plan(spec, objectives, sizes)))
+        return 0
+    entries = sweep.run_sweep(spec, objectives, sizes)
+    print(f"manifest: {spec.out_dir}/{sweep.MANIFEST}")
+    if not args.no_report and any(e["status"] == "done" for e in entries):
+        from scaling_jax.scaling.plots import write_report
+
+        print(f"report: {write_report([spec.out_dir], os.path.join(spec.out_dir, 'report'))}")
+    return 0 if all(e["status"] == "done" for e in entries) else 1
+
+
+def _fit(args: argparse.Namespace) -> int:
+    import csv
+
+    from scaling_jax.scaling import laws
+
+    if not os.path.isfile(args.table):
+        raise UserError(f"table '{args.table}' does not exist; pass a CSV with a header such as N,D,loss")
+    with open(args.table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    try:
+        table = {k: [float(r[k]) for r in rows] for k in (rows[0] if rows else {})}
+    except (TypeError, ValueError):
+        raise UserError(f"table '{args.table}' has a non-numeric or missing cell; make every cell a number") from None
+    fit = laws.fit_table(table, args.law, n_boot=args.bootstrap)
+    print(f"{args.law} on {len(rows)} rows (95% bootstrap intervals, {len(fit.samples)} refits):")
+    for name, value in fit.params.items():
+        print(f"  {name} = {value:.6g} [{fit.ci[name][0]:.6g}, {fit.ci[name][1]:.6g}]")
+    if args.law == "chinchilla" and args.compute:
+        alloc = laws.chinchilla_optimal(fit.params, args.compute)
+        print(f"  compute-optimal at C = {args.compute:.3g}: N = {float(alloc.n):.4g}, D = {float(alloc.d):.4g} "
+              f"({float(alloc.tokens_per_param):.1f} tokens/parameter)")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from scaling_jax.scaling.plots import write_report
+
+    if args.overrides:
+        raise UserError(f"report takes no config overrides (got {' '.join(args.overrides)})")
+    out = args.out or os.path.join(args.paths[0], "report")
+    print(f"report: {write_report(args.paths, out, args.target_flops)}")
     return 0
 
 
@@ -52,13 +207,98 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train (or resume) a model as a config describes")
     train.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides such as model.layers=4 train.steps=200")
+    train.add_argument("--coordinator-address", help="multi-process: HOST:PORT of process 0 (TPU pods detect it)")
+    train.add_argument("--num-processes", type=int, help="multi-process: number of processes")
+    train.add_argument("--process-id", type=int, help="multi-process: this process's index")
     train.set_defaults(func=_train)
+
+    cont = sub.add_parser("continue", help="start a new stage (UL2R, finetuning) from a parent checkpoint")
+    cont.add_argument("--from", dest="source", required=True, metavar="RUN_DIR_OR_CHECKPOINT",
+                      help="parent run directory (its latest checkpoint) or RUN_DIR/checkpoints/STEP")
+    cont.add_argument("--stage", required=True, help="stage YAML, e.g. configs/stages/ul2r.yaml")
+    cont.add_argument("overrides", nargs="*", help="dotted overrides such as budget.fraction=0.001")
+    cont.set_defaults(func=_continue)
 
     info = sub.add_parser("info", help="parameter count, FLOPs/token and memory per device of a config or run")
     info.add_argument("config", help="YAML config or run directory")
     info.add_argument("overrides", nargs="*")
     info.add_argument("--devices", type=int, default=0, help="device count to plan for (default: this machine's)")
     info.set_defaults(func=_info)
+
+    convert = sub.add_parser("convert", help="import a Hugging Face Llama checkpoint as a run, or export a run to one")
+    way = convert.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-hf", metavar="HF_DIR", help="HF model directory (config.json + *.safetensors)")
+    way.add_argument("--to-hf", metavar="HF_DIR", help="empty or new directory to write the HF model into")
+    convert.add_argument("--out", metavar="RUN_DIR", help="--from-hf: run directory to create")
+    convert.add_argument("--tokenizer", help="--from-hf: tokenizer file or spec when HF_DIR has none")
+    convert.add_argument("--checkpoint", metavar="RUN_DIR", help="--to-hf: run directory to export")
+    convert.add_argument("--step", type=int, help="--to-hf: checkpoint step (default: latest)")
+    convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                         help="--to-hf: weight dtype (default: the run's model.param_dtype)")
+    convert.add_argument("overrides", nargs="*", help="--from-hf: dotted overrides such as data.source=... ")
+    convert.set_defaults(func=_convert)
+
+    tok = sub.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="action", required=True)
+    tok_train = tok.add_parser("train", help="train a BPE or unigram tokenizer on any data source")
+    tok_train.add_argument("--corpus", help="data source: file, directory, glob, gs://..., hf:..., stdlib "
+                                            "(default: data.source of --config)")
+    tok_train.add_argument("--output", required=True, help="tokenizer file to write: NAME.json (tokenizers) "
+                                                           "or NAME.model (sentencepiece)")
+    tok_train.add_argument("--vocab-size", type=int, default=32000, help="ids in all, reserved specials included")
+    tok_train.add_argument("--kind", choices=("bpe", "unigram"), default="bpe")
+    tok_train.add_argument("--library", choices=("tokenizers", "sentencepiece"), default="",
+                           help="default: tokenizers for bpe, sentencepiece for unigram")
+    tok_train.add_argument("--config", help="YAML config whose data section describes the corpus")
+    tok_train.add_argument("overrides", nargs="*", help="dotted data overrides such as data.text_field=body")
+    tok_train.set_defaults(func=_tokenizer_train)
+
+    data = sub.add_parser("data", help="prepare pre-tokenized shards").add_subparsers(dest="action", required=True)
+    prep = data.add_parser("prepare", help="tokenize a source once into ArrayRecord shards with a manifest")
+    prep.add_argument("--output", required=True, help="directory to create (train on it with data.source=DIR)")
+    prep.add_argument("--config", help="YAML config whose data section names source, format and tokenizer")
+    prep.add_argument("--chunk-tokens", type=int, default=8192, help="tokens per record")
+    prep.add_argument("--chunks-per-shard", type=int, default=4096, help="records per ArrayRecord file")
+    prep.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    prep.add_argument("overrides", nargs="*", help="dotted data overrides such as data.source=... data.tokenizer=...")
+    prep.set_defaults(func=_data_prepare)
+    ev = sub.add_parser("eval", help="score checkpoints on BIG-bench-style tasks; PassUntil and its scaling law")
+    ev.add_argument("--checkpoint", action="append", required=True, metavar="RUN_DIR",
+                    help="run directory (repeat or comma-separate several to fit the task law over a series)")
+    ev.add_argument("--tasks", required=True, help="comma-separated task.json paths and generators (navigate, "
+                    "date_arith, arithmetic, code_completion; difficulty as NAME:key=value, e.g. arithmetic:digits=3)")
+    ev.add_argument("--shots", type=int, default=0, help="k-shot examples drawn from each task (not scored)")
+    ev.add_argument("--passuntil", action="store_true", help="also estimate PassUntil PU per instance and task")
+    ev.add_argument("--passes", type=int, default=2, help="PassUntil: sample until this many passes")
+    ev.add_argument("--max-samples", type=int, default=64, help="PassUntil: samples per instance at most")
+    ev.add_argument("--num-examples", type=int, default=100, help="examples per generated task")
+    ev.add_argument("--max-examples", type=int, default=0, help="score at most this many examples per task (0: all)")
+    ev.add_argument("--predict-n", type=float, default=None, help="series: predict PU at this N (default: largest)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", help="output directory (default: FIRST_RUN_DIR/eval)")
+    ev.set_defaults(func=_eval)
+
+    sw = sub.add_parser("sweep", help="run an objectives x sizes x budgets grid (resumable) and write its report")
+    sw.add_argument("spec", help="sweep file, e.g. configs/sweeps/micro.yaml")
+    sw.add_argument("overrides", nargs="*", help="dotted overrides for every run, e.g. train.eval_batches=8")
+    sw.add_argument("--objectives", action="append", help="only these objective labels (comma-separated)")
+    sw.add_argument("--sizes", action="append", help="only these size labels (comma-separated)")
+    sw.add_argument("--dry-run", action="store_true", help="print the grid (N, tokens, FLOPs, steps) and exit")
+    sw.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    sw.set_defaults(func=_sweep)
+
+    fit = sub.add_parser("fit", help="fit a scaling law to a CSV table (yours or published numbers)")
+    fit.add_argument("table", help="CSV with a header: N, D, C and/or loss columns")
+    fit.add_argument("--law", required=True, help="kaplan_n | kaplan_d | kaplan_c | offset_n | kaplan_nd | chinchilla")
+    fit.add_argument("--compute", type=float, default=None, help="chinchilla: compute-optimal N, D at this C")
+    fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits for the intervals")
+    fit.set_defaults(func=_fit)
+
+    rep = sub.add_parser("report", help="loss vs tokens/FLOPs/wall-clock plots, scaling fits and a Markdown table")
+    rep.add_argument("paths", nargs="+", help="sweep directories (manifest.json) and/or run directories")
+    rep.add_argument("--out", help="output directory (default: FIRST_PATH/report)")
+    rep.add_argument("--target-flops", type=float, default=None,
+                     help="extrapolate the fitted L(C) to this compute (default: 10x the largest run)")
+    rep.set_defaults(func=_report)
     return parser
 
 

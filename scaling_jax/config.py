@@ -48,8 +48,16 @@ class DataConfig:
 
     source: str = "stdlib"  # 'stdlib' (the embedded default) or a file path / glob
     format: str = "auto"  # auto | text | jsonl | parquet
-    text_field: str = "text"  # column / key holding the text for jsonl and parquet
-    tokenizer: str = "byte"
+    text_field: str = "text"  # column / key holding the text for jsonl, parquet and HF datasets
+    hf_name: str = ""  # source=hf:...: the data set's configuration name (load_dataset's `name`)
+    source_split: str = "train"  # split read from an HF data set or seqio task (ours is by data.val_fraction)
+    streaming: bool = False  # source=hf:...: iterate instead of materialising the data set
+    seqio_modules: list = field(default_factory=list)  # source=seqio:NAME: modules imported to register tasks
+    seqio_feature: str = "targets"  # source=seqio:NAME: output feature whose token ids become documents
+    # Sampling mixture of sources; non-empty replaces data.source. Each entry overrides data.* keys:
+    # [{source: PATH | hf:... | seqio:... | PREPARED_DIR, rate: 0.7, text_field: ..., format: ...}, ...]
+    mixture: list = field(default_factory=list)
+    tokenizer: str = "byte"  # byte | byte:VOCAB | a SentencePiece .model | a tokenizer.json | a saved tokenizer dir
     seq_len: int = 256
     batch_size: int = 16  # global batch, in rows of seq_len tokens
     val_fraction: float = 0.05  # share of documents (by stable hash of their name) held out
@@ -57,6 +65,10 @@ class DataConfig:
     shuffle_seed: int = 0
     num_threads: int = 1  # grain read threads
     prefetch: int = 8  # batches prefetched by grain
+    malformed_lines: str = "error"  # a jsonl line that is not UTF-8 JSON with the text field: error | skip (counted)
+    # Instruction mixture (finetuning); non-empty replaces data.source:
+    # [{source: FILE.jsonl | generated:TASK, rate: 1.0, template: zero_shot | few_shot | cot, shots: 3}, ...]
+    instructions: list = field(default_factory=list)
 
 
 @dataclass
@@ -115,6 +127,34 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     plot: bool = True
+    # Non-finite loss or gradients: halt (stop, naming step, batch and tensor) | skip_batch (drop that update,
+    # count it) | rollback (restore the last checkpoint, skip the data from it through the bad batch)
+    nan_policy: str = "halt"
+    max_rollbacks: int = 3  # rollback: halt after this many rollbacks to the same checkpoint
+    preemption_grace_s: float = 30.0  # SIGTERM: a checkpoint must be committed within this; warn if it took longer
+    # Gradient noise scale (McCandlish et al.): each step's gradient is taken as two half-batches (same FLOPs) and
+    # noise_grad_sq_small/big, noise_batch_small/big, noise_b_simple are logged; needs an even data.batch_size
+    noise_scale: bool = False
+
+
+@dataclass
+class StageConfig:
+    """Where a run starts: from scratch, or from a parent checkpoint (``scaling-jax continue --from``)."""
+
+    name: str = "pretrain"  # label in the lineage: pretrain | ul2r | finetune | ...
+    parent: str = ""  # checkpoint directory this stage starts from; '' = from scratch (set by `continue`)
+    optimizer_state: str = "reset"  # reset: fresh AdamW state and warmup | continue: keep the parent's moments
+    lr_from_parent: bool = False  # the new schedule peaks at the parent's final learning rate (replaces optimizer.lr)
+    extend_vocab: bool = False  # grow the embedding to the tokenizer's vocabulary; new rows = the embedding mean
+
+
+@dataclass
+class BudgetConfig:
+    """Length of a continuation stage; ``continue`` converts it to train.steps (all 0: keep train.steps)."""
+
+    fraction: float = 0.0  # share of the parent's training FLOPs (U-PaLM's UL2R: ~0.1%)
+    tokens: int = 0
+    steps: int = 0
 
 
 @dataclass
@@ -125,6 +165,8 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -133,8 +175,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.param_dtype": ("float32", "bfloat16"),
     "data.format": ("auto", "text", "jsonl", "parquet"),
     "optimizer.schedule": ("cosine", "wsd", "constant"),
-    "objective.name": ("causal", "mtp", "ul2"),
+    "objective.name": ("causal", "mtp", "ul2", "finetune"),
     "objective.mixture": ("ul2", "ul2r"),
+    "stage.optimizer_state": ("reset", "continue"),
+    "train.nan_policy": ("halt", "skip_batch", "rollback"),
+    "data.malformed_lines": ("error", "skip"),
 }
 
 
@@ -232,9 +277,27 @@ def config_from_dict(raw: dict) -> Config:
     if config.model.vocab_size == 0:
         from scaling_jax.data.tokenizer import build_tokenizer
 
-        config.model.vocab_size = build_tokenizer(config.data.tokenizer).vocab_size
+        config.model.vocab_size = build_tokenizer(config.data.tokenizer, config.data.seqio_modules).vocab_size
+    elif not config.data.tokenizer.startswith("seqio:"):
+        _check_vocab_holds_tokenizer(config)
     validate(config)
     return config
+
+
+def _check_vocab_holds_tokenizer(config: Config) -> None:
+    """An explicit model.vocab_size must hold every id the data produces: text ids and pad/bos/eos (ids past
+    the embedding would be clamped silently). A smaller one than the tokenizer's is legal: imported
+    checkpoints lack the reserved ids until a continuation extends the vocabulary."""
+    from scaling_jax.data.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(config.data.tokenizer)
+    text_ids = [i for i, n in enumerate(tok.token_byte_lengths()) if n > 0]
+    needed = max([tok.pad_id, tok.bos_id, tok.eos_id, *text_ids[-1:]]) + 1
+    if config.model.vocab_size < needed:  # (UL2's sentinels are checked where a vocabulary can be extended)
+        raise ConfigError(f"model.vocab_size={config.model.vocab_size} cannot hold the {needed} text and "
+                          f"pad/bos/eos ids of "
+                          f"data.tokenizer='{config.data.tokenizer}'; set model.vocab_size={tok.vocab_size} "
+                          "or 0 (take it from the tokenizer)")
 
 
 def load_config(path: str | None, overrides: list[str] | dict | None = None) -> Config:
@@ -296,7 +359,8 @@ def validate(config: Config) -> None:
     m, d, o, t = config.model, config.data, config.optimizer, config.train
     _positive(config, "model.layers", "model.d_model", "model.heads", "model.head_dim", "model.d_ff",
               "model.max_seq_len", "data.seq_len", "data.batch_size", "train.steps", "optimizer.lr",
-              "train.eval_batches", "train.keep_checkpoints")
+              "train.eval_batches", "train.keep_checkpoints", "train.max_rollbacks",
+              "train.preemption_grace_s")
     kv = m.kv_heads or m.heads
     if m.kv_heads < 0 or m.heads % kv:
         raise ConfigError(f"model.kv_heads={m.kv_heads} must divide model.heads={m.heads} "
@@ -314,6 +378,9 @@ def validate(config: Config) -> None:
         raise ConfigError(f"optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     if not 0.0 < o.decay_fraction <= 1.0:
         raise ConfigError(f"optimizer.decay_fraction={o.decay_fraction} must be in (0, 1]")
+    if t.noise_scale and d.batch_size % 2:
+        raise ConfigError(f"train.noise_scale needs an even data.batch_size (got {d.batch_size}): the step splits "
+                          "the batch into two halves; change data.batch_size or set train.noise_scale=false")
     for name in ("eval_every", "checkpoint_every"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name} must be >= 0 (0 means only at the end)")
@@ -321,6 +388,23 @@ def validate(config: Config) -> None:
         size = getattr(config.mesh, axis)
         if size == 0 or size < -1:
             raise ConfigError(f"mesh.{axis}={size} must be a positive size or -1 (fill the remaining devices)")
+    _validate_stage(config)
     for rule in config.mesh.rules:
         if not (isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str)):
             raise ConfigError(f"mesh.rules entry {rule!r} must be [logical_axis, mesh_axis_or_list_or_null]")
+
+
+def _validate_stage(config: Config) -> None:
+    """Budget and parent-only stage options make sense only for a continuation (``scaling-jax continue``)."""
+    b, s = config.budget, config.stage
+    given = [f"budget.{k}" for k in ("fraction", "tokens", "steps") if getattr(b, k)]
+    if b.fraction < 0 or b.tokens < 0 or b.steps < 0:
+        raise ConfigError("budget.fraction, budget.tokens and budget.steps must be >= 0")
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(given)} are both set; give the stage budget one way")
+    if not s.parent:
+        used = given + [f"stage.{k}" for k in ("lr_from_parent", "extend_vocab") if getattr(s, k)]
+        used += ["stage.optimizer_state=continue"] if s.optimizer_state == "continue" else []
+        if used:
+            raise ConfigError(f"{used[0]} applies to a continuation; run `scaling-jax continue --from RUN_DIR "
+                              "--stage STAGE.yaml` (or set train.steps for a run from scratch)")

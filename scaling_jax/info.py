@@ -7,7 +7,9 @@ the real train step on the current devices.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import jax
 import numpy as np
@@ -95,4 +97,25 @@ def format_report(config: Config, info: dict) -> str:
         f"memory/device  params {gib(mem['params'])}, +grads+AdamW {gib(mem['params_grads_optimizer'])},"
         f" activations ~{gib(mem['activations_estimate'])}, total ~{gib(mem['total_estimate'])}",
     ]
+    return "\n".join(lines)
+
+
+def read_lineage(run_dir: str) -> list[dict] | None:
+    """The stages a run descends from (``lineage.json``, written with every checkpoint), or None."""
+    path = os.path.join(run_dir, "lineage.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def format_lineage(lineage: list[dict]) -> str:
+    """One line per stage, oldest first: stage, objective, steps, tokens and FLOPs, and where it started."""
+    lines = ["lineage"]
+    for i, r in enumerate(lineage):
+        start = f"from {r['parent']} (step {r['parent_step']})" if r.get("parent") else "from scratch"
+        lines.append(f"  {i}. {r.get('stage', '?')}: {r.get('objective', '?')}, {r.get('steps', 0)} steps, "
+                     f"{r.get('tokens', 0):,} tokens, {r.get('flops', 0.0):.4g} FLOPs "
+                     f"(totals {r.get('total_tokens', 0):,} tokens, {r.get('total_flops', 0.0):.4g} FLOPs); "
+                     f"{start}; run dir {r.get('run_dir', '?')}")
     return "\n".join(lines)

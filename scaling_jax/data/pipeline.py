@@ -8,6 +8,11 @@ covers the single-process stream with no overlap.
 
 A row holds ``seq_len + 1`` tokens and the segment id of each (1, 2, ... per document in the
 window, so documents never attend to each other); objectives turn rows into model batches.
+
+A mixture of sources is a list of ``(rows, rate)``: each source's rows are shuffled and repeated
+on their own, then ``grain.MapDataset.mix`` interleaves whole rows in proportion to the rates. The
+interleaving is a fixed function of the index, so a mixture stays random-access: same seed, same
+batches; its checkpointed state is still one index.
 """
 
 from __future__ import annotations
@@ -59,7 +64,8 @@ class PackedRows:
 
 
 def tokenize_documents(docs: Sequence, tokenizer: Tokenizer) -> list[np.ndarray]:
-    return [tokenizer.encode(doc.text) for doc in docs]
+    """Batched: the Hugging Face and SentencePiece tokenizers encode a batch on several threads."""
+    return tokenizer.encode_batch([doc.text for doc in docs])
 
 
 def shuffled(items: Sequence, seed: int) -> list:
@@ -68,15 +74,34 @@ def shuffled(items: Sequence, seed: int) -> list:
     return [items[i] for i in order]
 
 
-def train_dataset(rows: PackedRows, cfg: DataConfig, process_index: int, process_count: int,
-                  transform: Callable[[Rows], Rows]) -> grain.MapDataset:
-    """Infinite, reshuffled every epoch, batched per process and turned into model batches."""
+def mixed_rows(components: Sequence[tuple[Sequence, float]], seed: int | None) -> grain.MapDataset:
+    """Rows of several sources interleaved by rate; each source shuffled per epoch (``seed``) or kept in order."""
+    parts = []
+    for i, (rows, _) in enumerate(components):
+        part = grain.MapDataset.source(rows)
+        parts.append((part if seed is None else part.shuffle(seed=seed + i)).repeat())
+    return grain.MapDataset.mix(parts, [rate for _, rate in components])
+
+
+def train_dataset(rows: Sequence | list[tuple[Sequence, float]], cfg: DataConfig, process_index: int,
+                  process_count: int, transform: Callable[[Rows], Rows]) -> grain.MapDataset:
+    """Infinite, reshuffled every epoch, batched per process and turned into model batches.
+
+    ``rows`` is one source's rows, or a mixture ``[(rows, rate), ...]``."""
     if cfg.batch_size % process_count:
         raise DataError(f"data.batch_size={cfg.batch_size} must be divisible by the {process_count} processes")
-    if len(rows) < cfg.batch_size:
-        raise DataError(f"training split packs into {len(rows)} rows of data.seq_len={cfg.seq_len}, fewer than "
-                        f"data.batch_size={cfg.batch_size}; use more data or smaller seq_len / batch_size")
-    ds = grain.MapDataset.source(rows).shuffle(seed=cfg.shuffle_seed).repeat()
+    parts = rows if isinstance(rows, list) and rows and isinstance(rows[0], tuple) else [(rows, 1.0)]
+    if len(parts) == 1 and len(parts[0][0]) < cfg.batch_size:
+        raise DataError(f"training split packs into {len(parts[0][0])} rows of data.seq_len={cfg.seq_len}, fewer "
+                        f"than data.batch_size={cfg.batch_size}; use more data or smaller seq_len / batch_size")
+    for i, (part, _) in enumerate(parts):
+        if len(part) == 0:
+            raise DataError(f"data.mixture[{i}] packs into no row of data.seq_len={cfg.seq_len}; give that "
+                            "source more data or lower data.seq_len")
+    if len(parts) == 1:
+        ds = grain.MapDataset.source(parts[0][0]).shuffle(seed=cfg.shuffle_seed).repeat()
+    else:
+        ds = mixed_rows(parts, cfg.shuffle_seed)
     ds = ds.batch(cfg.batch_size // process_count, drop_remainder=True)
     return ds[process_index::process_count].map(transform)
 

@@ -1,19 +1,28 @@
-"""Documents from the embedded stdlib corpus or from text / jsonl / parquet files.
+"""Documents from the embedded stdlib corpus, text / jsonl / parquet files, or Hugging Face datasets.
 
 Every document carries a stable name, and the train/validation split is a hash of that
 name, so the same data gives the same split on every machine, run and ``PYTHONHASHSEED``.
 Names of file documents are relative to the source's fixed directory part (the path before
-the first wildcard), so moving a data set elsewhere does not reshuffle its split.
+the first wildcard), so moving a data set elsewhere does not reshuffle its split. Paths with a
+scheme (``gs://bucket/dir/*.jsonl``, ``s3://``, ``memory://``) are read through fsspec; ``gs://``
+needs ``gcsfs`` installed. ``hf:PATH_OR_NAME`` reads a Hugging Face ``datasets`` data set: a
+``save_to_disk`` directory, a local directory of data files, or a hub name (downloaded by
+``datasets`` itself, or streamed with ``data.streaming=true``).
+
+``source_components`` turns ``data.mixture`` into one ``DataConfig`` and sampling weight per source.
 
 ``unigram_bits_per_byte`` is the floor any trained model has to beat: a byte-frequency table.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
 import pathlib
+import posixpath
+import sys
 import sysconfig
 import zlib
 from collections.abc import Iterable, Iterator
@@ -87,8 +96,46 @@ def _walk_files(directory: str) -> Iterator[str]:
         yield from (os.path.join(dirpath, f) for f in filenames if not f.startswith("."))
 
 
+def is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _open(path: str, mode: str):
+    """A local file or any fsspec URL, opened as ``mode`` (``r`` decodes UTF-8 leniently)."""
+    text = {"encoding": "utf-8", "errors": "replace"} if "b" not in mode else {}
+    if not is_url(path):
+        return open(path, mode, **text)
+    import fsspec
+
+    return fsspec.open(path, mode, **text).open()
+
+
+def _url_files(source: str) -> list[tuple[str, str]]:
+    """``(name, url)`` for a URL file, directory or glob; names relative to the fixed prefix as for local paths."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(source)
+    except (ImportError, ValueError) as e:
+        raise DataError(f"data.source='{source}' cannot be opened ({str(e).splitlines()[0]}); install the "
+                        "filesystem package for that scheme (gcsfs for gs://, s3fs for s3://)") from None
+    if fs.isdir(path):
+        root, found = path, fs.find(path)
+    elif fs.isfile(path):
+        root, found = posixpath.dirname(path), [path]
+    else:
+        root = _glob_root(fs._strip_protocol(source))
+        found = [f for match in fs.glob(path) for f in (fs.find(match) if fs.isdir(match) else [match])]
+    found = [f for f in found if not any(p.startswith(".") for p in posixpath.relpath(f, root).split("/"))]
+    if not found:
+        raise DataError(f"data.source='{source}' matches no files; point it at a file, a directory or a glob")
+    return sorted((posixpath.relpath(f, root), fs.unstrip_protocol(f)) for f in found)
+
+
 def _source_files(source: str) -> list[tuple[str, str]]:
     """``(name, path)`` for every file the source names, sorted by name."""
+    if is_url(source):
+        return _url_files(source)
     path = os.path.expanduser(source)
     if os.path.isdir(path):
         root, matches = path, [path]
@@ -122,8 +169,12 @@ def _format_of(path: str, fmt: str) -> str:
 
 def _read_text(path: str, name: str) -> Iterator[Document]:
     """The whole file is one document."""
-    with open(path, "rb") as f:
-        yield Document(name, _decode(f.read()))
+    with _open(path, "rb") as f:
+        raw = f.read()
+    if b"\x00" in raw[:8192]:  # a .gz / .zip / UTF-16 file read as text would train on garbage
+        raise DataError(f"{path} looks binary (NUL bytes), not UTF-8 text; decompress or re-encode it, remove it "
+                        "from data.source, or set data.format if it is jsonl or parquet")
+    yield Document(name, _decode(raw))
 
 
 def _jsonl_text(path: str, lineno: int, line: str, field: str) -> str:
@@ -131,8 +182,8 @@ def _jsonl_text(path: str, lineno: int, line: str, field: str) -> str:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        raise DataError(f"{where} is not valid JSON ({e.msg}); "
-                        f"each line of a jsonl file must be one JSON object") from None
+        raise DataError(f"{where} is not valid JSON ({e.msg}); each line of a jsonl file must be one JSON "
+                        "object (or set data.malformed_lines=skip to skip such lines)") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where} holds a JSON {type(obj).__name__}, not an object; "
                         f"each line of a jsonl file must be one JSON object like {{\"{field}\": \"...\"}}")
@@ -146,16 +197,41 @@ def _jsonl_text(path: str, lineno: int, line: str, field: str) -> str:
     return value
 
 
-def _read_jsonl(path: str, name: str, field: str) -> Iterator[Document]:
+def _utf8(raw: bytes, path: str, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                        "re-encode the file as UTF-8 (or set data.malformed_lines=skip to skip such lines)") from None
+
+
+_skips_reported: set[tuple[str, int]] = set()
+
+
+def _read_jsonl(path: str, name: str, field: str, skip_malformed: bool = False) -> Iterator[Document]:
     """One JSON object per non-blank line, streamed so large files need not fit in memory.
 
-    File iteration splits only at ``\\n``/``\\r``; ``str.splitlines`` would also cut at U+2028,
-    which is legal raw inside a JSON string.
+    Lines are split at ``\\n`` only; ``str.splitlines`` would also cut at U+2028, which is legal
+    raw inside a JSON string. A line that is not UTF-8 JSON with the text field is fatal, or with
+    ``skip_malformed`` (``data.malformed_lines=skip``) skipped and counted in one warning per file.
     """
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                yield Document(f"{name}:{lineno}", _jsonl_text(path, lineno, line, field))
+    skipped, first = 0, ""
+    with _open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = _jsonl_text(path, lineno, _utf8(raw, path, lineno), field)
+            except DataError as e:
+                if not skip_malformed:
+                    raise
+                skipped, first = skipped + 1, first or str(e).split(";")[0]
+                continue
+            yield Document(f"{name}:{lineno}", text)
+    if skipped and (path, skipped) not in _skips_reported:
+        _skips_reported.add((path, skipped))
+        print(f"warning: skipped {skipped} malformed line(s) of {path} (first: {first}); "
+              "data.malformed_lines=skip", file=sys.stderr, flush=True)
 
 
 def _read_parquet(path: str, name: str, field: str) -> Iterator[Document]:
@@ -164,7 +240,7 @@ def _read_parquet(path: str, name: str, field: str) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
     try:
-        pfile = pq.ParquetFile(path)
+        pfile = pq.ParquetFile(_open(path, "rb") if is_url(path) else path)
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path} is not a readable parquet file ({str(e).splitlines()[0]}); "
                         f"fix the file or set data.format") from None
@@ -186,11 +262,81 @@ def _file_documents(cfg: DataConfig) -> Iterator[Document]:
     for name, path in _source_files(cfg.source):
         fmt = _format_of(path, cfg.format)
         if fmt == "jsonl":
-            yield from _read_jsonl(path, name, cfg.text_field)
+            yield from _read_jsonl(path, name, cfg.text_field, cfg.malformed_lines == "skip")
         elif fmt == "parquet":
             yield from _read_parquet(path, name, cfg.text_field)
         else:
             yield from _read_text(path, name)
+
+
+def _hf_documents(cfg: DataConfig) -> Iterator[Document]:
+    """Rows of a Hugging Face data set, column ``data.text_field``; names are ``split#row``."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"data.source='{cfg.source}' needs the 'datasets' package; pip install datasets") from None
+    target = os.path.expanduser(cfg.source[len("hf:"):])
+    try:
+        saved = any(os.path.isfile(os.path.join(target, f)) for f in ("state.json", "dataset_dict.json"))
+        if saved:
+            ds = datasets.load_from_disk(target)  # a save_to_disk directory
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[cfg.source_split]
+            if cfg.streaming:
+                ds = ds.to_iterable_dataset()
+        else:
+            ds = datasets.load_dataset(target, cfg.hf_name or None, split=cfg.source_split, streaming=cfg.streaming)
+    except (FileNotFoundError, ValueError, KeyError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise DataError(f"data.source='{cfg.source}' cannot be loaded ({str(e).splitlines()[0][:200]}); "
+                        "check the path or name, data.hf_name and data.source_split") from None
+    columns = ds.column_names
+    if columns is not None and cfg.text_field not in columns:
+        raise DataError(f"data.source='{cfg.source}' has no column '{cfg.text_field}' (columns: "
+                        f"{', '.join(columns)}); set data.text_field=<column holding the text>")
+    for row, example in enumerate(ds):
+        value = example.get(cfg.text_field)
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"data.source='{cfg.source}' row {row} column '{cfg.text_field}' is "
+                            f"{type(value).__name__}, not a string; set data.text_field=<text column>")
+        yield Document(f"{cfg.source_split}#{row}", value or "")
+
+
+def source_documents(cfg: DataConfig) -> Iterator[Document]:
+    """Every document of one source (no split applied), in source order."""
+    if cfg.source == "stdlib":
+        return _stdlib_documents()
+    if cfg.source.startswith("hf:"):
+        return _hf_documents(cfg)
+    return _file_documents(cfg)
+
+
+MIXTURE_KEYS = ("source", "rate", "format", "text_field", "hf_name", "source_split", "streaming", "max_docs",
+                "seqio_feature")
+
+
+def source_components(cfg: DataConfig) -> list[tuple[DataConfig, float]]:
+    """``data.mixture`` as one DataConfig per source (its keys override ``data.*``) with normalised rates;
+    without a mixture, ``data.source`` alone with weight 1."""
+    if not cfg.mixture:
+        return [(cfg, 1.0)]
+    if cfg.source != "stdlib":  # the default; anything else would be silently ignored
+        raise DataError(f"data.source='{cfg.source}' and data.mixture are both set; put that source into "
+                        "data.mixture (with a rate) or drop data.mixture")
+    parts = []
+    for i, entry in enumerate(cfg.mixture):
+        where = f"data.mixture[{i}]"
+        if not isinstance(entry, dict) or "source" not in entry:
+            raise DataError(f"{where} must be a mapping with at least 'source' (and 'rate'), got {entry!r}")
+        unknown = sorted(set(entry) - set(MIXTURE_KEYS))
+        if unknown:
+            raise DataError(f"{where} has unknown key(s) {', '.join(unknown)}; allowed: {', '.join(MIXTURE_KEYS)}")
+        weight = entry.get("rate", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            raise DataError(f"{where}.rate must be a positive number (a relative sampling rate), got {weight!r}")
+        fields = {k: v for k, v in entry.items() if k != "rate"}
+        parts.append((dataclasses.replace(cfg, mixture=[], **fields), float(weight)))
+    total = sum(w for _, w in parts)
+    return [(c, w / total) for c, w in parts]
 
 
 # ----------------------------------------------------------------------------- public entry
@@ -201,7 +347,7 @@ def load_documents(cfg: DataConfig, split: str) -> list[Document]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     want_val = split == "validation"
-    docs = _stdlib_documents() if cfg.source == "stdlib" else _file_documents(cfg)
+    docs = source_documents(cfg)
     kept: list[Document] = []
     seen = 0
     for doc in docs:
@@ -223,7 +369,7 @@ def load_documents(cfg: DataConfig, split: str) -> list[Document]:
 # ----------------------------------------------------------------------------- baseline
 
 
-def _byte_counts(texts: Iterable[str]) -> np.ndarray:
+def byte_counts(texts: Iterable[str]) -> np.ndarray:
     """Counts of the 256 byte values; ``errors='replace'`` matches what the byte tokenizer sees."""
     counts = np.zeros(256, dtype=np.int64)
     for text in texts:
@@ -236,9 +382,16 @@ def unigram_bits_per_byte(train_texts: Iterable[str], val_texts: Iterable[str]) 
 
     A model that does not beat this has learned nothing beyond byte frequencies.
     """
-    train, val = _byte_counts(train_texts), _byte_counts(val_texts)
-    total = int(val.sum())
+    return unigram_bits_from_counts([(byte_counts(train_texts), byte_counts(val_texts), 1.0)])
+
+
+def unigram_bits_from_counts(parts: list[tuple[np.ndarray, np.ndarray, float]]) -> float:
+    """The same baseline from byte counts, for a mixture ``[(train_counts, val_counts, rate), ...]``:
+    training bytes follow the rate-weighted mix of each source's smoothed frequencies, and the
+    validation cross-entropy is the rate-weighted average over the sources' validation bytes."""
+    p = sum(rate * (train + 1.0) / (float(train.sum()) + 256.0) for train, _, rate in parts)
+    total = sum(rate for _, val, rate in parts if val.sum() > 0)
     if total == 0:
         raise ValueError("unigram_bits_per_byte needs at least one validation byte")
-    log_p = np.log2(train + 1.0) - np.log2(float(train.sum()) + 256.0)
-    return float(-(val * log_p).sum() / total)
+    log_p = np.log2(p / sum(rate for *_, rate in parts))
+    return float(sum(rate * -(val * log_p).sum() / val.sum() for _, val, rate in parts if val.sum() > 0) / total)

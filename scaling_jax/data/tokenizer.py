@@ -1,28 +1,54 @@
 """Tokenizers with the special ids every objective needs reserved from the start.
 
-The byte-level tokenizer is the embedded default: no files, no download. Its id layout
-reserves pad/bos/eos, the UL2 mode tokens and well over 100 sentinels, so a causal
-checkpoint can later be continued with UL2 span corruption without resizing the embedding.
+One interface for three kinds: the byte-level default (no files, no download), SentencePiece
+``.model`` files and Hugging Face ``tokenizers`` JSON files. Every kind owns pad/bos/eos, the UL2
+mode tokens and at least 100 sentinels, so a causal checkpoint can later be continued with UL2
+span corruption without resizing the embedding.
 
 Layout of ``ByteTokenizer`` (vocab 384, a multiple of 128 for TPU-friendly shapes)::
 
     0 pad   1 bos   2 eos   3..258 bytes 0..255   259 [NLU]   260 [NLG]   261 [S2S]
     262..383 sentinels, numbered downward from the top as in T5 (sentinel 0 = id 383)
+
+A file tokenizer uses the special pieces it already has (``<pad> <s> </s>``, ``[NLU] [NLG] [S2S]``,
+``<extra_id_K>``); whatever is missing is appended above its own ids: first the missing sentinels
+(sentinel 0 highest, so a T5 SentencePiece model gets exactly seqio's ``extra_ids`` numbering),
+then pad/bos/eos, then the mode tokens. The id count is padded up to a multiple of 128. Tokenizers
+trained by ``train_tokenizer`` hold every special in the file itself. Special tokens are never
+produced from raw text: the literal string ``<extra_id_0>`` in a document is ordinary text.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import numpy as np
 
-from scaling_jax.errors import ConfigError
+from scaling_jax.errors import ConfigError, DataError
 
 MODE_TOKENS = ("[NLU]", "[NLG]", "[S2S]")  # UL2 paradigm tokens for R, X and S denoisers
+NUM_SENTINELS = 100  # reserved by file tokenizers; T5 and UL2 use 100
+SPECIAL_NAMES = {  # piece names looked up in a tokenizer file, first match wins
+    "pad": ("<pad>", "[PAD]", "<|pad|>"),
+    "bos": ("<s>", "<bos>", "[BOS]", "<|begin_of_text|>", "<|startoftext|>"),
+    "eos": ("</s>", "<eos>", "[EOS]", "<|end_of_text|>", "<|endoftext|>"),
+}
+TRAINED_SPECIALS = ("<pad>", "<s>", "</s>")
+VOCAB_MULTIPLE = 128
+SAVED_INFO = "tokenizer_info.json"
+
+
+def sentinel_piece(k: int) -> str:
+    return f"<extra_id_{k}>"
 
 
 class Tokenizer(Protocol):
+    kind: str
     vocab_size: int
     pad_id: int
     bos_id: int
@@ -31,15 +57,18 @@ class Tokenizer(Protocol):
     num_sentinels: int
 
     def encode(self, text: str) -> np.ndarray: ...
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]: ...
     def decode(self, ids) -> str: ...
     def sentinel_id(self, k: int) -> int: ...
     def token_byte_lengths(self) -> np.ndarray: ...
     def fingerprint(self) -> str: ...
+    def save(self, directory: str) -> str: ...
 
 
 class ByteTokenizer:
     """UTF-8 bytes shifted past three special ids; mode tokens and sentinels at the top."""
 
+    kind = "byte"
     byte_offset = 3
     pad_id, bos_id, eos_id = 0, 1, 2
 
@@ -54,6 +83,9 @@ class ByteTokenizer:
     def encode(self, text: str) -> np.ndarray:
         raw = np.frombuffer(text.encode("utf-8", errors="replace"), dtype=np.uint8)
         return raw.astype(np.int32) + self.byte_offset
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
 
     def decode(self, ids) -> str:
         ids = np.asarray(ids, dtype=np.int64)
@@ -74,13 +106,340 @@ class ByteTokenizer:
     def fingerprint(self) -> str:
         return hashlib.sha256(f"byte:{self.vocab_size}".encode()).hexdigest()[:16]
 
+    def save(self, directory: str) -> str:
+        """Nothing to copy: the spec is the whole tokenizer."""
+        write_saved_info(directory, self, f"byte:{self.vocab_size}")
+        return f"byte:{self.vocab_size}"
 
-def build_tokenizer(spec: str) -> Tokenizer:
-    """``byte`` (default) or ``byte:VOCAB``; file-backed tokenizers plug in here."""
-    kind, _, arg = spec.partition(":")
+
+# ----------------------------------------------------------------------------- file tokenizers
+
+
+def reserve_specials(lookup: Callable[[str], int | None], base_size: int, known: dict[str, int | None],
+                     num_sentinels: int = NUM_SENTINELS) -> tuple[dict[str, int], list[int], int]:
+    """Ids for pad/bos/eos, the mode tokens and the sentinels: the file's own where it has them,
+    appended above ``base_size`` where it does not. Returns ``(specials, sentinel_ids, vocab_size)``."""
+    sentinels: list[int | None] = [lookup(sentinel_piece(k)) for k in range(num_sentinels)]
+    missing = [k for k, i in enumerate(sentinels) if i is None]
+    next_id = base_size + len(missing)
+    for rank, k in enumerate(missing):  # T5 order: the lowest missing sentinel gets the highest id
+        sentinels[k] = next_id - 1 - rank
+    specials: dict[str, int] = {}
+    for name in ("pad", "bos", "eos"):
+        found = known.get(name)
+        if found is None:
+            found = next((i for piece in SPECIAL_NAMES[name] if (i := lookup(piece)) is not None), None)
+        if found is None:
+            found, next_id = next_id, next_id + 1
+        specials[name] = found
+    for mode in MODE_TOKENS:
+        found = lookup(mode)
+        if found is None:
+            found, next_id = next_id, next_id + 1
+        specials[mode] = found
+    vocab_size = -(-next_id // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    return specials, [int(s) for s in sentinels], vocab_size
+
+
+class ReservedIds:
+    """Shared bookkeeping of tokenizers over an existing vocabulary: special ids, appended ids, fingerprint.
+
+    ``identity`` is the bytes that define the vocabulary (a model file's contents); the fingerprint
+    hashes it together with the reserved layout.
+    """
+
+    kind = ""
+
+    def __init__(self, identity: bytes, base_size: int, lookup: Callable[[str], int | None],
+                 known: dict[str, int | None]):
+        self.base_size = base_size
+        specials, self._sentinels, self.vocab_size = reserve_specials(lookup, base_size, known)
+        self.pad_id, self.bos_id, self.eos_id = specials["pad"], specials["bos"], specials["eos"]
+        self.mode_ids = {m: specials[m] for m in MODE_TOKENS}
+        self.num_sentinels = len(self._sentinels)
+        digest = hashlib.sha256(identity)
+        digest.update(json.dumps([self.kind, self.vocab_size, specials, self._sentinels]).encode())
+        self._fingerprint = digest.hexdigest()[:16]
+        self._special_ids = np.array(sorted({*specials.values(), *self._sentinels}), dtype=np.int64)
+
+    def sentinel_id(self, k: int) -> int:
+        if not 0 <= k < self.num_sentinels:
+            raise ValueError(f"sentinel {k} out of range [0, {self.num_sentinels})")
+        return self._sentinels[k]
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
+
+    def _text_ids(self, ids) -> list[int]:
+        """The ids a decoder of the file understands: specials and appended ids are dropped."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        keep = (ids >= 0) & (ids < self.base_size) & ~np.isin(ids, self._special_ids)
+        return ids[keep].tolist()
+
+    def _lengths(self, piece_bytes: Callable[[int], int]) -> np.ndarray:
+        lengths = np.zeros(self.vocab_size, dtype=np.int32)
+        for i in range(self.base_size):
+            lengths[i] = piece_bytes(i)
+        lengths[self._special_ids[self._special_ids < self.vocab_size]] = 0
+        return lengths
+
+
+class _FileTokenizer(ReservedIds):
+    """A tokenizer defined by one file, which ``save`` copies."""
+
+    file_name = ""
+
+    def __init__(self, path: str, base_size: int, lookup: Callable[[str], int | None], known: dict[str, int | None]):
+        self.path = path
+        with open(path, "rb") as f:
+            super().__init__(f.read(), base_size, lookup, known)
+
+    def save(self, directory: str) -> str:
+        """Copy the file into ``directory`` and return the spec that loads the copy."""
+        os.makedirs(directory, exist_ok=True)
+        target = os.path.join(directory, self.file_name)
+        if os.path.abspath(target) != os.path.abspath(self.path):
+            shutil.copyfile(self.path, target)
+        write_saved_info(directory, self, self.file_name)
+        return target
+
+
+def _piece_bytes(piece: str) -> int:
+    """Bytes of text behind a SentencePiece/WordPiece-style piece: ``▁`` is a space, ``<0xNN>`` one byte."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return 1
+    if piece.startswith("##"):
+        piece = piece[2:]
+    return len(piece.replace("\u2581", " ").encode("utf-8"))
+
+
+def sentencepiece_bytes(sp, i: int) -> int:
+    """Bytes of text behind id ``i`` of a ``SentencePieceProcessor`` (0 for control and unknown ids)."""
+    if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+        return 0
+    return 1 if sp.is_byte(i) else _piece_bytes(sp.id_to_piece(i))
+
+
+class SentencePieceTokenizer(_FileTokenizer):
+    kind = "sentencepiece"
+    file_name = "tokenizer.model"
+
+    def __init__(self, path: str):
+        import sentencepiece as spm
+
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=path)
+        except (OSError, RuntimeError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"data.tokenizer='{path}' is not a readable SentencePiece model ({why}); "
+                              "pass a .model file") from None
+        sp = self.sp
+        size = sp.get_piece_size()
+
+        def lookup(piece: str) -> int | None:
+            i = sp.piece_to_id(piece)
+            return i if (i != sp.unk_id() or piece == sp.id_to_piece(sp.unk_id())) and i < size else None
+
+        known = {name: (i if 0 <= i < size else None) for name, i in
+                 (("pad", sp.pad_id()), ("bos", sp.bos_id()), ("eos", sp.eos_id()))}
+        super().__init__(path, size, lookup, known)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.sp.encode(text), dtype=np.int32)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.asarray(ids, dtype=np.int32) for ids in self.sp.encode(list(texts))]
+
+    def decode(self, ids) -> str:
+        return self.sp.decode(self._text_ids(ids))
+
+    def token_byte_lengths(self) -> np.ndarray:
+        return self._lengths(lambda i: sentencepiece_bytes(self.sp, i))
+
+
+class HFTokenizer(_FileTokenizer):
+    kind = "hf"
+    file_name = "tokenizer.json"
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer as HFTok
+
+        try:
+            self.tok = HFTok.from_file(path)
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise ConfigError(f"data.tokenizer='{path}' is not a readable Hugging Face tokenizer.json "
+                              f"({str(e).splitlines()[0][:120]}); pass a tokenizers JSON file") from None
+        self.tok.encode_special_tokens = True  # raw text never turns into special ids
+        size = self.tok.get_vocab_size(with_added_tokens=True)
+        super().__init__(path, size, self.tok.token_to_id, {})
+        spec = json.loads(self.tok.to_str())
+        self._byte_level = "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+        self._added = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        out = self.tok.encode_batch(list(texts), add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int32) for e in out]
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(self._text_ids(ids), skip_special_tokens=True)
+
+    def token_byte_lengths(self) -> np.ndarray:
+        def piece_bytes(i: int) -> int:
+            piece = self.tok.id_to_token(i)
+            if piece is None or i in self._added:
+                return 0
+            return len(piece) if self._byte_level else _piece_bytes(piece)  # byte-level: one char per byte
+
+        return self._lengths(piece_bytes)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build_tokenizer(spec: str, seqio_modules: Sequence[str] = ()) -> Tokenizer:
+    """``byte`` / ``byte:VOCAB`` (default), a SentencePiece ``.model``, a ``tokenizer.json``, a directory
+    holding one of those (a run's ``tokenizer/``), an explicit ``sentencepiece:PATH`` / ``hf:PATH``, or
+    ``seqio:TASK[:FEATURE]``: the vocabulary of a registered seqio task's output feature (``targets``),
+    after importing ``seqio_modules`` (needs the ``seqio`` extra)."""
+    kind, sep, arg = spec.partition(":")
+    if kind == "seqio" and arg:
+        from scaling_jax.data.seqio_adapter import vocabulary_tokenizer  # TensorFlow only on this path
+
+        name, _, feature = arg.partition(":")
+        return vocabulary_tokenizer(name, feature or "targets", seqio_modules)
     if kind == "byte":
         try:
             return ByteTokenizer(int(arg) if arg else 384)
         except ValueError:
             raise ConfigError(f"data.tokenizer='{spec}': write 'byte' or 'byte:VOCAB_SIZE'") from None
-    raise ConfigError(f"data.tokenizer='{spec}' is not a known tokenizer; use 'byte'")
+    if kind in ("sentencepiece", "hf") and sep:
+        path = os.path.expanduser(arg)
+    else:
+        kind, path = "", os.path.expanduser(spec)
+    if os.path.isdir(path):
+        return load_saved_tokenizer(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"data.tokenizer='{spec}' is neither 'byte' nor an existing tokenizer file; pass 'byte', "
+                          "a SentencePiece .model, a Hugging Face tokenizer.json, or train one with "
+                          "'scaling-jax tokenizer train'")
+    if not kind:
+        kind = "hf" if path.endswith(".json") else "sentencepiece"
+    return HFTokenizer(path) if kind == "hf" else SentencePieceTokenizer(path)
+
+
+def write_saved_info(directory: str, tok: Tokenizer, spec: str) -> None:
+    """``spec`` reloads the tokenizer: a file name inside ``directory`` for file kinds, else a full spec."""
+    os.makedirs(directory, exist_ok=True)
+    info = {"kind": tok.kind, "spec": spec, "fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size}
+    tmp = os.path.join(directory, f"{SAVED_INFO}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=2)
+    os.replace(tmp, os.path.join(directory, SAVED_INFO))
+
+
+def read_saved_info(directory: str) -> dict | None:
+    path = os.path.join(directory, SAVED_INFO)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_saved_tokenizer(directory: str) -> Tokenizer:
+    """The tokenizer a run (or ``data prepare``) saved with ``Tokenizer.save``."""
+    info = read_saved_info(directory)
+    if info is None:
+        raise ConfigError(f"'{directory}' holds no saved tokenizer ({SAVED_INFO} missing); pass a tokenizer file")
+    file_kind = info["kind"] in (SentencePieceTokenizer.kind, HFTokenizer.kind)
+    spec = os.path.join(directory, info["spec"]) if file_kind else info["spec"]
+    return build_tokenizer(spec)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _reserved_pieces() -> list[str]:
+    return [*MODE_TOKENS, *(sentinel_piece(k) for k in range(NUM_SENTINELS))]
+
+
+def _lines(texts: Iterable[str], max_bytes: int = 4096) -> Iterable[str]:
+    """SentencePiece trains on "sentences" of at most a few kB: feed it lines, long ones cut."""
+    for text in texts:
+        for line in text.split("\n"):
+            for start in range(0, len(line), max_bytes // 4):
+                yield line[start : start + max_bytes // 4]
+
+
+def train_tokenizer(texts: Iterable[str], output: str, vocab_size: int, kind: str = "bpe",
+                    library: str = "", max_sentences: int = 2_000_000) -> Tokenizer:
+    """Train a ``bpe`` or ``unigram`` tokenizer on ``texts`` and write it to ``output``.
+
+    ``library`` is ``tokenizers`` (Hugging Face byte-level BPE; writes ``tokenizer.json``) or
+    ``sentencepiece`` (BPE or unigram with byte fallback; writes ``.model``); empty picks
+    ``tokenizers`` for BPE and ``sentencepiece`` for unigram. Both are lossless on any text.
+    The vocabulary holds pad/bos/eos, the mode tokens and 100 sentinels, counted in ``vocab_size``.
+    """
+    if kind not in ("bpe", "unigram"):
+        raise ConfigError(f"--kind {kind} is not one of bpe, unigram")
+    library = library or ("tokenizers" if kind == "bpe" else "sentencepiece")
+    if library not in ("tokenizers", "sentencepiece"):
+        raise ConfigError(f"--library {library} is not one of tokenizers, sentencepiece")
+    if library == "tokenizers" and kind != "bpe":
+        raise ConfigError("--library tokenizers trains byte-level BPE only; use --library sentencepiece for unigram")
+    specials = len(TRAINED_SPECIALS) + len(_reserved_pieces())
+    if vocab_size < specials + 256 + 16:
+        raise ConfigError(f"--vocab-size {vocab_size} is too small: {specials} ids are reserved and the 256 "
+                          f"bytes need their own; use at least {specials + 272}")
+    out_dir = os.path.dirname(os.path.abspath(output))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = f"{output}.tmp"
+    if library == "tokenizers":
+        _train_hf(texts, tmp, vocab_size)
+    else:
+        _train_sentencepiece(texts, tmp, vocab_size, kind, max_sentences)
+    os.replace(tmp, output)  # no half-written tokenizer on failure
+    return HFTokenizer(output) if library == "tokenizers" else SentencePieceTokenizer(output)
+
+
+def _train_hf(texts: Iterable[str], path: str, vocab_size: int) -> None:
+    """Byte-level BPE (GPT-2 / Llama 3 style): every byte is in the alphabet, so nothing is unknown."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    reserved = [*TRAINED_SPECIALS, *_reserved_pieces()]
+    tok = HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=reserved, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    if tok.get_vocab_size() < len(reserved) + 16:
+        raise DataError("the corpus is too small to train a tokenizer; point --corpus at more text")
+    tok.save(path)
+
+
+def _train_sentencepiece(texts: Iterable[str], path: str, vocab_size: int, kind: str, max_sentences: int) -> None:
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(_lines(texts)), model_writer=model, vocab_size=vocab_size, model_type=kind,
+            pad_id=0, bos_id=1, eos_id=2, unk_id=3, control_symbols=_reserved_pieces(), user_defined_symbols=["\n"],
+            byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+            add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True, character_coverage=0.9999,
+            input_sentence_size=max_sentences, shuffle_input_sentence=True, num_threads=os.cpu_count() or 1,
+            minloglevel=2)
+    except RuntimeError as e:  # e.g. "Vocabulary size too high (32000). Please set it to a value <= 5123."
+        raise DataError(f"sentencepiece could not train: {str(e).splitlines()[-1].strip()}; "
+                        "change --vocab-size to fit that limit or train on a larger --corpus") from None
+    with open(path, "wb") as f:
+        f.write(model.getvalue())

@@ -82,16 +82,33 @@ class Attention(nnx.Module):
         self.wo = make_param(rngs, out_init, (h, hd, d), ("heads", "kv", "embed"), cfg.param_dtype)
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        q, k, v = self.qkv(x, positions)
+        return self.attend(q, k, v, mask)
+
+    def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Rotated queries and keys and the values of ``x``."""
         dtype = x.dtype
         q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype))
         k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dtype))
         v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype))
         q = constrain(rope(q, positions, self.rope_theta), ("batch", "length", "heads", "kv"))
         k = constrain(rope(k, positions, self.rope_theta), ("batch", "length", "kv_heads", "kv"))
-        v = constrain(v, ("batch", "length", "kv_heads", "kv"))
+        return q, k, constrain(v, ("batch", "length", "kv_heads", "kv"))
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
         out = jax.nn.dot_product_attention(q, k, v, mask=mask)
         out = constrain(out, ("batch", "length", "heads", "kv"))
-        return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype))
+        return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(q.dtype))
+
+    def cached(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: tuple[jax.Array, jax.Array],
+               index: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Inference: write this chunk's keys/values into ``cache`` (``[batch, max_len, kv_heads, head_dim]``
+        each) at slot ``index`` and attend over the whole cache (``mask``: ``[batch, 1, chunk, max_len]``)."""
+        q, k, v = self.qkv(x, positions)
+        start = (0, index, 0, 0)
+        cache_k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
+        cache_v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
+        return self.attend(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask), (cache_k, cache_v)
 
 
 class GatedMLP(nnx.Module):
@@ -125,3 +142,10 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
         x = constrain(x + self.attn(self.attn_norm(x), positions, mask), ACT)
         return constrain(x + self.mlp(self.mlp_norm(x)), ACT)
+
+    def cached(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: tuple[jax.Array, jax.Array],
+               index: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """The same block at inference, reading and extending a KV cache (see ``Attention.cached``)."""
+        attn, cache = self.attn.cached(self.attn_norm(x), positions, mask, cache, index)
+        x = x + attn
+        return x + self.mlp(self.mlp_norm(x)), cache

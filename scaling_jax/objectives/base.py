@@ -89,6 +89,7 @@ OBJECTIVES = {  # name -> (module, class); imported on use so one objective's de
     "causal": ("scaling_jax.objectives.causal", "CausalLM"),
     "mtp": ("scaling_jax.objectives.multi_token", "MultiTokenPrediction"),
     "ul2": ("scaling_jax.objectives.denoisers", "MixtureOfDenoisers"),
+    "finetune": ("scaling_jax.objectives.finetune", "InstructionFinetune"),
 }
 
 

@@ -1,14 +1,30 @@
-"""orbax checkpoints holding everything needed for an exact resume.
+"""orbax checkpoints holding everything needed for an exact resume, and surviving damage.
 
 Each step directory holds three items: ``state`` (params, optimizer state, step, RNG),
 ``data`` (the grain iterator position) and ``meta`` (resolved config, tokenizer fingerprint,
 tokens/FLOPs/wall-clock so far, lineage). orbax writes into a temporary directory and renames
 it when complete, so a killed save never becomes the latest checkpoint.
+
+A finished step also gets ``DIGEST_FILE``: size and CRC32 of every file in it. orbax itself does
+not notice a flipped byte in compressed array data (it restores wrong numbers), so the digest is
+what tells a damaged checkpoint from a good one. Resume takes the newest checkpoint that passes
+that check; a damaged newer one is reported by name and, by the process that holds the run
+directory's lock, moved to ``DAMAGED_DIR`` (never deleted: it may be the only copy of hours of
+training), so new saves cannot collide with it. A failed save (disk full, read-only disk)
+becomes one ``CheckpointError``; orbax only deletes old steps after a new one is committed, so
+the previous checkpoint stays intact.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
+import sys
+import threading
+import time
+import zlib
 from typing import Any
 
 import grain
@@ -16,11 +32,20 @@ import jax
 import orbax.checkpoint as ocp
 
 from scaling_jax.errors import CheckpointError
+from scaling_jax.train.lock import holds_run_lock
 from scaling_jax.train.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "checkpoints-damaged"
+DIGEST_FILE = "scaling_jax_digest.json"
+ITEMS = ("state", "data", "meta")
 MODEL_SIGNATURE_FIELDS = ("layers", "d_model", "heads", "kv_heads", "head_dim", "d_ff", "mlp", "tie_embeddings",
                           "vocab_size", "param_dtype")
+# Read errors that mean the bytes on disk are bad (tensorstore status codes, orbax's wrapper), not a model mismatch
+# (orbax reports those as ValueErrors about shapes or tree structure). NOT_FOUND is left out on purpose: a target
+# with an extra array must never get a checkpoint moved aside; a file missing from a digested step fails ``damage``.
+_DAMAGE_MARKERS = ("DATA_LOSS", "OUT_OF_RANGE", "Encountered error while reading", "Error reading", "Error decoding")
+_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
 
 
 def _as_tree(state: TrainState) -> dict:
@@ -32,27 +57,239 @@ def model_signature(model_cfg: dict) -> dict:
     return {k: model_cfg[k] for k in MODEL_SIGNATURE_FIELDS}
 
 
+# ----------------------------------------------------------------------------- integrity
+
+
+def _crc32(path: str, chunk: int = 1 << 22) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def file_digests(step_dir: str) -> dict[str, list[int]]:
+    """``{relative path: [size, crc32]}`` of every file of a finished step (the digest file excluded)."""
+    out = {}
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, step_dir)
+            if not rel.startswith(DIGEST_FILE):
+                out[rel] = [os.path.getsize(path), _crc32(path)]
+    return dict(sorted(out.items()))
+
+
+def write_digest(step_dir: str) -> None:
+    digests = file_digests(step_dir)
+    tmp = os.path.join(step_dir, f"{DIGEST_FILE}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(digests, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(step_dir, DIGEST_FILE))
+
+
+def _json_problem(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            json.load(f)
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except (OSError, ValueError) as e:
+        return f"{path} is unreadable ({type(e).__name__})"
+    return None
+
+
+def damage(step_dir: str) -> str | None:
+    """What is wrong with a finished step directory, or None. With a digest every byte is checked;
+    without one (saved by a run killed before it could write the digest) only the structure."""
+    missing = [item for item in ITEMS if not os.path.isdir(os.path.join(step_dir, item))]
+    if missing:
+        return f"item '{missing[0]}' is missing"
+    for rel in ("meta/metadata", "state/_METADATA"):
+        problem = _json_problem(os.path.join(step_dir, rel))
+        if problem:
+            return os.path.relpath(problem, step_dir) if problem.startswith(step_dir) else problem
+    digest_path = os.path.join(step_dir, DIGEST_FILE)
+    if not os.path.exists(digest_path):
+        return None
+    try:
+        with open(digest_path) as f:
+            expected = json.load(f)
+    except (OSError, ValueError):
+        return f"{DIGEST_FILE} is unreadable"
+    for rel, (size, crc) in expected.items():
+        path = os.path.join(step_dir, rel)
+        if not os.path.isfile(path):
+            return f"{rel} is missing"
+        actual = os.path.getsize(path)
+        if actual != size:
+            return f"{rel} is truncated ({actual} of {size} bytes)" if actual < size else \
+                f"{rel} has {actual} bytes, {size} were written"
+        if _crc32(path) != crc:
+            return f"{rel} is corrupted (checksum mismatch)"
+    return None
+
+
+def _is_damage(e: BaseException) -> bool:
+    if isinstance(e, (OSError, json.JSONDecodeError)):
+        return True
+    return any(marker in str(e) for marker in _DAMAGE_MARKERS)
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:limit]
+
+
+def _write_failure(e: BaseException) -> str | None:
+    """The OS reason a save failed (disk full, read-only, permissions), or None if it is not an I/O failure."""
+    if isinstance(e, OSError) and e.errno:
+        return os.strerror(e.errno)
+    match = _OS_ERROR_CODE.search(str(e))
+    return os.strerror(int(match.group(1))) if match else None
+
+
+class _OrbaxThreadErrors(logging.Filter):
+    """orbax logs a failed background save with a full traceback before re-raising it to us; we turn it
+    into one CheckpointError line, so the duplicate traceback is dropped (``--debug`` still shows ours)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "raised an exception" not in record.getMessage()
+
+
+_ORBAX_FILTER = _OrbaxThreadErrors()
+
+
+def _warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- checkpointer
+
+
 class Checkpointer:
     def __init__(self, run_dir: str, keep: int, async_save: bool = True):
-        self.directory = os.path.join(os.path.abspath(run_dir), CHECKPOINT_DIR)
+        self.run_dir = os.path.abspath(run_dir)
+        self.directory = os.path.join(self.run_dir, CHECKPOINT_DIR)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._undigested: list[int] = []  # steps this process saved whose digest is not written yet
+        self._digester: threading.Thread | None = None
+        self._reported: set[int] = set()
+        logging.getLogger("absl").addFilter(_ORBAX_FILTER)
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _finished_steps(self) -> list[int]:
+        """Committed step directories on disk, newest first (orbax's temporary directories are not digits)."""
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        return sorted((int(n) for n in names if n.isdigit()), reverse=True)
+
+    def _set_aside(self, step: int, problem: str, move: bool = True) -> None:
+        """Report a damaged step once; the lock holder moves it out of orbax's way, intact."""
+        if step in self._reported:
+            return
+        self._reported.add(step)
+        where = self._step_dir(step)
+        if move and holds_run_lock(self.run_dir) and jax.process_index() == 0:
+            target = os.path.join(self.run_dir, DAMAGED_DIR, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.rename(where, target)
+            self.manager.reload()
+            kept = f"moved to {target} (not deleted)"
+        else:
+            kept = "left in place"
+        _warn(f"checkpoint {where} is damaged ({problem}); {kept}")
+
+    def _newest_intact(self, below: int | None = None) -> int | None:
+        """Newest step (below ``below``) that passes ``damage``; damaged newer ones are set aside. With no
+        intact step nothing is moved: the user decides what to do with the only copies there are."""
+        steps = [s for s in self._finished_steps() if below is None or s < below]
+        problems = {}
+        for step in steps:
+            problem = damage(self._step_dir(step))
+            if problem is None:
+                for bad, why in problems.items():
+                    self._set_aside(bad, why)
+                return step
+            problems[step] = problem
+        for bad, why in problems.items():
+            self._set_aside(bad, why, move=False)
+        if problems:
+            raise CheckpointError(f"no intact checkpoint in {self.directory} (see the warnings above); restore "
+                                  f"one from a backup, or move {self.directory} away to start from scratch")
+        return None
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        """The newest intact checkpoint (damaged newer ones are reported and skipped), None if there is none."""
+        return self._newest_intact()
 
     def save(self, step: int, state: TrainState, data_iter: grain.DatasetIterator, meta: dict) -> None:
+        """Asynchronous when configured; the previous save is finished (and digested) first."""
+        self.wait()
         args = ocp.args.Composite(state=ocp.args.StandardSave(_as_tree(state)),
                                   data=grain.checkpoint.CheckpointSave(data_iter),
                                   meta=ocp.args.JsonSave(meta))
-        self.manager.save(step, args=args, force=True)
+        self._undigested.append(step)
+        try:
+            self.manager.save(step, args=args, force=True)
+        except Exception as e:
+            self._raise_save_failure(e)
+
+    def _raise_save_failure(self, e: BaseException) -> None:
+        """An I/O failure becomes one CheckpointError naming the step and the intact fallback; others re-raise."""
+        reason = _write_failure(e)
+        if reason is None:
+            raise e
+        failed = self._undigested.pop() if self._undigested else None
+        previous = next((s for s in self._finished_steps() if s != failed), None)
+        kept = f"checkpoint step {previous} is intact, rerun to resume from it" if previous is not None else \
+            "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint step {failed} to {self.directory} ({reason}); "
+                              f"free disk space or make it writable ({kept})") from e
+
+    def wait(self) -> None:
+        """Block until the pending save is committed. Its digest is written on a background thread (reading a
+        large checkpoint back must not stall training), joined by the next ``wait`` or ``close``."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            self._raise_save_failure(e)
+        self._join_digests()
+        steps, self._undigested = self._undigested, []
+        if steps and jax.process_index() == 0:
+            self._digester = threading.Thread(target=self._digest, args=(steps,), name="checkpoint-digest",
+                                              daemon=True)
+            self._digester.start()
+
+    def _digest(self, steps: list[int]) -> None:
+        for step in steps:
+            try:
+                write_digest(self._step_dir(step))
+            except OSError:  # the disk is failing: the next save reports it; without a digest only structure counts
+                pass
+
+    def _join_digests(self) -> None:
+        if self._digester is not None:
+            self._digester.join()
+            self._digester = None
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore(self, step: int, abstract: TrainState, shardings: TrainState,
                 data_iter: grain.DatasetIterator | None) -> tuple[TrainState, dict]:
-        """Restore onto ``shardings`` (any mesh) and move ``data_iter`` to the saved position."""
+        """Restore onto ``shardings`` (any mesh) and move ``data_iter`` to the saved position.
+
+        If ``step`` turns out unreadable, the next older intact checkpoint is restored instead (the
+        returned state's ``step`` says which).
+        """
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               _as_tree(abstract), _as_tree(shardings))
         items: dict[str, Any] = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
@@ -60,9 +297,19 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"checkpoint {self.directory}/{step} does not match this model ({e}); "
-                                  "use the model settings it was trained with or a new train.run_dir") from None
+        except Exception as e:
+            if _is_damage(e):
+                older = self._newest_intact(below=step)
+                if older is None:
+                    raise CheckpointError(f"checkpoint {self.directory}/{step} is unreadable ({_first_line(e)}) "
+                                          "and no older one exists; restore it from a backup or use a new "
+                                          "train.run_dir") from None
+                self._set_aside(step, _first_line(e))
+                return self.restore(older, abstract, shardings, data_iter)
+            if isinstance(e, (ValueError, KeyError, TypeError)):
+                raise CheckpointError(f"checkpoint {self.directory}/{step} does not match this model ({e}); "
+                                      "use the model settings it was trained with or a new train.run_dir") from None
+            raise
         tree = out["state"]
         return TrainState(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"], rng=tree["rng"]), \
             out["meta"]
@@ -85,8 +332,10 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {self.directory}/{step} does not match this model ({e}); "
                                   "use the model settings it was trained with") from None
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
-        self.manager.close()
+        """Finish (and digest) a pending save, then release orbax's threads."""
+        try:
+            self.wait()
+        finally:
+            self._join_digests()
+            self.manager.close()

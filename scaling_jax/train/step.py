@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -13,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from scaling_jax.objectives.base import Objective, make_loss_fn
 from scaling_jax.parallel.sharding import Rules, activation_sharding, named_sharding, replicated
+from scaling_jax.train.health import guard_nonfinite
 from scaling_jax.train.state import TrainState
 
 BATCH_AXES = ("batch", "length")
@@ -31,19 +33,26 @@ def to_global(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding])
 
 
 def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, mesh: Mesh, rules: Rules) -> Callable:
+                    schedule: optax.Schedule, mesh: Mesh, rules: Rules, noise_scale: bool = False) -> Callable:
     """``train_step(state, batch) -> (state, metrics)``, not yet jitted.
 
     The objective computes its own gradient, so one that needs a custom backward (multi-token
     prediction's head-by-head pass) plugs in without the step knowing.
     """
 
+    value_and_grad = objective.value_and_grad
+    if noise_scale:  # train.noise_scale: two half-batch gradients (same FLOPs) give McCandlish's B_simple
+        from scaling_jax.scaling.noise_scale import two_batch_value_and_grad
+
+        value_and_grad = functools.partial(two_batch_value_and_grad, objective.value_and_grad)
+
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
         with activation_sharding(mesh, rules):
-            (_, metrics), grads = objective.value_and_grad(graphdef, state.params, batch)
+            (_, metrics), grads = value_and_grad(graphdef, state.params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+        params, opt_state, metrics = guard_nonfinite(state, params, opt_state, grads, metrics)  # train.nan_policy
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

@@ -1,0 +1,1 @@
+"""Evaluation: BIG-bench-style tasks, generators, scoring, PassUntil and the checkpoint harness."""

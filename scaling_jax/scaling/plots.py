@@ -1,0 +1,386 @@
+"""Reports over runs and sweeps: loss vs tokens / FLOPs / wall-clock, fitted laws with CIs, extrapolation.
+
+``write_report(paths, out_dir)`` reads sweep directories (``manifest.json``) or single run directories
+(``metrics.jsonl`` + ``summary.json`` + ``config.yaml``), draws one PNG per x-axis with every run's validation
+curve (colour = objective, shade = size), fits per objective L(N) and Kaplan's L(C) on final losses (with
+bootstrap bands and an extrapolation to a target compute), Chinchilla approach 3 / IsoFLOP when the grid
+supports them, the gradient noise scale when it was logged, and writes ``report.md`` and ``report.json``.
+Matplotlib is driven through Figure + Agg (no pyplot state), as in ``train.metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import yaml
+
+from scaling_jax.errors import DataError
+from scaling_jax.scaling import laws
+from scaling_jax.scaling import noise_scale as ns
+from scaling_jax.scaling.sweep import MANIFEST
+from scaling_jax.train.metrics import METRICS_FILE, read_metrics
+
+AXES = {"tokens": ("tokens", "tokens"), "flops": ("flops", "training FLOPs"),
+        "wallclock": ("wall_time", "wall-clock (s)")}
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    objective: str
+    size: str
+    n: float  # non-embedding parameters
+    tokens: float
+    flops: float
+    wall_time: float | None
+    val_loss: float | None
+    val_bpb: float | None
+    status: str
+    curve: list[dict] = field(default_factory=list)  # validation rows with tokens, flops, wall_time, val_loss
+    rows: list[dict] = field(default_factory=list)  # every metrics row (for the noise scale)
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_curve(rows: list[dict]) -> list[dict]:
+    """Validation rows with the wall-clock of the training row of the same step (validation rows carry none)."""
+    wall = {r["step"]: r["wall_time"] for r in rows if "wall_time" in r}
+    return [{**r, "wall_time": wall.get(r["step"])} for r in rows if "val_loss" in r]
+
+
+def _load_run_dir(run_dir: str, run_id: str, objective: str, size: str, status: str) -> RunRecord:
+    path = os.path.join(run_dir, METRICS_FILE)
+    rows = read_metrics(path) if os.path.isfile(path) else []
+    summary = _read_json(os.path.join(run_dir, "summary.json")) if os.path.isfile(
+        os.path.join(run_dir, "summary.json")) else {}
+    curve = run_curve(rows)
+    last = curve[-1] if curve else {}
+    return RunRecord(run_id, objective, size, float(summary.get("non_embedding_params", 0)),
+                     float(summary.get("tokens", last.get("tokens", 0))),
+                     float(summary.get("flops", last.get("flops", 0))),
+                     summary.get("wall_time"), summary.get("val_loss", last.get("val_loss")),
+                     summary.get("val_bpb", last.get("val_bpb")), status, curve, rows)
+
+
+def load_runs(paths: list[str]) -> list[RunRecord]:
+    """Runs of every sweep directory (manifest order) and every single run directory given."""
+    records = []
+    for path in paths:
+        if os.path.isfile(os.path.join(path, MANIFEST)):
+            for e in _read_json(os.path.join(path, MANIFEST))["runs"]:
+                rec = _load_run_dir(e["run_dir"], e["run_id"], e["objective"], e["size"], e["status"])
+                rec.n, rec.tokens, rec.flops = float(e["n"]), float(e["tokens"]), float(e["flops"])
+                if e["status"] != "done":  # an unfinished run's last eval is not its final loss
+                    rec.val_loss = rec.val_bpb = None
+                records.append(rec)
+        elif os.path.isfile(os.path.join(path, METRICS_FILE)):
+            config = {}
+            if os.path.isfile(os.path.join(path, "config.yaml")):
+                with open(os.path.join(path, "config.yaml")) as f:
+                    config = yaml.safe_load(f) or {}
+            summary_path = os.path.join(path, "summary.json")
+            done = os.path.isfile(summary_path) and not _read_json(summary_path).get("preempted", False)
+            objective = (config.get("objective") or {}).get("name", "?")
+            size = (config.get("model") or {}).get("series", "custom")
+            records.append(_load_run_dir(path, os.path.basename(os.path.normpath(path)), objective, size,
+                                         "done" if done else "interrupted"))
+        else:
+            raise DataError(f"'{path}' is neither a sweep directory ({MANIFEST}) nor a run directory "
+                            f"({METRICS_FILE}); pass the directories `sweep` or `train` wrote")
+    if not records:
+        raise DataError("no runs found in " + ", ".join(paths))
+    return records
+
+
+# ---------------------------------------------------------------------------------------------- fits
+
+
+def _finished(records: list[RunRecord]) -> list[RunRecord]:
+    return [r for r in records if r.status == "done" and r.val_loss and r.n > 0 and r.flops > 0]
+
+
+def _try(fn, *args, **kwargs):
+    """A fit that the data cannot support is left out of the report rather than failing it."""
+    try:
+        return fn(*args, **kwargs)
+    except DataError:
+        return None
+
+
+def fit_objective(runs: list[RunRecord], target_flops: float, n_boot: int = 200) -> dict:
+    """Per-objective fits on final validation losses: L(N), L(C) on the frontier, and the extrapolation."""
+    n = np.array([r.n for r in runs])
+    c = np.array([r.flops for r in runs])
+    loss = np.array([r.val_loss for r in runs])
+    out: dict = {}
+    if len(np.unique(n)) >= 4:
+        out["loss_vs_n"] = _try(laws.fit_power_offset, n, loss, n_boot=n_boot)
+    elif len(np.unique(n)) >= 2:
+        out["loss_vs_n"] = _try(laws.fit_power_law, n, loss, n_boot=n_boot)
+    if len(np.unique(c)) >= 2:
+        fit = _try(laws.fit_compute_law, c, loss, n_boot=n_boot)
+        if fit is not None:
+            lo, hi = fit.predict_interval(target_flops)
+            out["loss_vs_compute"] = fit
+            out["extrapolation"] = {"flops": target_flops, "loss": float(fit.predict(target_flops)),
+                                    "ci": [float(lo), float(hi)]}
+    d = np.array([r.tokens for r in runs])
+    # approach 3 needs D to vary independently of N (not a fixed token count, not a fixed ratio D/N)
+    if len(runs) >= 5 and min(np.ptp(np.log(n)), np.ptp(np.log(d)), np.ptp(np.log(d / n))) > 0.1:
+        fit = _try(laws.fit_chinchilla, n, d, loss, n_boot=min(n_boot, 50))
+        if fit is not None:
+            alloc = laws.chinchilla_optimal(fit.params, target_flops)
+            out["chinchilla"] = fit
+            out["compute_optimal"] = {"flops": target_flops, "n": float(alloc.n), "tokens": float(alloc.d),
+                                      "tokens_per_param": float(alloc.tokens_per_param)}
+        iso = _try(laws.fit_isoflop, n, d, loss, compute=c, n_boot=n_boot)
+        if iso is not None:
+            out["isoflop"] = iso
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def noise_scale_points(runs: list[RunRecord], window: int = 50) -> list[tuple[str, ns.NoiseScalePoint]]:
+    """B_simple per window of ``window`` logged steps (at least 4 windows per run for short runs)."""
+    out = []
+    for r in runs:
+        measured = sum(all(k in row for k in ns.KEYS) for row in r.rows)
+        if measured:
+            out += [(r.run_id, p) for p in ns.noise_scale_series(r.rows, max(1, min(window, measured // 4)))]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+
+def _figure():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def _save(fig, path: str) -> str:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fig.savefig(tmp, format="png", dpi=110)
+    os.replace(tmp, path)
+    return path
+
+
+def _log_log(ax) -> None:
+    """Log-log axes with plain loss numbers (2.5, not 2.5×10⁰) on the y-axis."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:.3g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+
+
+def _styles(records: list[RunRecord]) -> dict[str, tuple]:
+    """Colour by objective, lighter for smaller models, so objectives stay separable on one axis."""
+    from matplotlib import colormaps
+
+    objectives = list(dict.fromkeys(r.objective for r in records))
+    sizes = sorted({r.n for r in records})
+    cmaps = ["Blues", "Oranges", "Greens", "Purples", "Reds", "Greys"]
+    style = {}
+    for r in records:
+        shade = 0.45 + 0.55 * (sizes.index(r.n) / max(1, len(sizes) - 1))
+        style[r.run_id] = colormaps[cmaps[objectives.index(r.objective) % len(cmaps)]](shade)
+    return style
+
+
+def plot_curves(records: list[RunRecord], axis: str, path: str) -> str:
+    """Validation loss of every run against one x-axis (tokens, FLOPs or wall-clock), log-log."""
+    key, label = AXES[axis]
+    fig, ax = _figure()
+    style = _styles(records)
+    for r in records:
+        pts = [(p[key], p["val_loss"]) for p in r.curve if p.get(key)]
+        if pts:
+            x, y = zip(*pts, strict=True)
+            ax.plot(x, y, "o-", color=style[r.run_id], markersize=3, label=f"{r.objective} {r.size}")
+    _log_log(ax)
+    ax.set_xlabel(label)
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(f"validation loss vs {label}")
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def plot_fit(records: list[RunRecord], fits: dict[str, dict], x_key: str, fit_key: str, path: str,
+             x_max: float | None = None) -> str:
+    """Final losses per objective with the fitted law and its bootstrap band, extended to ``x_max``."""
+    fig, ax = _figure()
+    style = _styles(records)
+    measured = [r.val_loss for r in _finished(records)]
+    for objective, f in fits.items():
+        runs = [r for r in _finished(records) if r.objective == objective]
+        xs = np.array([getattr(r, x_key) for r in runs])
+        color = style[runs[-1].run_id]
+        ax.scatter(xs, [r.val_loss for r in runs], color=color, zorder=3, label=f"{objective} runs")
+        fit = f.get(fit_key)
+        if fit is None:
+            continue
+        grid = np.geomspace(xs.min() / 1.5, max(xs.max() * 1.5, x_max or 0), 100)
+        lo, hi = fit.predict_interval(grid)
+        ax.plot(grid, fit.predict(grid), color=color, label=f"{objective} fit")
+        ax.fill_between(grid, lo, hi, color=color, alpha=0.2)
+        if fit_key == "loss_vs_compute" and "extrapolation" in f:
+            e = f["extrapolation"]
+            measured.append(e["loss"])
+            ax.errorbar([e["flops"]], [e["loss"]], yerr=[[e["loss"] - e["ci"][0]], [e["ci"][1] - e["loss"]]],
+                        fmt="*", color=color, markersize=10, capsize=3)
+    _log_log(ax)
+    if measured:  # wild bootstrap refits far from the data must not squash the picture
+        ax.set_ylim(min(measured) / 1.25, max(measured) * 1.25)
+    ax.set_xlabel({"n": "non-embedding parameters N", "flops": "training FLOPs C"}[x_key])
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.set_title("final loss with fitted law (95% bootstrap band)")
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.collections:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _interval(lo: float, hi: float, fmt: str = ".4g") -> str:
+    """'[lo, hi]', or why there is none (as many points as parameters: the fit is exact, its error unknown)."""
+    if math.isnan(lo) or math.isnan(hi):
+        return "(no interval: too few points)"
+    return f"[{lo:{fmt}}, {hi:{fmt}}]"
+
+
+def _fmt_fit(fit: laws.Fit) -> str:
+    return ", ".join(f"{k} = {v:.4g} {_interval(*fit.ci[k])}" for k, v in fit.params.items())
+
+
+def _runs_table(records: list[RunRecord]) -> list[str]:
+    lines = ["| run | objective | size | N | tokens | FLOPs | wall-clock (s) | val loss | val bits/byte | status |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    num = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
+    for r in sorted(records, key=lambda r: (r.objective, r.n)):
+        lines.append(f"| {r.run_id} | {r.objective} | {r.size} | {r.n:,.0f} | {r.tokens:,.0f} | {r.flops:.3g} | "
+                     f"{num(r.wall_time, '.0f')} | {num(r.val_loss, '.4f')} | {num(r.val_bpb, '.4f')} | {r.status} |")
+    return lines
+
+
+def _fits_section(fits: dict[str, dict]) -> list[str]:
+    lines = ["## Fits (95% bootstrap intervals)", ""]
+    names = {"loss_vs_n": "L(N)", "loss_vs_compute": "Kaplan L(C_min) = (C_c/C)^α on the compute frontier",
+             "chinchilla": "Chinchilla approach 3 L = E + A/N^α + B/D^β"}
+    for objective, f in fits.items():
+        lines.append(f"### {objective}")
+        for key, title in names.items():
+            if key in f:
+                form = {"power_offset": " = E + (N_c/N)^α", "power": " = (N_c/N)^α"}.get(f[key].law, "") \
+                    if key == "loss_vs_n" else ""
+                lines.append(f"- {title}{form}: {_fmt_fit(f[key])}")
+        if "extrapolation" in f:
+            e = f["extrapolation"]
+            lines.append(f"- extrapolated loss at C = {e['flops']:.3g} FLOPs: **{e['loss']:.4f}** "
+                         f"{_interval(*e['ci'], '.4f')}")
+        if "compute_optimal" in f:
+            a = f["compute_optimal"]
+            lines.append(f"- compute-optimal at C = {a['flops']:.3g}: N = {a['n']:.3g}, D = {a['tokens']:.3g} "
+                         f"({a['tokens_per_param']:.1f} tokens/parameter)")
+        if "isoflop" in f:
+            iso = f["isoflop"]
+            lines.append(f"- IsoFLOP (approach 2): N_opt ∝ C^{iso.a:.3f}, D_opt ∝ C^{iso.b:.3f} "
+                         f"from {len(iso.budgets)} budgets")
+        if len(f) == 0:
+            lines.append("- not enough finished runs to fit (need >= 2 sizes)")
+        lines.append("")
+    return lines
+
+
+def _equal_compute_section(fits: dict[str, dict], compute: float) -> list[str]:
+    """Every objective's fitted L(C) read at one compute: the comparison the sweep exists for."""
+    rows = [(o, f["loss_vs_compute"]) for o, f in fits.items() if "loss_vs_compute" in f]
+    if len(rows) < 2:
+        return []
+    lines = [f"## Objectives at equal compute (C = {compute:.3g} FLOPs, the largest all reached; from each "
+             "objective's L(C))", "",
+             "| objective | loss | 95% interval |", "| --- | ---: | --- |"]
+    for objective, fit in sorted(rows, key=lambda t: float(t[1].predict(compute))):
+        lo, hi = fit.predict_interval(compute)
+        lines.append(f"| {objective} | {float(fit.predict(compute)):.4f} | {_interval(float(lo), float(hi), '.4f')} |")
+    return lines + [""]
+
+
+def _noise_section(records: list[RunRecord]) -> list[str]:
+    points = noise_scale_points(records)
+    if not points:
+        return []
+    lines = ["## Gradient noise scale (B_simple, tokens; McCandlish et al.)", "",
+             "| run | step | loss | B_simple |", "| --- | ---: | ---: | ---: |"]
+    last = {}
+    for run_id, p in points:
+        last[run_id] = p
+    for run_id, p in last.items():
+        lines.append(f"| {run_id} | {p.step:.0f} | {p.loss:.4f} | {p.b_simple:,.0f} |")
+    if len(points) >= 3:
+        fit = _try(ns.fit_critical_batch, [p.loss for _, p in points], [p.b_simple for _, p in points])
+        if fit is not None:
+            ci = fit.ci
+            lines.append(f"\nB_crit(L) = B*/L^(1/α_B): B* = {fit.b_star:.3g} [{ci['b_star'][0]:.3g}, "
+                         f"{ci['b_star'][1]:.3g}], α_B = {fit.alpha_b:.3f} [{ci['alpha_b'][0]:.3f}, "
+                         f"{ci['alpha_b'][1]:.3f}] (Kaplan: B* ≈ 2e8, α_B ≈ 0.21)")
+    return lines + [""]
+
+
+def write_report(paths: list[str], out_dir: str, target_flops: float | None = None, n_boot: int = 200) -> str:
+    """Plots, fits and ``report.md`` / ``report.json`` for the runs under ``paths``; returns report.md's path."""
+    records = load_runs(paths)
+    finished = _finished(records)
+    os.makedirs(out_dir, exist_ok=True)
+    max_flops = max((r.flops for r in finished), default=0.0)
+    target = target_flops or (10 * max_flops if max_flops else 0.0)
+    fits = {o: fit_objective([r for r in finished if r.objective == o], target, n_boot)
+            for o in dict.fromkeys(r.objective for r in finished)}
+    images = [os.path.basename(plot_curves(records, axis, os.path.join(out_dir, f"loss_vs_{axis}.png")))
+              for axis in AXES]
+    if finished:
+        images.append(os.path.basename(plot_fit(records, fits, "n", "loss_vs_n",
+                                                os.path.join(out_dir, "fit_loss_vs_params.png"))))
+        images.append(os.path.basename(plot_fit(records, fits, "flops", "loss_vs_compute",
+                                                os.path.join(out_dir, "fit_loss_vs_compute.png"), target)))
+    lines = [f"# Scaling report: {', '.join(os.path.basename(os.path.normpath(p)) for p in paths)}", "",
+             f"{len(records)} runs ({len(finished)} finished) from {', '.join(paths)}. Loss is next-token "
+             "validation loss for every objective, so objectives share one axis.", "", "## Runs", "",
+             *_runs_table(records), "", "## Curves", ""]
+    lines += [f"![{name}]({name})" for name in images] + [""]
+    lines += _fits_section(fits)
+    if max_flops:  # the largest compute every objective reached: a reading inside each fit's data, not beyond
+        shared = min(max(r.flops for r in finished if r.objective == o) for o in fits)
+        lines += _equal_compute_section(fits, shared)
+    lines += _noise_section(records)
+    report = os.path.join(out_dir, "report.md")
+    with open(report, "w") as f:
+        f.write("\n".join(lines))
+    payload = {"target_flops": target, "runs": [{k: v for k, v in vars(r).items() if k not in ("curve", "rows")}
+                                                for r in records],
+               "fits": {o: {k: (v.to_dict() if isinstance(v, laws.Fit) else _iso_dict(v) if k == "isoflop" else v)
+                            for k, v in f.items()} for o, f in fits.items()}}
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(payload, f, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v))
+    return report
+
+
+def _iso_dict(iso: laws.IsoFlopFit) -> dict:
+    return {"budgets": iso.budgets.tolist(), "n_opt": iso.n_opt.tolist(), "a": iso.a, "b": iso.b}

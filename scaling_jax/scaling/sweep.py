@@ -1,0 +1,337 @@
+"""Ablation sweeps: objectives × model sizes × token budgets, every run with a schedule as long as its budget.
+
+A sweep file (``configs/sweeps/*.yaml``) names a base config, overrides for every run, and the three axes.
+Each run's ``train.steps`` comes from its own budget, so a cosine schedule ends where the run ends (comparing
+points taken early on one long schedule is the mistake Hoffmann et al. §3 and the "Chinchilla's death"
+analysis warn about). Runs live in ``out_dir/RUN_ID``; ``manifest.json`` records every run's config, N,
+tokens, FLOPs, wall-clock, final validation loss and status. Re-running the command skips finished runs and
+resumes an interrupted one from its latest checkpoint (``train`` does that for a run directory).
+
+Sizes: ``passuntil:1..3`` (a range), ``passuntil:2``, ``kaplan:4x256``, or a mapping of model fields with a
+``name``. Budgets: ``{tokens_per_param: 20}`` (N = non-embedding parameters of the size's base model, the same
+for every objective), ``{tokens: 2.0e6}``, or ``{flops: 1.0e13}`` (per objective, with its own FLOPs/token,
+for equal-compute and IsoFLOP comparisons).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from scaling_jax.config import Config, load_config, to_dict
+from scaling_jax.errors import ConfigError
+
+MANIFEST = "manifest.json"
+# Fields that change how a run is watched, not what it computes: a rerun may change them freely.
+COSMETIC = {"train.progress", "train.tensorboard", "train.plot", "train.async_checkpointing",
+            "train.keep_checkpoints", "train.peak_flops_per_device", "train.eval_every", "train.checkpoint_every"}
+BUDGET_KINDS = ("tokens_per_param", "tokens", "flops")
+SPEC_KEYS = ("name", "base", "overrides", "out_dir", "objectives", "sizes", "budgets", "warmup_fraction",
+             "evals_per_run", "checkpoints_per_run")
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    path: str
+    base: str | None
+    overrides: dict[str, Any]
+    out_dir: str
+    objectives: dict[str, dict[str, Any]]  # label -> dotted overrides (objective.name defaults to the label)
+    sizes: dict[str, dict[str, Any]]  # label -> model fields
+    budgets: list[tuple[str, float]]  # (kind, value)
+    warmup_fraction: float = 0.05
+    evals_per_run: int = 4
+    checkpoints_per_run: int = 2
+
+
+@dataclass
+class PlannedRun:
+    run_id: str
+    objective: str
+    size: str
+    budget: str
+    config: Config
+    n: int  # non-embedding parameters of the trained model (objective extras included)
+    n_base: int  # non-embedding parameters of the size's plain decoder (what tokens_per_param multiplies)
+    params: int
+    tokens: int
+    flops: float
+    steps: int
+    extra: dict = field(default_factory=dict)
+
+
+def _fail(path: str, message: str) -> ConfigError:
+    return ConfigError(f"sweep file '{path}': {message}")
+
+
+def expand_sizes(entries: list, path: str) -> dict[str, dict[str, Any]]:
+    """Size entries -> {label: model overrides}; ``passuntil:A..B`` expands to every member."""
+    sizes: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        if isinstance(entry, str):
+            if m := re.fullmatch(r"(\w+):(\d+)\.\.(\d+)", entry):
+                members = [f"{m.group(1)}:{i}" for i in range(int(m.group(2)), int(m.group(3)) + 1)]
+            else:
+                members = [entry]
+            for series in members:
+                sizes[series.replace(":", "")] = {"series": series}
+        elif isinstance(entry, dict) and "name" in entry:
+            fields = {k: v for k, v in entry.items() if k != "name"}
+            sizes[str(entry["name"])] = {"series": "custom", **fields} if "series" not in fields else fields
+        else:
+            raise _fail(path, f"size {entry!r} must be a series string (passuntil:1..3, kaplan:4x256) or a "
+                              "mapping of model fields with a name")
+    if not sizes:
+        raise _fail(path, "sizes is empty; list at least one model size")
+    return sizes
+
+
+def _objectives(raw: Any, path: str) -> dict[str, dict[str, Any]]:
+    if isinstance(raw, list):
+        raw = {str(name): {} for name in raw}
+    if not isinstance(raw, dict) or not raw:
+        raise _fail(path, "objectives must be a list of names (causal, mtp, ul2) or a mapping label -> overrides")
+    out = {}
+    for label, overrides in raw.items():
+        overrides = dict(overrides or {})
+        if "objective" not in overrides and "objective.name" not in overrides:
+            overrides["objective.name"] = label
+        out[str(label)] = overrides
+    return out
+
+
+def _budgets(raw: Any, path: str) -> list[tuple[str, float]]:
+    if not isinstance(raw, list) or not raw:
+        raise _fail(path, "budgets must be a non-empty list such as [{tokens_per_param: 20}]")
+    out = []
+    for entry in raw:
+        if not isinstance(entry, dict) or len(entry) != 1 or next(iter(entry)) not in BUDGET_KINDS:
+            raise _fail(path, f"budget {entry!r} must have exactly one of {', '.join(BUDGET_KINDS)}")
+        kind, value = next(iter(entry.items()))
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise _fail(path, f"budget {kind}={value!r} must be a number") from None
+        if value <= 0:
+            raise _fail(path, f"budget {kind}={value} must be > 0")
+        out.append((kind, value))
+    return out
+
+
+def load_sweep(path: str, overrides: list[str] | None = None) -> SweepSpec:
+    """Read and check a sweep file; ``overrides`` (dotted key=value) apply to every run."""
+    from scaling_jax.config import parse_overrides
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"sweep file '{path}' does not exist; pass one such as configs/sweeps/micro.yaml")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError:
+            raise ConfigError(f"sweep file '{path}' is not valid YAML; fix its syntax") from None
+    if not isinstance(raw, dict):
+        raise _fail(path, "must be a mapping with objectives, sizes and budgets")
+    unknown = sorted(set(raw) - set(SPEC_KEYS))
+    if unknown:
+        raise _fail(path, f"unknown key '{unknown[0]}'; valid keys: {', '.join(SPEC_KEYS)}")
+    for key in ("objectives", "sizes", "budgets"):
+        if key not in raw:
+            raise _fail(path, f"missing '{key}'")
+    name = str(raw.get("name") or os.path.splitext(os.path.basename(path))[0])
+    base = raw.get("base") or None
+    if base and not os.path.isabs(base) and not os.path.isfile(base):
+        candidate = os.path.join(os.path.dirname(path), base)
+        base = candidate if os.path.isfile(candidate) else base
+    common = dict(raw.get("overrides") or {})
+    common.update(parse_overrides(overrides or []))
+    spec = SweepSpec(name=name, path=path, base=base, overrides=common,
+                     out_dir=str(raw.get("out_dir") or os.path.join("runs", "sweeps", name)),
+                     objectives=_objectives(raw["objectives"], path), sizes=expand_sizes(raw["sizes"] or [], path),
+                     budgets=_budgets(raw["budgets"], path),
+                     warmup_fraction=float(raw.get("warmup_fraction", 0.05)),
+                     evals_per_run=int(raw.get("evals_per_run", 4)),
+                     checkpoints_per_run=int(raw.get("checkpoints_per_run", 2)))
+    if not 0.0 <= spec.warmup_fraction < 1.0:
+        raise _fail(path, f"warmup_fraction={spec.warmup_fraction} must be in [0, 1)")
+    if spec.evals_per_run < 1 or spec.checkpoints_per_run < 1:
+        raise _fail(path, "evals_per_run and checkpoints_per_run must be >= 1")
+    return spec
+
+
+def budget_label(kind: str, value: float) -> str:
+    short = {"tokens_per_param": "k", "tokens": "t", "flops": "c"}[kind]
+    return f"{short}{value:g}".replace("+", "")
+
+
+def _size_and_cost(config: Config) -> tuple[Any, Any, float]:
+    """(counts of the plain decoder, counts with objective extras, FLOPs/token with extras)."""
+    from scaling_jax.data.tokenizer import build_tokenizer
+    from scaling_jax.model.family import flops_per_token, param_counts
+    from scaling_jax.objectives.base import build_objective
+
+    extras = build_objective(config.objective, build_tokenizer(config.data.tokenizer)).size_extras()
+    return (param_counts(config.model), param_counts(config.model, **extras),
+            flops_per_token(config.model, config.data.seq_len, **extras))
+
+
+def plan(spec: SweepSpec, objectives: list[str] | None = None, sizes: list[str] | None = None) -> list[PlannedRun]:
+    """The grid, every run's resolved config (steps from its own budget), N, tokens and FLOPs."""
+    for wanted, have, what in ((objectives, spec.objectives, "objectives"), (sizes, spec.sizes, "sizes")):
+        missing = sorted(set(wanted or []) - set(have))
+        if missing:
+            raise ConfigError(f"--{what} {missing[0]!r} is not in sweep '{spec.name}'; it has {', '.join(have)}")
+    runs = []
+    for obj_label, obj_overrides in spec.objectives.items():
+        if objectives and obj_label not in objectives:
+            continue
+        for size_label, model in spec.sizes.items():
+            if sizes and size_label not in sizes:
+                continue
+            dotted = {**spec.overrides, **obj_overrides, **{f"model.{k}": v for k, v in model.items()}}
+            probe = load_config(spec.base, {**dotted, "train.steps": 1, "optimizer.warmup_steps": 0})
+            base_counts, counts, fpt = _size_and_cost(probe)
+            tokens_per_step = probe.data.batch_size * probe.data.seq_len
+            for kind, value in spec.budgets:
+                tokens = {"tokens_per_param": value * base_counts.non_embedding, "tokens": value,
+                          "flops": value / fpt}[kind]
+                steps = max(1, round(tokens / tokens_per_step))
+                label = budget_label(kind, value)
+                run_id = f"{obj_label}-{size_label}-{label}"
+                run = {**dotted, "train.steps": steps,
+                       "optimizer.warmup_steps": min(steps, round(spec.warmup_fraction * steps)),
+                       "train.eval_every": math.ceil(steps / spec.evals_per_run),  # the last lands on the end
+                       "train.checkpoint_every": math.ceil(steps / spec.checkpoints_per_run),
+                       "train.run_dir": os.path.join(spec.out_dir, run_id)}
+                config = load_config(spec.base, run)
+                runs.append(PlannedRun(run_id, obj_label, size_label, label, config, counts.non_embedding,
+                                       base_counts.non_embedding, counts.total, steps * tokens_per_step,
+                                       steps * tokens_per_step * fpt, steps))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path: str, data: Any) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, default=float)
+    os.replace(tmp, path)
+
+
+def _normalised(config_dict: dict) -> dict:
+    return yaml.safe_load(yaml.safe_dump(config_dict, sort_keys=True))
+
+
+def run_status(run: PlannedRun) -> str:
+    """done (summary of the full run), interrupted (started, unfinished) or pending; refuses a run directory
+    made by a different config, which would otherwise be resumed with another schedule."""
+    run_dir = run.config.train.run_dir
+    saved_path = os.path.join(run_dir, "config.yaml")
+    if os.path.isfile(saved_path):
+        with open(saved_path) as f:
+            saved = _normalised(yaml.safe_load(f))
+        current = _normalised(to_dict(run.config))
+        diff = sorted(f"{s}.{k}" for s in current for k in current[s]
+                      if isinstance(current[s], dict) and f"{s}.{k}" not in COSMETIC
+                      and (saved.get(s) or {}).get(k) != current[s][k])
+        if diff:
+            raise ConfigError(f"run directory {run_dir} was made by a different config ({diff[0]} differs); "
+                              "point the sweep's out_dir elsewhere or delete that run")
+    summary = _read_json(os.path.join(run_dir, "summary.json"))
+    if summary and summary.get("step") == run.steps and not summary.get("preempted"):
+        return "done"
+    return "interrupted" if os.path.isdir(run_dir) and os.listdir(run_dir) else "pending"
+
+
+def final_validation(run_dir: str) -> dict:
+    """Final validation loss/bpb from summary.json, else the last validation row of metrics.jsonl."""
+    from scaling_jax.train.metrics import read_metrics
+
+    summary = _read_json(os.path.join(run_dir, "summary.json")) or {}
+    if "val_loss" in summary:
+        return {k: summary[k] for k in ("val_loss", "val_bpb") if k in summary}
+    path = os.path.join(run_dir, "metrics.jsonl")
+    rows = [r for r in read_metrics(path) if "val_loss" in r] if os.path.isfile(path) else []
+    return {k: rows[-1][k] for k in ("val_loss", "val_bpb") if k in rows[-1]} if rows else {}
+
+
+def manifest_entry(run: PlannedRun, status: str) -> dict:
+    run_dir = run.config.train.run_dir
+    summary = _read_json(os.path.join(run_dir, "summary.json")) or {}
+    entry = {"run_id": run.run_id, "objective": run.objective, "size": run.size, "budget": run.budget,
+             "run_dir": run_dir, "status": status, "n": run.n, "n_base": run.n_base, "params": run.params,
+             "tokens": run.tokens, "flops": run.flops, "steps": run.steps,
+             "wall_time": summary.get("wall_time"), "config": to_dict(run.config)}
+    if status == "done":
+        entry.update(final_validation(run_dir))
+    return entry
+
+
+def write_manifest(spec: SweepSpec, entries: dict[str, dict]) -> str:
+    """All runs of the sweep (earlier ones from the existing manifest kept), rewritten atomically."""
+    path = os.path.join(spec.out_dir, MANIFEST)
+    old = _read_json(path) or {}
+    runs = {r["run_id"]: r for r in old.get("runs", [])}
+    runs.update(entries)
+    _write_json(path, {"sweep": spec.name, "spec": os.path.abspath(spec.path), "runs": list(runs.values())})
+    return path
+
+
+def run_sweep(spec: SweepSpec, objectives: list[str] | None = None, sizes: list[str] | None = None,
+              train_fn: Callable[[Config], dict] | None = None, say: Callable[[str], None] = print) -> list[dict]:
+    """Run every planned run not yet done, in order (smallest compute first). Returns the manifest entries.
+
+    A run that stops early (SIGTERM) stops the sweep; rerunning the same command resumes it.
+    """
+    if train_fn is None:
+        from scaling_jax.train.loop import train as train_fn
+    runs = sorted(plan(spec, objectives, sizes), key=lambda r: r.flops)
+    os.makedirs(spec.out_dir, exist_ok=True)
+    entries = {r.run_id: manifest_entry(r, run_status(r)) for r in runs}
+    write_manifest(spec, entries)
+    for i, run in enumerate(runs, 1):
+        status = entries[run.run_id]["status"]
+        head = f"[{i}/{len(runs)}] {run.run_id}: N={run.n:,}, {run.tokens:,} tokens, {run.flops:.3g} FLOPs"
+        if status == "done":
+            say(f"{head}: done, skipped (val loss {entries[run.run_id].get('val_loss', float('nan')):.4f})")
+            continue
+        say(f"{head}, {run.steps} steps" + (" (resuming)" if status == "interrupted" else ""))
+        entries[run.run_id] = manifest_entry(run, "running")
+        write_manifest(spec, entries)
+        summary = train_fn(run.config)
+        status = "interrupted" if summary.get("preempted") else "done"
+        entries[run.run_id] = manifest_entry(run, status)
+        write_manifest(spec, entries)
+        if status == "interrupted":
+            say(f"sweep stopped during {run.run_id} at step {summary.get('step')}; rerun the command to resume")
+            break
+        say(f"{run.run_id}: val loss {entries[run.run_id].get('val_loss', math.nan):.4f} in "
+            f"{entries[run.run_id]['wall_time']:.0f} s")
+    return list(entries.values())
+
+
+def format_plan(runs: list[PlannedRun]) -> str:
+    """A table of the grid for ``--dry-run``."""
+    lines = [f"{'run':<32} {'N':>10} {'tokens':>12} {'FLOPs':>10} {'steps':>7}"]
+    for r in sorted(runs, key=lambda r: r.flops):
+        lines.append(f"{r.run_id:<32} {r.n:>10,} {r.tokens:>12,} {r.flops:>10.3g} {r.steps:>7}")
+    lines.append(f"total: {len(runs)} runs, {sum(r.tokens for r in runs):,} tokens, "
+                 f"{sum(r.flops for r in runs):.3g} FLOPs")
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""Non-finite losses and gradients: an in-graph guard plus the host-side policy.
+
+The guard runs inside the jitted step for every policy: an update whose loss or gradient norm is
+not finite is not applied (parameters and optimizer moments keep their previous values, the step
+counter still advances), so no checkpoint can ever hold NaN weights. Only on such a step does it
+also find the first non-finite tensor, in the order the step computes them (parameters, loss,
+gradients), so a halt can name it.
+
+The host learns about a bad step one step late (metrics are fetched after the next step is queued)
+and then acts on ``train.nan_policy``: ``halt`` raises ``TrainingDiverged``; ``skip_batch`` warns
+and goes on (the update was already dropped); ``rollback`` asks the loop to restore the last
+checkpoint and skip the data from it through the bad batch (PaLM's remedy for loss spikes).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from scaling_jax.errors import UserError
+
+SKIPPED = "skipped"  # metric: 1.0 when the step's update was dropped
+CULPRIT = "nonfinite_tensor"  # metric: index of the first non-finite tensor (-1: none); never logged
+
+
+class TrainingDiverged(UserError):
+    """The loss or gradients became non-finite and the policy says stop."""
+
+
+def tensor_names(params: dict) -> list[str]:
+    """Names matching ``first_nonfinite``'s index: every parameter, the loss, every gradient."""
+    paths = [jax.tree_util.keystr(path, simple=True, separator="/")
+             for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    return [f"params/{p}" for p in paths] + ["loss"] + [f"grads/{p}" for p in paths]
+
+
+def first_nonfinite(params: dict, loss: jax.Array, grads: dict) -> jax.Array:
+    """Index (into ``tensor_names``) of the first tensor holding a NaN or Inf; -1 if all are finite."""
+    leaves = jax.tree.leaves(params) + [loss] + jax.tree.leaves(grads)
+    bad = jnp.stack([~jnp.all(jnp.isfinite(x)) for x in leaves])
+    return jnp.where(bad.any(), jnp.argmax(bad), -1).astype(jnp.int32)
+
+
+def guard_nonfinite(state, params: dict, opt_state, grads: dict, metrics: dict) -> tuple[dict, object, dict]:
+    """Keep ``state``'s parameters and optimizer state when the new ones came from a non-finite step."""
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    params = jax.tree.map(keep, params, state.params)
+    opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    culprit = jax.lax.cond(finite, lambda: jnp.int32(-1),
+                           lambda: first_nonfinite(state.params, metrics["loss"], grads))
+    return params, opt_state, {**metrics, SKIPPED: 1.0 - finite.astype(jnp.float32), CULPRIT: culprit}
+
+
+class NonFinitePolicy:
+    """Host side of ``train.nan_policy``: reads a finished step's flags and says what the loop must do."""
+
+    def __init__(self, policy: str, names: list[str], max_rollbacks: int, is_main: bool = True):
+        self.policy, self.names, self.max_rollbacks, self.is_main = policy, names, max_rollbacks, is_main
+        self.skipped = 0  # updates dropped in this process's lifetime
+        self.rollbacks: dict[int, int] = {}  # checkpoint step -> rollbacks to it
+
+    def inspect(self, step: int, device_metrics: dict, batch_index: int) -> str | None:
+        """Pops the culprit index off ``device_metrics``; returns None (fine), 'skip', 'rollback' or 'halt'
+        (the loop raises ``self.diverged(...)`` after logging the row)."""
+        culprit = int(jax.device_get(device_metrics.pop(CULPRIT)))
+        if culprit < 0:
+            return None
+        self.skipped += 1
+        self.last = (step, batch_index, self.names[culprit] if culprit < len(self.names) else f"#{culprit}")
+        if self.policy == "skip_batch":
+            self._say(f"step {step}: non-finite {self.last[2]} on data batch {batch_index}; update skipped "
+                      f"({self.skipped} so far, train.nan_policy=skip_batch)")
+            return "skip"
+        return "rollback" if self.policy == "rollback" else "halt"
+
+    def diverged(self, extra: str = "") -> TrainingDiverged:
+        step, batch_index, name = self.last
+        return TrainingDiverged(
+            f"non-finite values at step {step} (data batch {batch_index}): first non-finite tensor is {name}; "
+            f"the update was not applied{extra}. Lower optimizer.lr or raise optimizer.warmup_steps, or set "
+            "train.nan_policy=skip_batch or rollback to continue past it")
+
+    def rollback_target(self, checkpoint_step: int | None) -> int:
+        """The step to roll back to, or raise when there is none or it keeps failing."""
+        if checkpoint_step is None:
+            raise self.diverged("; train.nan_policy=rollback found no checkpoint to roll back to "
+                                "(lower train.checkpoint_every)")
+        self.rollbacks[checkpoint_step] = self.rollbacks.get(checkpoint_step, 0) + 1
+        if self.rollbacks[checkpoint_step] > self.max_rollbacks:
+            raise self.diverged(f"; already rolled back to the step-{checkpoint_step} checkpoint "
+                                f"{self.max_rollbacks} times (train.max_rollbacks)")
+        return checkpoint_step
+
+    def _say(self, message: str) -> None:
+        if self.is_main:
+            print(f"warning: {message}", file=sys.stderr, flush=True)

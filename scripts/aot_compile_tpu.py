@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""Compile the real train step for a Cloud TPU topology on a machine without a TPU.
+
+    python scripts/aot_compile_tpu.py configs/tpu/v5e-16.yaml --topology v5e:4x4 [key=value ...]
+
+libtpu (``pip install 'scaling_jax[tpu]'``) holds the TPU compiler; ``jax.experimental.topologies``
+describes the chips of a slice without owning them. The step is the one ``scaling-jax train``
+jits (same objective, optimizer, shardings, donation), lowered from shapes only, so nothing is
+allocated. For each topology the script prints per-chip memory from XLA's buffer assignment
+(arguments, outputs, temporaries, donated aliases), FLOPs per step, and a step-time estimate
+from the chip's bf16 peak and an assumed MFU. A config that does not fit HBM is reported (XLA
+refuses it at compile time) before anyone rents a pod. Exit status: 0 all fit, 1 some did not,
+2 bad input.
+
+FLOPs: the analytic count (6 x matmul params + attention, as ``scaling-jax info`` and the
+trainer's MFU use) is the basis of the estimate; XLA's cost analysis is printed beside it as a
+cross-check only: it also counts elementwise and optimizer work, and counts a loop body once.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Quiet libtpu's start-up probes (no metadata server or TPU here), keep JAX's own backend on the CPU, and
+# let several compiles run at once (libtpu's lockfile guards TPU chips, which a compile never touches).
+for _key, _value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                     ("TPU_ACCELERATOR_TYPE", "v5litepod-4"), ("JAX_PLATFORMS", "cpu"),
+                     ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+    os.environ.setdefault(_key, _value)
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from scaling_jax.config import Config, load_config  # noqa: E402
+from scaling_jax.data.tokenizer import build_tokenizer  # noqa: E402
+from scaling_jax.errors import ConfigError, UserError  # noqa: E402
+from scaling_jax.model.family import flops_per_token, param_counts  # noqa: E402
+from scaling_jax.objectives.base import build_objective  # noqa: E402
+from scaling_jax.parallel.mesh import build_mesh, mesh_shape  # noqa: E402
+from scaling_jax.parallel.sharding import requested_split, rules_from_config  # noqa: E402
+from scaling_jax.train.metrics import peak_flops_per_device  # noqa: E402
+from scaling_jax.train.state import abstract_model, init_state, make_optimizer, param_shardings, state_shardings  # noqa: E402,E501
+from scaling_jax.train.step import batch_shardings, jit_train_step, make_train_step  # noqa: E402
+
+GIB = 2**30
+# Published HBM per chip (Cloud TPU system architecture pages); XLA's own limit decides "fits" at compile time.
+HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
+# TensorCores of v4 / v5p run as one JAX device per chip ("megacore").
+CHIP_CONFIG = {"v4": "megacore", "v5p": "megacore", "v5e": "default", "v6e": "default"}
+TOPOLOGY = re.compile(r"(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})")
+
+
+@dataclass
+class Report:
+    topology: str
+    chips: int = 0
+    device_kind: str = ""
+    mesh: dict = field(default_factory=dict)
+    fits: bool = False
+    compile_s: float = 0.0
+    hbm_bytes: float = 0.0
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    temp_bytes: int = 0
+    alias_bytes: int = 0
+    code_bytes: int = 0
+    peak_bytes: int = 0
+    flops_per_step: float = 0.0  # analytic, whole slice
+    xla_flops_per_chip: float = 0.0
+    peak_flops_per_chip: float = 0.0
+    error: str = ""
+
+    def check_fit(self) -> Report:
+        """Fits when XLA compiled it and the peak is within HBM (unknown HBM: XLA's verdict alone)."""
+        self.fits = not self.error and (not self.hbm_bytes or self.peak_bytes <= self.hbm_bytes)
+        return self
+
+
+def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
+    """``'v5e:4x4'`` -> ``('v5e', (4, 4))``; one-line error for anything else."""
+    m = TOPOLOGY.fullmatch(name)
+    if not m:
+        raise ConfigError(f"--topology '{name}' is not GEN:AxB[xC] with GEN one of v4, v5e, v5p, v6e "
+                          "(e.g. v5e:4x4, v5p:4x4x4, v6e:8x8)")
+    return m.group(1), tuple(int(x) for x in m.group(2).split("x"))
+
+
+def topology_devices(name: str, chips_per_host: tuple[int, ...] | None = None, num_slices: int = 1) -> list:
+    """The chips of a slice as JAX devices that can be compiled for (not run on)."""
+    from jax.experimental import topologies
+
+    gen, dims = parse_topology(name)
+    bounds = chips_per_host or tuple(min(2, d) for d in dims[:2]) + (1,)  # Cloud TPU hosts hold 2x2 chips
+    return topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name=CHIP_CONFIG[gen],
+                                        chips_per_host_bounds=bounds, num_slices=num_slices).devices
+
+
+def lower_train_step(config: Config, devices: list):
+    """The trainer's jitted step (``loop.build_session`` builds the same one) lowered for ``devices``
+    from abstract state and batch shapes."""
+    d, t = config.data, config.train
+    tokenizer = build_tokenizer(d.tokenizer, d.seqio_modules)
+    objective = build_objective(config.objective, tokenizer)
+    try:
+        mesh = build_mesh(config.mesh, devices)
+    except NotImplementedError as e:  # jax.make_mesh maps mesh axes onto whole physical (ICI) axes
+        raise ConfigError(f"mesh data x fsdp x tensor = {'x'.join(map(str, mesh_shape(config.mesh, len(devices))))} "
+                          f"does not map onto this slice's physical axes: each mesh axis must be a product of "
+                          f"physical axis sizes ({str(e).split('with remaining assignable mesh ')[-1][:12]}...); "
+                          "change mesh.fsdp / mesh.tensor") from None
+    rules = rules_from_config(config.mesh.rules)
+    for name, size, logical in (("data.batch_size", d.batch_size, "batch"), ("data.seq_len", d.seq_len, "length")):
+        if size % requested_split(logical, rules, mesh):
+            raise ConfigError(f"{name}={size} must be divisible by the mesh axes that shard '{logical}' "
+                              f"(mesh {dict(mesh.shape)})")
+    tx, schedule = make_optimizer(config.optimizer, t.steps)
+    graphdef, shapes, axes = abstract_model(config.model, objective.build_model)
+    state = jax.eval_shape(lambda: init_state(config.model, tx, t.seed, objective.build_model))
+    state_sharding = state_shardings(mesh, state, param_shardings(mesh, rules, shapes, axes))
+    rows = {"tokens": np.ones((d.batch_size, d.seq_len + 1), np.int32),
+            "segment_ids": np.ones((d.batch_size, d.seq_len + 1), np.int32)}
+    batch = objective.prepare(rows)  # the objective decides the batch fields and their shapes
+    batch_sharding = batch_shardings(mesh, rules, batch)
+    step = jit_train_step(make_train_step(graphdef, objective, tx, schedule, mesh, rules, t.noise_scale),
+                          state_sharding, batch_sharding, mesh)
+    abstract = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+    return step.lower(jax.tree.map(abstract, state, state_sharding),
+                      {k: abstract(v, batch_sharding[k]) for k, v in batch.items()}), dict(mesh.shape), objective
+
+
+def compile_for(config: Config, topology: str, hbm_gib: float | None = None,
+                chips_per_host: tuple[int, ...] | None = None, devices: list | None = None) -> Report:
+    """Compile for one topology and collect what fits where (``devices`` overrides the topology: tests)."""
+    report = Report(topology)
+    gen = parse_topology(topology)[0] if devices is None else None
+    devices = devices if devices is not None else topology_devices(topology, chips_per_host)
+    report.chips, report.device_kind = len(devices), devices[0].device_kind
+    report.hbm_bytes = (hbm_gib or HBM_GIB.get(gen or "", 0.0)) * GIB
+    report.peak_flops_per_chip = peak_flops_per_device(report.device_kind) or 0.0
+    started = time.perf_counter()
+    try:
+        lowered, report.mesh, objective = lower_train_step(config, devices)
+        compiled = lowered.compile()
+    except Exception as e:  # XLA reports an oversized program as an error at compile time
+        text = str(e)
+        if "RESOURCE_EXHAUSTED" not in text and "exceeds" not in text:
+            raise
+        report.error = next((ln.strip() for ln in text.splitlines() if "exceed" in ln or "RESOURCE" in ln), text)[:400]
+        report.compile_s = time.perf_counter() - started
+        return report.check_fit()
+    report.compile_s = time.perf_counter() - started
+    mem = compiled.memory_analysis()
+    report.argument_bytes, report.output_bytes = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    report.temp_bytes, report.alias_bytes = mem.temp_size_in_bytes, mem.alias_size_in_bytes
+    report.code_bytes = mem.generated_code_size_in_bytes
+    report.peak_bytes = report.argument_bytes + report.output_bytes - report.alias_bytes + report.temp_bytes
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    report.xla_flops_per_chip = float((cost or {}).get("flops", 0.0))
+    extras = objective.size_extras()
+    report.flops_per_step = flops_per_token(config.model, config.data.seq_len, **extras) * \
+        config.data.batch_size * config.data.seq_len
+    return report.check_fit()
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
+
+
+def format_report(config: Config, r: Report, mfu: float) -> str:
+    gib = lambda b: f"{b / GIB:.2f} GiB" if b >= GIB / 10 else f"{b / 2**20:.1f} MiB"  # noqa: E731
+    m, d = config.model, config.data
+    counts = param_counts(m, **build_objective(config.objective).size_extras())
+    head = (f"{r.topology}: {r.chips} chips ({r.device_kind}, {gib(r.hbm_bytes) if r.hbm_bytes else '? GiB'} HBM each)"
+            f"; model {counts.total / 1e6:,.1f}M params ({m.layers} layers, d_model {m.d_model}, {m.dtype}),"
+            f" batch {d.batch_size} x {d.seq_len} tokens, objective {config.objective.name}")
+    if r.error:
+        return "\n".join([head, f"  DOES NOT FIT (XLA, after {r.compile_s:.1f} s): {r.error}"])
+    lines = [head, f"  mesh               {r.mesh}; compiled in {r.compile_s:.1f} s",
+             f"  per-chip memory    arguments {gib(r.argument_bytes)}, outputs {gib(r.output_bytes)}, "
+             f"temporaries {gib(r.temp_bytes)}, donated (aliased) {gib(r.alias_bytes)}, code {gib(r.code_bytes)}",
+             f"  per-chip peak      {gib(r.peak_bytes)} = arguments + outputs - aliased + temporaries"
+             + (f" = {100 * r.peak_bytes / r.hbm_bytes:.0f}% of HBM: {'fits' if r.fits else 'DOES NOT FIT'}"
+                if r.hbm_bytes else "")]
+    per_chip = r.flops_per_step / r.chips
+    lines.append(f"  FLOPs/step         {r.flops_per_step:.4g} analytic ({per_chip:.4g} per chip); "
+                 f"XLA cost analysis {r.xla_flops_per_chip:.4g} per chip (cross-check only)")
+    if r.peak_flops_per_chip:
+        ideal = per_chip / r.peak_flops_per_chip
+        step = ideal / mfu
+        tokens = d.batch_size * d.seq_len / step
+        lines.append(f"  step time          {_duration(ideal)} at 100% of {r.peak_flops_per_chip / 1e12:.0f} "
+                     f"TFLOP/s per chip; {_duration(step)} at MFU {mfu:.0%} -> {tokens:,.0f} tokens/s "
+                     f"({tokens / r.chips:,.0f} per chip)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="YAML config, e.g. configs/tpu/v5e-16.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides such as model.series=kaplan:24x2048")
+    parser.add_argument("--topology", action="append", required=True,
+                        help="TPU slice, e.g. v5e:4x4, v5p:4x4x4, v6e:8x8 (repeat for several)")
+    parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the estimate")
+    parser.add_argument("--hbm-gib", type=float, help="override the per-chip HBM used for the fit verdict")
+    parser.add_argument("--chips-per-host", help="host bounds, e.g. 2x2x1 (default: Cloud TPU's 2x2 chips per host)")
+    parser.add_argument("--json", help="also write the reports to this JSON file")
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if importlib.util.find_spec("libtpu") is None:
+            raise UserError(f"libtpu is not installed; pip install 'jax[tpu]=={jax.__version__}' "
+                            "(or the project's extra: pip install -e '.[tpu]')")
+        if not 0 < args.mfu <= 1:
+            raise UserError(f"--mfu={args.mfu} must be in (0, 1]")
+        config = load_config(args.config, list(args.overrides) + extra)
+        bounds = tuple(int(x) for x in args.chips_per_host.split("x")) if args.chips_per_host else None
+        for name in args.topology:
+            parse_topology(name)
+        reports = []
+        for name in args.topology:
+            reports.append(compile_for(config, name, args.hbm_gib, bounds))
+            print(format_report(config, reports[-1], args.mfu), flush=True)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in reports], f, indent=2)
+    return 0 if all(r.fits for r in reports) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""KV-cache decoding: cached greedy == argmax of full forward passes, sampling filters, stop strings,
+teacher-forced log-probabilities, and self-speculative decoding == plain greedy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from scaling_jax.data.tokenizer import ByteTokenizer
+from scaling_jax.model.decode import CachedLM, SamplingConfig, full_logits, sample_logits, truncate_at_stop
+from scaling_jax.model.transformer import Decoder
+from scaling_jax.objectives.multi_token import MultiTokenModel
+
+PROMPTS = ["def f(x):\n    return", "import os", "class A:\n    pass\n\n\nclass B(A):"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return ByteTokenizer()
+
+
+def _padded_logits(model):
+    """Full-forward logits of right-padded rows of one fixed length (one compile; causal, so the padding
+    after a position never changes its logits)."""
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(lambda st, tokens, seg: full_logits(nnx.merge(graphdef, st), tokens,
+                                                     jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape), seg))
+    return lambda seq, length=64: fn(state, jnp.asarray([list(seq) + [0] * (length - len(seq))]),
+                                     jnp.asarray([[1] * len(seq) + [0] * (length - len(seq))]))[0]
+
+
+def _reference_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    """Re-run the whole sequence without a cache for every new token."""
+    logits_of = _padded_logits(model)
+    seq = list(prompt)
+    for _ in range(steps):
+        seq.append(int(jnp.argmax(logits_of(seq)[len(seq) - 1])))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("kind", ["decoder", "mtp"])
+def test_cached_greedy_equals_argmax_of_full_forward_passes(tiny_config, tok, kind):
+    config = tiny_config("model.layers=3")
+    model = Decoder(config.model, nnx.Rngs(1)) if kind == "decoder" else MultiTokenModel(config.model, 3, nnx.Rngs(1))
+    lm = CachedLM(model, tok)
+    prompts = [lm.encode_prompt(p) for p in PROMPTS]  # different lengths: rows are left-padded together
+    out = lm.generate_ids(prompts, SamplingConfig(max_new_tokens=10))
+    for prompt, got in zip(prompts, out.tokens, strict=True):
+        want = _reference_greedy(model, prompt, 10)
+        want = want[:want.index(tok.eos_id)] if tok.eos_id in want else want
+        assert got == want
+
+
+def test_mtp_self_speculative_decoding_equals_plain_greedy(tiny_config, tok):
+    config = tiny_config("model.layers=3")
+    lm = CachedLM(MultiTokenModel(config.model, 4, nnx.Rngs(7)), tok)
+    prompts = [lm.encode_prompt(p) for p in PROMPTS]
+    plain = lm.generate_ids(prompts, SamplingConfig(max_new_tokens=24))
+    spec = lm.speculative_greedy_ids(prompts, 24)
+    assert spec.tokens == plain.tokens
+    assert spec.forward_calls <= plain.forward_calls
+
+
+def test_speculative_decoding_accepts_every_draft_when_the_heads_agree_with_greedy(tiny_config, tok):
+    """With every block's output projections zeroed, each head's logits are the tied embedding's similarity
+    to the current token, so greedy repeats the last token and every head drafts that same token: a call
+    then emits all n tokens."""
+    model = MultiTokenModel(tiny_config("model.layers=3").model, 4, nnx.Rngs(5))
+    for block in list(model.trunk.blocks) + list(model.heads):
+        block.attn.wo[...] = jnp.zeros_like(block.attn.wo[...])
+        block.mlp.w_down[...] = jnp.zeros_like(block.mlp.w_down[...])
+    lm = CachedLM(model, tok)
+    prompts = [lm.encode_prompt(p) for p in PROMPTS]
+    spec = lm.speculative_greedy_ids(prompts, 16)
+    assert spec.tokens == lm.generate_ids(prompts, SamplingConfig(max_new_tokens=16)).tokens
+    assert spec.forward_calls == 16 // 4
+
+
+def test_speculative_decoding_refuses_a_single_head_model(tiny_config, tok):
+    lm = CachedLM(Decoder(tiny_config().model, nnx.Rngs(0)), tok)
+    with pytest.raises(ValueError, match="multi-token"):
+        lm.speculative_greedy_ids([[1, 70]], 4)
+
+
+def test_logprobs_are_the_full_forward_log_softmax_at_each_target(tiny_config, tok):
+    model = Decoder(tiny_config().model, nnx.Rngs(2))
+    lm = CachedLM(model, tok)
+    prefix, cont = lm.encode_prompt("x = 1"), list(tok.encode("\ny"))
+    got = lm.logprobs([prefix, prefix[:3]], [cont, cont])[0]
+    logp = jax.nn.log_softmax(_padded_logits(model)(prefix + cont), -1)
+    want = [float(logp[len(prefix) - 1 + i, c]) for i, c in enumerate(cont)]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_stop_string_ends_a_row_and_is_excluded(tiny_config, tok):
+    lm = CachedLM(Decoder(tiny_config().model, nnx.Rngs(3)), tok)
+    prompt = [lm.encode_prompt("abc")]
+    free = lm.generate_ids(prompt, SamplingConfig(max_new_tokens=16)).texts[0]
+    assert len(free) >= 6, "the tiny model should emit some bytes"
+    stop = free[4:6]
+    out = lm.generate_ids(prompt, SamplingConfig(max_new_tokens=16, stop=(stop,)))
+    assert out.texts[0] == free[:free.find(stop)]
+    assert out.forward_calls < 16 or free.find(stop) + len(stop) == 16
+    assert truncate_at_stop("a\nb;c", ["\n", ";"]) == "a"
+    assert truncate_at_stop("abc", ["\n"]) == "abc"
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    logits = jax.random.normal(jax.random.key(0), (16, 50))
+    greedy = sample_logits(logits, jax.random.key(1), 0.0)
+    assert (sample_logits(logits, jax.random.key(1), 1.0, top_k=1) == greedy).all()
+    assert (sample_logits(logits, jax.random.key(1), 1.0, top_p=1e-6) == greedy).all()
+
+
+def test_temperature_sampling_follows_the_softmax_and_filters_keep_only_their_set():
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = jnp.log(jnp.asarray(np.tile(probs, (20000, 1)), jnp.float32))
+    draws = np.asarray(sample_logits(logits, jax.random.key(0), 1.0))
+    freq = np.bincount(draws, minlength=4) / len(draws)
+    assert np.all(np.abs(freq - probs) < 4 * np.sqrt(probs * (1 - probs) / len(draws)))
+    top2 = np.asarray(sample_logits(logits, jax.random.key(1), 1.0, top_k=2))
+    assert set(top2.tolist()) == {0, 1}
+    assert abs((top2 == 0).mean() - 0.5 / 0.8) < 0.02  # renormalised over the kept tokens
+    nucleus = np.asarray(sample_logits(logits, jax.random.key(2), 1.0, top_p=0.7))  # 0.5 + 0.3 reaches 0.7
+    assert set(nucleus.tolist()) == {0, 1}
+    hot = np.asarray(sample_logits(logits, jax.random.key(3), 2.0))
+    want = probs ** 0.5 / (probs ** 0.5).sum()
+    assert np.all(np.abs(np.bincount(hot, minlength=4) / len(hot) - want) < 0.02)
+
+
+def test_invalid_sampling_settings_are_refused():
+    with pytest.raises(ValueError):
+        SamplingConfig(top_p=0.0)
+    with pytest.raises(ValueError):
+        SamplingConfig(temperature=-1.0)

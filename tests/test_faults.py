@@ -1,0 +1,411 @@
+"""Fault injection: kills, preemption, damaged checkpoints, full disks, non-finite steps, a second writer.
+
+Subprocesses only where a real process must die (SIGKILL, SIGTERM, a held lock); everything else runs
+in-process on tiny states. The SIGKILL/SIGTERM helpers are reused from test_checkpoint.py.
+"""
+
+import errno
+import fcntl
+import glob
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_checkpoint import RUN, _command, _env, _losses, _wait_for_step
+
+from scaling_jax.cli import main
+from scaling_jax.config import load_config
+from scaling_jax.errors import CheckpointError
+from scaling_jax.train import lock as lock_lib
+from scaling_jax.train.checkpoint import DAMAGED_DIR, DIGEST_FILE, Checkpointer, damage, file_digests
+from scaling_jax.train.health import first_nonfinite, guard_nonfinite, tensor_names
+from scaling_jax.train.loop import build_session, train
+from scaling_jax.train.metrics import read_metrics
+from scaling_jax.train.state import TrainState
+
+# ----------------------------------------------------------------------------- checkpoints on tiny states
+
+
+def _state(step: int) -> TrainState:
+    rng = np.random.default_rng(step)
+    params = {"w": jnp.asarray(rng.normal(size=(64, 64)), jnp.float32), "b": jnp.asarray(rng.normal(size=64),
+                                                                                         jnp.float32)}
+    return TrainState(step=jnp.int32(step), params=params, opt_state={"mu": jax.tree.map(jnp.zeros_like, params)},
+                      rng=jnp.zeros(2, jnp.uint32))
+
+
+def _data_iter():
+    return iter(grain.MapDataset.range(1000).to_iter_dataset())
+
+
+def _saved_run(run_dir, steps=(2, 4), keep=3):
+    """A run dir with finished, digested checkpoints at ``steps``; returns the Checkpointer's directory."""
+    ckpt = Checkpointer(run_dir, keep, async_save=True)
+    it = _data_iter()
+    for step in steps:
+        for _ in range(step - int(it.get_state()["next_index"])):
+            next(it)
+        ckpt.save(step, _state(step), it, {"step": step})
+    ckpt.close()
+    return ckpt.directory
+
+
+def _restore(run_dir):
+    ckpt = Checkpointer(run_dir, 3)
+    latest = ckpt.latest_step()
+    abstract = jax.eval_shape(lambda: _state(0))
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
+    it = _data_iter()
+    state, meta = ckpt.restore(latest, abstract, shardings, it)
+    ckpt.close()
+    return latest, state, meta, it
+
+
+def _biggest_array_file(step_dir):
+    return max(glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True), key=os.path.getsize)
+
+
+def _truncate(step_dir):
+    path = _biggest_array_file(step_dir)
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _flip_bytes(step_dir):
+    """orbax itself restores such a file without complaint (wrong numbers); only the digest notices."""
+    path = _biggest_array_file(step_dir)
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _drop_meta(step_dir):
+    shutil.rmtree(os.path.join(step_dir, "meta"))
+
+
+def _snapshot(root):
+    return {os.path.relpath(p, root): open(p, "rb").read() for p in glob.glob(f"{root}/**", recursive=True)
+            if os.path.isfile(p)}
+
+
+@pytest.mark.parametrize("spoil", [_truncate, _flip_bytes, _drop_meta])
+def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, capfd, spoil):
+    directory = _saved_run(tmp_path)
+    bad = os.path.join(directory, "4")
+    spoil(bad)
+    damaged_bytes = _snapshot(bad)
+    lock_lib.acquire_run_lock(str(tmp_path))  # the writer (lock holder) moves it aside; never deletes it
+    try:
+        latest, state, meta, it = _restore(tmp_path)
+    finally:
+        lock_lib.release_run_lock(str(tmp_path))
+    assert latest == 2 and int(state.step) == 2 and meta == {"step": 2} and it.get_state()["next_index"] == 2
+    np.testing.assert_array_equal(state.params["w"], _state(2).params["w"])
+    warning = capfd.readouterr().err
+    assert f"checkpoint {bad} is damaged" in warning and "not deleted" in warning
+    (moved,) = glob.glob(str(tmp_path / DAMAGED_DIR / "4-*"))
+    assert _snapshot(moved) == damaged_bytes  # kept byte for byte
+    assert not os.path.exists(bad)
+
+
+def test_a_reader_without_the_lock_skips_damage_but_moves_nothing(tmp_path, capfd):
+    directory = _saved_run(tmp_path)
+    _truncate(os.path.join(directory, "4"))
+    assert Checkpointer(tmp_path, 3).latest_step() == 2
+    assert "left in place" in capfd.readouterr().err and os.path.isdir(os.path.join(directory, "4"))
+
+
+def test_every_checkpoint_damaged_is_an_error_that_moves_nothing(tmp_path):
+    directory = _saved_run(tmp_path)
+    for step in ("2", "4"):
+        _flip_bytes(os.path.join(directory, step))
+    lock_lib.acquire_run_lock(str(tmp_path))
+    try:
+        with pytest.raises(CheckpointError, match="no intact checkpoint"):
+            Checkpointer(tmp_path, 3).latest_step()
+    finally:
+        lock_lib.release_run_lock(str(tmp_path))
+    assert sorted(os.listdir(directory)) == ["2", "4"]
+
+
+def test_digest_covers_every_file_and_detects_each_change(tmp_path):
+    directory = _saved_run(tmp_path, steps=(2,))
+    step_dir = os.path.join(directory, "2")
+    with open(os.path.join(step_dir, DIGEST_FILE)) as f:
+        assert json.load(f) == file_digests(step_dir)
+    assert damage(step_dir) is None
+    _flip_bytes(step_dir)
+    assert "checksum mismatch" in damage(step_dir)
+
+
+def test_disk_full_during_save_is_one_error_and_the_previous_checkpoint_stays(tmp_path, capfd):
+    """RLIMIT_FSIZE makes writes fail like a full disk (EFBIG instead of ENOSPC), for any user, root included."""
+    directory = _saved_run(tmp_path, steps=(2,), keep=1)
+    intact = _snapshot(os.path.join(directory, "2"))
+    ckpt = Checkpointer(tmp_path, 1)
+    it = _data_iter()
+    noise = jnp.asarray(np.random.default_rng(0).normal(size=(256, 256)), jnp.float32)  # incompressible
+    big = _state(4).replace(params={"w": noise, "b": jnp.ones(64)})
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))
+    try:
+        with pytest.raises(CheckpointError) as info:
+            ckpt.save(4, big, it, {"step": 4})
+            ckpt.wait()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, old_handler)
+        ckpt.manager.close()
+    message = str(info.value)
+    assert "could not write checkpoint step 4" in message and os.strerror(errno.EFBIG) in message
+    assert "step 2 is intact" in message and "\n" not in message
+    assert "Traceback" not in capfd.readouterr().err  # orbax's own logged traceback is dropped
+    assert _snapshot(os.path.join(directory, "2")) == intact
+    assert Checkpointer(tmp_path, 1).latest_step() == 2
+
+
+# ----------------------------------------------------------------------------- non-finite steps
+
+
+def test_first_nonfinite_names_the_first_bad_tensor_in_step_order():
+    params = {"a": jnp.ones(3), "b": {"c": jnp.ones(2)}}
+    names = tensor_names(params)
+    assert names == ["params/a", "params/b/c", "loss", "grads/a", "grads/b/c"]
+    grads = {"a": jnp.ones(3), "b": {"c": jnp.array([1.0, jnp.inf])}}
+    assert names[int(first_nonfinite(params, jnp.float32(1.0), grads))] == "grads/b/c"
+    assert names[int(first_nonfinite(params, jnp.float32(jnp.nan), grads))] == "loss"
+    assert int(first_nonfinite(params, jnp.float32(1.0), params)) == -1
+
+
+def test_guard_keeps_the_previous_state_on_a_nonfinite_update():
+    state = _state(3)
+    new_params = jax.tree.map(lambda x: x + 1, state.params)
+    new_opt = jax.tree.map(lambda x: x + 1, state.opt_state)
+    for loss, skipped in ((1.0, 0.0), (float("nan"), 1.0)):
+        metrics = {"loss": jnp.float32(loss), "grad_norm": jnp.float32(2.0)}
+        params, opt, out = jax.jit(guard_nonfinite)(state, new_params, new_opt, state.params, metrics)
+        expected = state if skipped else state.replace(params=new_params, opt_state=new_opt)
+        jax.tree.map(np.testing.assert_array_equal, (params, opt), (expected.params, expected.opt_state))
+        assert float(out["skipped"]) == skipped
+        assert int(out["nonfinite_tensor"]) == (len(jax.tree.leaves(state.params)) if skipped else -1)
+
+
+TINY_RUN = ["model.series=custom", "model.layers=1", "model.d_model=32", "model.heads=1", "model.head_dim=32",
+            "model.d_ff=64", "data.seq_len=32", "data.batch_size=8", "data.max_docs=30", "optimizer.warmup_steps=1",
+            "train.eval_every=0", "train.eval_batches=1", "train.progress=false", "train.plot=false",
+            "train.tensorboard=false", "train.async_checkpointing=false"]
+
+
+def _poison_batch(monkeypatch, config, index):
+    """Make the loss NaN on data batch ``index`` only (wherever it comes in the run), in-graph."""
+    from scaling_jax.objectives.causal import CausalLM
+
+    bad = jnp.asarray(build_session(config).train_ds[index]["targets"])
+    original = CausalLM.loss
+
+    def loss(self, model, batch):
+        value, metrics = original(self, model, batch)
+        hit = jnp.all(batch["targets"] == bad)
+        poison = jnp.where(hit, jnp.float32(jnp.nan), jnp.float32(1.0))
+        return value * poison, {**metrics, "loss": metrics["loss"] * poison}
+
+    monkeypatch.setattr(CausalLM, "loss", loss)
+
+
+def _rows(run_dir):
+    return read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+
+
+@pytest.mark.slow
+def test_nan_policy_halt_names_step_batch_and_tensor(tmp_path, monkeypatch, capsys):
+    args = TINY_RUN + ["train.steps=6", "train.checkpoint_every=2", f"train.run_dir={tmp_path}"]
+    _poison_batch(monkeypatch, load_config(None, args), 2)
+    assert main(["train", "configs/quickstart.yaml", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: non-finite values at step 3 (data batch 2): first non-finite tensor is loss")
+    assert "train.nan_policy=skip_batch or rollback" in err[-1] and "step 2) is intact" in err[-1]
+    assert Checkpointer(tmp_path, 3).latest_step() == 2
+
+
+@pytest.mark.slow
+def test_nan_policy_skip_batch_drops_one_update_and_counts_it(tmp_path, monkeypatch, capsys):
+    config = load_config(None, TINY_RUN + ["train.steps=5", "train.checkpoint_every=0", "train.nan_policy=skip_batch",
+                                           f"train.run_dir={tmp_path}"])
+    _poison_batch(monkeypatch, config, 2)
+    summary = train(config)
+    rows = {r["step"]: r for r in _rows(tmp_path) if "loss" in r}
+    assert summary["step"] == 5 and np.isfinite(summary["val_loss"])
+    assert [rows[s]["skipped"] for s in range(1, 6)] == [0, 0, 1, 0, 0]
+    assert np.isnan(rows[3]["loss"]) and np.isfinite(rows[4]["loss"])
+    assert "step 3: non-finite loss on data batch 2; update skipped (1 so far" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_nan_policy_rollback_restores_the_checkpoint_and_skips_the_bad_window(tmp_path, monkeypatch):
+    config = load_config(None, TINY_RUN + ["train.steps=8", "train.checkpoint_every=3", "train.nan_policy=rollback",
+                                           f"train.run_dir={tmp_path}"])
+    _poison_batch(monkeypatch, config, 4)  # step 5; the step-3 checkpoint's data position is 3
+    summary = train(config)
+    rows = _rows(tmp_path)
+    (event,) = [r for r in rows if "rollback_from_step" in r]
+    assert event == {"step": 3, "rollback_from_step": 5, "skipped_data_batches": [3, 4]}
+    losses = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in losses] == list(range(1, 9)) and all(r["skipped"] == 0 for r in losses)
+    assert summary["step"] == 8 and np.isfinite(summary["val_loss"])
+    restored = Checkpointer(tmp_path, 3)
+    assert restored.latest_step() == 8 and restored.read_meta(8)["step"] == 8
+
+
+# ----------------------------------------------------------------------------- one writer per run dir
+
+HOLD = ("import sys, time; from scaling_jax.train.lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+        "print('held', flush=True); time.sleep(600)")
+
+
+def _holder(run_dir):
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_second_writer_on_a_live_run_dir_is_refused(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    proc = _holder(run_dir)
+    try:
+        code = main(["train", "configs/quickstart.yaml", *TINY_RUN, "train.steps=2", f"train.run_dir={run_dir}"])
+    finally:
+        proc.kill()
+        proc.wait()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert f"is in use by another run (pid {proc.pid} on" in err[0] and "choose another train.run_dir" in err[0]
+    assert sorted(os.listdir(run_dir)) == [".lock"]  # nothing else written
+
+
+def test_a_killed_holders_lock_does_not_block(tmp_path):
+    proc = _holder(tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    lock = lock_lib.RunLock(str(tmp_path)).acquire()  # the kernel dropped the dead process's flock
+    assert json.loads(open(lock.path).read())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_without_flock_a_dead_holder_is_taken_over_and_a_live_one_refused(tmp_path, monkeypatch, capfd):
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "no locks")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    path = tmp_path / ".lock"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    path.write_text(json.dumps({"pid": int(dead.stdout), "host": lock_lib.socket.gethostname(), "since": 0}))
+    lock = lock_lib.RunLock(str(tmp_path)).acquire()
+    assert "taking over the stale lock" in capfd.readouterr().err
+    lock.release()
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        path.write_text(json.dumps({"pid": live.pid, "host": lock_lib.socket.gethostname(), "since": 0,
+                                    "start_time": lock_lib._start_time(live.pid)}))
+        with pytest.raises(CheckpointError, match=f"in use by another run \\(pid {live.pid}"):
+            lock_lib.RunLock(str(tmp_path)).acquire()
+        path.write_text(json.dumps({"pid": live.pid, "host": "another-host", "since": 0}))
+        with pytest.raises(CheckpointError, match="if that run is dead, delete"):
+            lock_lib.RunLock(str(tmp_path)).acquire()
+    finally:
+        live.kill()
+        live.wait()
+
+
+# ----------------------------------------------------------------------------- real processes: kills, preemption
+
+
+def _checkpoint_writes(run_dir):
+    return glob.glob(os.path.join(run_dir, "checkpoints", "*.orbax-checkpoint-tmp*"))
+
+
+def _kill_during_checkpoint_write(proc, run_dir, timeout=180):
+    """SIGKILL as soon as an async save's temporary directory exists; True if the kill landed mid-write."""
+    deadline, before = time.time() + timeout, set(_checkpoint_writes(run_dir))
+    while time.time() < deadline and proc.poll() is None:
+        if set(_checkpoint_writes(run_dir)) - before:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return bool(set(_checkpoint_writes(run_dir)) - before)
+        time.sleep(0.002)
+    raise AssertionError("no checkpoint write was seen")
+
+
+@pytest.mark.slow
+def test_sigkill_at_five_random_points_gives_a_bitwise_identical_loss_trace(tmp_path):
+    steps = ["train.steps=40", "train.checkpoint_every=5", "train.keep_checkpoints=2"]
+    straight = tmp_path / "straight"
+    subprocess.run(_command(straight, *steps), check=True, env=_env(), capture_output=True)
+
+    killed = tmp_path / "killed"
+    rng = random.Random(10)
+    targets = [rng.randint(lo, lo + 7) for lo in (2, 10, 18, 26)]  # one random step per window: each run progresses
+    mid_write = False
+    for i in range(5):
+        proc = subprocess.Popen(_command(killed, *steps), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if i == 2:
+            mid_write = _kill_during_checkpoint_write(proc, killed)
+        else:
+            _wait_for_step(proc, killed, targets[i - (i > 2)])
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        with open(killed / "metrics.jsonl", "rb") as f:
+            assert f.read().endswith(b"\n")  # whole-line appends: a kill never tears a row
+    assert mid_write, "the kill did not land during an async checkpoint write"
+    resumed = subprocess.run(_command(killed, *steps), env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step" in resumed.stdout
+
+    expected, got = _losses(straight), _losses(killed)
+    assert sorted(got) == list(range(1, 41)) == sorted(expected)
+    assert got == expected  # exact float equality, every step
+
+
+@pytest.mark.slow
+def test_sigterm_right_after_a_periodic_save_commits_once_and_reports_the_grace(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_command(run_dir, "train.steps=500", "train.checkpoint_every=1",
+                                     "train.preemption_grace_s=0.000001"),
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(proc, run_dir, 3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    saved = Checkpointer(run_dir, 3).latest_step()
+    assert f"SIGTERM: saved checkpoint at step {saved}" in out
+    assert "took longer than train.preemption_grace_s=1e-06 s" in out
+    assert damage(str(run_dir / "checkpoints" / str(saved))) is None
+    assert json.load(open(run_dir / "checkpoints" / str(saved) / DIGEST_FILE))  # committed and digested
+
+
+@pytest.mark.slow
+def test_resume_skips_a_truncated_newest_checkpoint_with_a_warning(tmp_path):
+    base = RUN + ["train.steps=4", "train.checkpoint_every=2", "train.async_checkpointing=false"]
+    run_dir = tmp_path / "run"
+    subprocess.run(_command(run_dir, *base), check=True, env=_env(), capture_output=True)
+    _truncate(str(run_dir / "checkpoints" / "4"))
+    resumed = subprocess.run(_command(run_dir, *base, "train.steps=6"), env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"checkpoint {run_dir}/checkpoints/4 is damaged" in resumed.stderr and "truncated" in resumed.stderr
+    assert "resuming at step 2" in resumed.stdout
+    assert sorted(_losses(run_dir)) == list(range(1, 7))
+    assert len(glob.glob(str(run_dir / DAMAGED_DIR / "4-*"))) == 1

@@ -1,0 +1,160 @@
+"""Scaling-law fitters recover known laws from noisy synthetic tables, within their own bootstrap intervals."""
+
+import numpy as np
+import pytest
+from scipy import optimize
+
+from scaling_jax.errors import DataError
+from scaling_jax.scaling import laws
+
+# Besiroglu et al. 2024 refit of Chinchilla approach 3 (../shared/REFERENCES.md).
+EPOCH = dict(e=1.82, a=482.0, b=2085.0, alpha=0.35, beta=0.37)
+CHINCHILLA_COMPUTE = 5.76e23  # Chinchilla 70B on 1.4T tokens
+
+
+def noisy(values, sigma, seed=0):
+    return values * np.exp(np.random.default_rng(seed).normal(0.0, sigma, np.shape(values)))
+
+
+def assert_within_ci(fit, truth):
+    for name, value in truth.items():
+        lo, hi = fit.ci[name]
+        assert lo <= value <= hi, f"{name}={value} outside its CI [{lo}, {hi}]"
+
+
+def chinchilla_table(seed=0, sigma=0.01):
+    n = np.repeat(np.geomspace(1e7, 1e10, 6), 5)
+    d = np.tile(np.geomspace(1e9, 1e12, 5), 6)
+    return n, d, noisy(laws.chinchilla(n, d, **EPOCH), sigma, seed)
+
+
+def test_power_law_recovers_kaplan_l_of_n_within_ci():
+    n = np.geomspace(1e6, 1e10, 12)
+    loss = noisy(laws.power_law(n, 8.8e13, 0.076), 0.005)
+    fit = laws.fit_power_law(n, loss, n_boot=200)
+    assert_within_ci(fit, {"alpha": 0.076, "x_c": 8.8e13})
+    assert fit.ci["alpha"][1] - fit.ci["alpha"][0] < 0.01  # the interval is informative, not just wide
+
+
+def test_power_offset_recovers_irreducible_loss_within_ci():
+    n = np.geomspace(1e5, 1e8, 10)
+    loss = noisy(laws.power_offset(n, 1.7, 3e4, 0.34), 0.003, seed=1)
+    fit = laws.fit_power_offset(n, loss, n_boot=100)
+    assert_within_ci(fit, {"e": 1.7, "x_c": 3e4, "alpha": 0.34})
+    lo, hi = fit.predict_interval(3e8)  # extrapolation band contains the true value
+    assert lo <= laws.power_offset(3e8, 1.7, 3e4, 0.34) <= hi
+
+
+def test_kaplan_nd_recovers_equation_1_5_within_ci():
+    n = np.repeat(np.geomspace(1e6, 1e9, 5), 5)
+    d = np.tile(np.geomspace(1e8, 1e11, 5), 5)
+    truth = {"n_c": 8.8e13, "d_c": 5.4e13, "alpha_n": 0.076, "alpha_d": 0.095}
+    fit = laws.fit_kaplan_nd(n, d, noisy(laws.kaplan_nd(n, d, **truth), 0.003, seed=2), n_boot=60)
+    assert_within_ci(fit, {"alpha_n": 0.076, "alpha_d": 0.095})
+    assert abs(np.log(fit.params["n_c"] / 8.8e13)) < 3 and abs(np.log(fit.params["d_c"] / 5.4e13)) < 3
+
+
+def test_pareto_frontier_matches_brute_force_and_compute_law_recovers_alpha_c():
+    rng = np.random.default_rng(3)
+    c, loss = rng.uniform(1e15, 1e20, 60), rng.uniform(2.0, 4.0, 60)
+    brute = sorted(i for i in range(60) if not np.any((c < c[i]) & (loss <= loss[i])))
+    assert sorted(laws.pareto_frontier(c, loss)) == brute
+    # frontier of curves: the envelope follows L(C) = (C_c/C)^0.05; points above it must be ignored
+    frontier_c = np.geomspace(1e15, 1e21, 10)
+    envelope = noisy(laws.power_law(frontier_c, 3.1e8, 0.05), 0.002, seed=4)
+    above = np.concatenate([envelope * 1.05, envelope * 1.2])
+    fit = laws.fit_compute_law(np.tile(frontier_c, 3), np.concatenate([envelope, above]), n_boot=100)
+    assert fit.info["frontier_points"] == 10
+    assert_within_ci(fit, {"alpha": 0.05})
+
+
+@pytest.fixture(scope="module")
+def chinchilla_fit():
+    n, d, loss = chinchilla_table()
+    return laws.fit_chinchilla(n, d, loss, top_k=16, n_boot=30)
+
+
+def test_chinchilla_approach_3_recovers_published_fit_within_ci(chinchilla_fit):
+    assert_within_ci(chinchilla_fit, EPOCH)
+    assert chinchilla_fit.info["starts_reaching_best"] >= 2  # the optimum is not a lucky single start
+
+
+def test_chinchilla_fit_is_insensitive_to_the_initialisation_grid(chinchilla_fit):
+    n, d, loss = chinchilla_table()
+    other_grid = {"e": (0.2, 1.2), "a": (2.0, 9.0), "b": (3.0, 11.0), "alpha": (0.2, 0.9), "beta": (0.25, 1.3)}
+    other = laws.fit_chinchilla(n, d, loss, grid=other_grid, top_k=None, n_boot=0)
+    for name, value in chinchilla_fit.params.items():
+        assert other.params[name] == pytest.approx(value, rel=1e-3), name
+
+
+def test_huber_gradient_matches_finite_differences():
+    n, d, loss = chinchilla_table(sigma=0.05)
+    args = (np.log(n), np.log(d), np.log(loss), 1e-3)
+    theta = np.array([0.5, 6.0, 7.5, 0.33, 0.39])
+    numeric = optimize.approx_fprime(theta, lambda t: laws.huber_objective(t, *args)[0], 1e-7)
+    np.testing.assert_allclose(laws.huber_objective(theta, *args)[1], numeric, rtol=1e-4, atol=1e-3)
+
+
+def test_compute_optimal_allocation_matches_numeric_minimiser():
+    for c in (1e18, 1e21, CHINCHILLA_COMPUTE):
+        alloc = laws.chinchilla_optimal(EPOCH, c)
+        res = optimize.minimize_scalar(lambda ln, c=c: laws.chinchilla(np.exp(ln), c / (6 * np.exp(ln)), **EPOCH),
+                                       bounds=(np.log(1e3), np.log(1e14)), method="bounded",
+                                       options={"xatol": 1e-10})
+        assert alloc.n == pytest.approx(np.exp(res.x), rel=1e-4)
+        assert alloc.n * alloc.d * 6 == pytest.approx(c)
+
+
+def test_fitted_law_reproduces_chinchilla_allocation(chinchilla_fit):
+    published = laws.chinchilla_optimal(EPOCH, CHINCHILLA_COMPUTE)
+    # the published fit itself lands near the Chinchilla model (70B params, 1.4T tokens, ~20 tokens/param)
+    assert 70e9 / 1.5 < published.n < 70e9 * 1.5 and 1.4e12 / 1.5 < published.d < 1.4e12 * 1.5
+    fitted = laws.chinchilla_optimal(chinchilla_fit.params, CHINCHILLA_COMPUTE)
+    boot = np.array([laws.chinchilla_optimal(dict(zip(chinchilla_fit.params, row, strict=True)),
+                                             CHINCHILLA_COMPUTE).tokens_per_param
+                     for row in chinchilla_fit.samples])
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    assert lo <= published.tokens_per_param <= hi
+    assert fitted.tokens_per_param == pytest.approx(published.tokens_per_param, rel=0.5)
+
+
+def test_isoflop_profiles_recover_the_closed_form_exponent():
+    rows = []
+    for c in (1e18, 1e19, 1e20, 1e21):
+        n_star = laws.chinchilla_optimal(EPOCH, c).n
+        for n in n_star * np.geomspace(0.2, 5.0, 7):
+            rows.append((n, c / (6 * n)))
+    n, d = np.array(rows).T
+    fit = laws.fit_isoflop(n, d, noisy(laws.chinchilla(n, d, **EPOCH), 0.001, seed=5), n_boot=100)
+    closed_a = EPOCH["beta"] / (EPOCH["alpha"] + EPOCH["beta"])
+    assert len(fit.budgets) == 4
+    assert fit.a == pytest.approx(closed_a, abs=0.03)
+    lo, hi = sorted(-np.array(fit.n_law.ci["alpha"]))
+    assert lo - 0.01 <= closed_a <= hi + 0.01
+    np.testing.assert_allclose(fit.n_opt, laws.chinchilla_optimal(EPOCH, fit.budgets).n, rtol=0.15)
+
+
+def test_bad_tables_fail_with_one_line_errors():
+    with pytest.raises(DataError, match="different lengths"):
+        laws.fit_power_law([1, 2, 3], [1, 2])
+    with pytest.raises(DataError, match="finite positive"):
+        laws.fit_power_law([1, 2, -3], [3, 2, 1])
+    with pytest.raises(DataError, match="at least 5 rows"):
+        laws.fit_chinchilla([1e6, 1e7], [1e9, 1e9], [3, 2])
+    with pytest.raises(DataError, match="usable compute budget"):
+        laws.fit_isoflop(np.geomspace(1e6, 1e8, 6), np.full(6, 1e9), np.linspace(3, 2, 6))
+
+
+def test_fit_command_fits_a_published_style_csv_table(tmp_path, capsys):
+    from scaling_jax.cli import main
+
+    n = np.geomspace(1e6, 1e10, 8)
+    loss = noisy(laws.power_law(n, 8.8e13, 0.076), 0.002, seed=6)
+    table = tmp_path / "kaplan.csv"
+    table.write_text("N,Loss\n" + "".join(f"{a},{b}\n" for a, b in zip(n, loss, strict=True)))
+    assert main(["fit", str(table), "--law", "kaplan_n", "--bootstrap", "50"]) == 0
+    out = capsys.readouterr().out
+    direct = laws.fit_table({"n": n, "LOSS": loss}, "kaplan_n", n_boot=0)
+    assert f"alpha = {direct.params['alpha']:.6g}" in out
+    assert main(["fit", str(table), "--law", "chinchilla"]) == 2  # no D column: one-line error
+    assert "lacks d" in capsys.readouterr().err

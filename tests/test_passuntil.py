@@ -1,0 +1,123 @@
+"""PassUntil: the instance estimator on simulated Bernoulli instances with known p (unbiased, intervals
+cover), loss-based PU == the exact sequence probability, the task-law fit recovering known parameters,
+and the instance-level fit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from scaling_jax.data.tokenizer import ByteTokenizer
+from scaling_jax.eval import passuntil as pu
+from scaling_jax.model.decode import CachedLM, full_logits
+from scaling_jax.model.transformer import Decoder
+
+
+def _simulate(p: float, passes: int, cap: int, instances: int, seed: int) -> list[pu.InstancePU]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(instances):
+        s, t = pu.sample_until(lambda k: rng.random(k) < p, passes, cap, batch=16)
+        out.append(pu.estimate_from_counts(s, t, passes))
+    return out
+
+
+@pytest.mark.parametrize("p, cap", [(0.3, 1000), (0.04, 1000), (0.01, 1000), (0.02, 30)])
+def test_instance_estimator_is_unbiased_and_its_interval_covers(p, cap):
+    """(r-1)/(K-1) at the r-th pass and s/M at the cap: unbiased for this plan, even when the cap binds
+    (p=0.02, cap=30: most instances stop at the cap)."""
+    est = _simulate(p, passes=2, cap=cap, instances=3000, seed=int(p * 1000) + cap)
+    values = np.array([e.p for e in est])
+    assert abs(values.mean() - p) < 4 * values.std() / np.sqrt(len(values))
+    coverage = np.mean([e.low <= p <= e.high for e in est])
+    assert coverage >= 0.93
+
+
+def test_with_one_pass_the_estimate_is_the_mle_and_overestimates_small_p():
+    """Why the default is r=2: with r=1 only 1/K is informative, and E[1/K] = p log(1/p) / (1-p) > p."""
+    p = 0.05
+    values = np.array([e.p for e in _simulate(p, passes=1, cap=10_000, instances=3000, seed=1)])
+    expected = p * np.log(1 / p) / (1 - p)
+    assert abs(values.mean() - expected) < 4 * values.std() / np.sqrt(len(values))
+    assert values.mean() > 2 * p
+
+
+def test_sample_until_counts_draws_in_order_and_stops_at_the_rth_pass():
+    draws = iter([[False, True, False, True, True, True], [True] * 6])
+    assert pu.sample_until(lambda k: next(draws), passes=2, max_samples=100, batch=6) == (2, 4)
+    assert pu.sample_until(lambda k: [False] * k, passes=2, max_samples=10, batch=4) == (0, 10)
+    est = pu.instance_pu(0, 10, passes=2, loss_pu=1e-7)
+    assert est.method == "loss" and est.p == 1e-7 and est.high >= 0.2  # no pass in 10: p could still be ~0.3
+    assert pu.instance_pu(2, 4, passes=2, loss_pu=1e-7).p == pytest.approx(1 / 3)
+
+
+def test_loss_based_pu_equals_the_exact_sequence_probability(tiny_config):
+    tok = ByteTokenizer()
+    model = Decoder(tiny_config().model, nnx.Rngs(4))
+    lm = CachedLM(model, tok)
+    context, target = "x = ", "42\n"
+    got = pu.loss_based_pu(lm.loglikelihood([context], [target])[0])
+    # Reference: each conditional from its own forward pass over the prefix (right-padded to one length,
+    # which causal attention ignores), multiplied in float64.
+    graphdef, state = nnx.split(model)
+    length = 16
+    logits_of = jax.jit(lambda st, ids, seg: full_logits(nnx.merge(graphdef, st), ids, jnp.arange(length)[None], seg))
+    seq = lm.encode_prompt(context)
+    want = 1.0
+    for t in (int(i) for i in tok.encode(target)):
+        ids = jnp.asarray([seq + [0] * (length - len(seq))])
+        seg = jnp.asarray([[1] * len(seq) + [0] * (length - len(seq))])
+        logits = np.asarray(logits_of(state, ids, seg)[0, len(seq) - 1], np.float64)
+        probs = np.exp(logits - logits.max())
+        want *= probs[t] / probs.sum()
+        seq = seq + [t]
+    assert got == pytest.approx(want, rel=1e-4)
+    assert 0 < got < 1
+
+
+def _synthetic(a: float, b: float, n: np.ndarray, noise: float, seed: int):
+    rng = np.random.default_rng(seed)
+    y = a * np.log(n) + b + rng.normal(0, noise, len(n))
+    p = pu.pu_from_log_neg_log(y)
+    return p, noise * p * np.abs(np.log(p))  # delta-method standard error of PU for noise sd in y
+
+
+def test_task_law_fit_recovers_known_parameters_and_predicts_within_its_interval():
+    n = np.logspace(5, 8, 6)
+    p, _ = _synthetic(-0.6, 9.0, n, 0.0, 0)
+    exact = pu.fit_task_law(n, p)
+    assert exact.a == pytest.approx(-0.6, abs=1e-8) and exact.b == pytest.approx(9.0, abs=1e-7)
+    hits = []
+    for seed in range(40):
+        p, se = _synthetic(-0.6, 9.0, n, 0.05, seed)
+        fit = pu.fit_task_law(n, p, se)
+        hits.append(abs(fit.a + 0.6) < 2.0 * np.sqrt(fit.cov[0, 0]))
+        truth = float(pu.pu_from_log_neg_log(-0.6 * np.log(1e9) + 9.0))
+        pred, low, high = fit.predict(1e9)
+        assert low <= pred <= high
+        hits.append(low <= truth <= high)
+    assert np.mean(hits) > 0.85
+
+
+def test_instance_level_fit_predicts_the_mean_of_the_instances_laws():
+    n = np.logspace(5, 7, 4)
+    slopes, intercepts = np.array([-0.3, -0.8, -0.5]), np.array([5.0, 12.0, 7.0])
+    grid = pu.pu_from_log_neg_log(slopes[None] * np.log(n)[:, None] + intercepts[None])  # [models, instances]
+    truth = pu.pu_from_log_neg_log(slopes * np.log(1e8) + intercepts).mean()
+    pred, low, high = pu.predict_instance_level(n, grid, 1e8)
+    assert pred == pytest.approx(truth, rel=1e-6)
+    assert low <= pred <= high
+    grid[:, 0] = 1.0  # an instance solved at every size stays solved
+    fit = pu.fit_instance_laws(n, grid)
+    assert fit.predict(1e8)[0] == 1.0
+
+
+def test_task_pu_is_the_mean_with_a_standard_error():
+    inst = [pu.instance_pu(2, k, 2) for k in (3, 5, 11)] + [pu.instance_pu(0, 64, 2, loss_pu=1e-9)]
+    agg = pu.task_pu(inst)
+    values = [0.5, 0.25, 0.1, 1e-9]
+    assert agg.pu == pytest.approx(np.mean(values))
+    assert agg.se == pytest.approx(np.std(values, ddof=1) / 2)
+    assert (agg.sampled, agg.loss_based, agg.instances) == (3, 1, 4)
+    assert 0 < agg.low < agg.pu < agg.high <= max(values)

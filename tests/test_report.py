@@ -1,0 +1,103 @@
+"""Reports: curves on three x-axes, per-objective fits that recover the law the runs were drawn from, an
+extrapolation with its interval, the equal-compute table and the noise scale — from sweeps or run dirs."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from scaling_jax.cli import main
+from scaling_jax.errors import DataError
+from scaling_jax.scaling import laws, plots
+
+LAWS = {"causal": (1e20, 0.05), "ul2": (2e19, 0.055)}  # L(C) = (C_c / C)^alpha per objective
+SIZES = {"a": 1e5, "b": 2e5, "c": 4e5, "d": 8e5}
+
+
+def fake_run(run_dir, objective, n, noise_rows=False, seed=0):
+    """A finished run whose validation curve follows the objective's L(C) (cosine-free, for plotting only)."""
+    rng = np.random.default_rng(seed)
+    c_c, alpha = LAWS[objective]
+    tokens = 20 * n
+    flops = 6 * n * tokens
+    rows = []
+    for k in range(1, 5):
+        step, frac = 10 * k, k / 4
+        loss = float(laws.power_law(flops * frac, c_c, alpha) * (1 + 0.002 * rng.normal()) * (1 + (1 - frac) / 10))
+        row = {"step": step, "loss": loss, "tokens": tokens * frac, "flops": flops * frac, "wall_time": 3.0 * k}
+        if noise_rows:
+            row.update({"noise_grad_sq_small": 1.0 + 4000 / 512 * (1 + 0.1 * k), "noise_grad_sq_big": 1.0 + 4000 / 1024
+                        * (1 + 0.1 * k), "noise_batch_small": 512.0, "noise_batch_big": 1024.0})
+        rows += [row, {"step": step, "tokens": tokens * frac, "flops": flops * frac, "val_loss": loss,
+                       "val_bpb": loss / np.log(2)}]
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {"step": 40, "preempted": False, "tokens": tokens, "flops": flops, "wall_time": 12.0,
+               "non_embedding_params": n, "val_loss": rows[-1]["val_loss"], "val_bpb": rows[-1]["val_bpb"]}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(f"objective:\n  name: {objective}\nmodel:\n  series: custom\n")
+    return {"run_dir": run_dir, "n": n, "tokens": tokens, "flops": flops}
+
+
+@pytest.fixture
+def fake_sweep(tmp_path):
+    out = tmp_path / "sweep"
+    entries = []
+    for i, objective in enumerate(LAWS):
+        for j, (size, n) in enumerate(SIZES.items()):
+            run_id = f"{objective}-{size}-k20"
+            info = fake_run(str(out / run_id), objective, n, noise_rows=objective == "causal", seed=10 * i + j)
+            entries.append({"run_id": run_id, "objective": objective, "size": size, "budget": "k20",
+                            "status": "done", "steps": 40, **info})
+    entries.append({"run_id": "causal-e-k20", "objective": "causal", "size": "e", "budget": "k20", "status": "pending",
+                    "run_dir": str(out / "causal-e-k20"), "n": 1.6e6, "tokens": 3.2e7, "flops": 3e14, "steps": 80})
+    with open(out / "manifest.json", "w") as f:
+        json.dump({"sweep": "fake", "runs": entries}, f)
+    return str(out)
+
+
+def test_report_plots_every_axis_and_recovers_each_objectives_compute_law(fake_sweep, tmp_path):
+    out = str(tmp_path / "report")
+    report = plots.write_report([fake_sweep], out, target_flops=1e15, n_boot=50)
+    for name in ("loss_vs_tokens", "loss_vs_flops", "loss_vs_wallclock", "fit_loss_vs_params", "fit_loss_vs_compute"):
+        assert os.path.getsize(os.path.join(out, f"{name}.png")) > 10_000, name
+    text = open(report).read()
+    for objective in LAWS:
+        for size in SIZES:
+            assert f"| {objective}-{size}-k20 | {objective} |" in text
+    assert "| causal-e-k20 | causal | e |" in text and "| pending |" in text  # the unfinished run is listed
+    data = json.load(open(os.path.join(out, "report.json")))
+    for objective, (c_c, alpha) in LAWS.items():
+        fit = data["fits"][objective]
+        lo, hi = fit["loss_vs_compute"]["ci"]["alpha"]
+        assert lo <= alpha <= hi
+        extrapolated = fit["extrapolation"]
+        assert extrapolated["flops"] == 1e15
+        assert extrapolated["ci"][0] <= laws.power_law(1e15, c_c, alpha) <= extrapolated["ci"][1]
+    assert "extrapolated loss at C = 1e+15 FLOPs" in text
+    # equal-compute table at the largest finished run's compute, lower loss first, from each objective's own fit
+    table = text.split("## Objectives at equal compute")[1]
+    largest = 6 * SIZES["d"] * 20 * SIZES["d"]
+    assert f"C = {largest:.3g} FLOPs" in table
+    expected = sorted(LAWS, key=lambda o: laws.power_law(largest, *LAWS[o]))
+    assert sorted(LAWS, key=lambda o: table.index(f"| {o} |")) == expected
+    assert "## Gradient noise scale" in text and "| causal-a-k20 |" in text.split("## Gradient noise scale")[1]
+
+
+def test_report_takes_single_run_directories_and_wall_clock_from_training_rows(tmp_path):
+    runs = [fake_run(str(tmp_path / f"r{i}"), "causal", n)["run_dir"] for i, n in enumerate((1e5, 3e5))]
+    records = plots.load_runs(runs)
+    assert [r.objective for r in records] == ["causal", "causal"] and records[0].status == "done"
+    assert [p["wall_time"] for p in records[0].curve] == [3.0, 6.0, 9.0, 12.0]
+    assert main(["report", *runs, "--out", str(tmp_path / "rep")]) == 0
+    assert "L(N) = (N_c/N)^α" in open(tmp_path / "rep" / "report.md").read()  # two sizes: Kaplan's two-parameter form
+
+
+def test_report_on_a_directory_without_runs_is_a_one_line_error(tmp_path):
+    with pytest.raises(DataError, match="neither a sweep directory"):
+        plots.load_runs([str(tmp_path)])
+    assert main(["report", str(tmp_path)]) == 2

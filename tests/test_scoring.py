@@ -1,0 +1,70 @@
+"""Scoring formulas: pass@k against the combinatorial definition, BIG-bench post-processing and
+normalisation, and multiple-choice grades from summed vs length-normalised log-likelihoods."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from scaling_jax.eval.scoring import (
+    Normalization,
+    choice_scores,
+    exact_match,
+    multiple_choice_grade,
+    pass_at_k,
+    postprocess,
+)
+
+
+def _pass_at_k_by_enumeration(n: int, c: int, k: int) -> float:
+    """Share of all k-subsets of n samples (c of them correct) that contain a correct one."""
+    samples = [True] * c + [False] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n, c, k", [(5, 0, 1), (5, 1, 1), (6, 2, 3), (8, 3, 5), (7, 7, 2), (9, 4, 9), (10, 1, 4)])
+def test_pass_at_k_equals_the_combinatorial_formula(n, c, k):
+    want = 1 - math.comb(n - c, k) / math.comb(n, k)
+    assert pass_at_k(n, c, k) == pytest.approx(want, abs=1e-12)
+    assert pass_at_k(n, c, k) == pytest.approx(_pass_at_k_by_enumeration(n, c, k), abs=1e-12)
+
+
+def test_pass_at_k_stays_exact_for_large_n_and_rejects_bad_counts():
+    assert pass_at_k(2000, 3, 100) == pytest.approx(1 - math.comb(1997, 100) / math.comb(2000, 100), rel=1e-9)
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    for bad in ((5, 6, 1), (5, 2, 0), (5, 2, 6)):
+        with pytest.raises(ValueError):
+            pass_at_k(*bad)
+
+
+def test_bigbench_postprocessing_keeps_the_stop_string_and_takes_the_first_regex_match():
+    assert postprocess("The apple is on the ground. What is", Normalization(stop_string=".")) == \
+        "The apple is on the ground."
+    assert postprocess("= 42. 7*7 = 49.", Normalization(output_regex=r"\d+")) == "42"
+    assert postprocess("no digits", Normalization(output_regex=r"\d+")) == ""
+    assert postprocess("abcdef", Normalization(max_length=3)) == "abc"
+
+
+def test_exact_match_normalisation_options():
+    assert exact_match("  Paris \n", ["Paris"])  # strip is on by default
+    assert not exact_match("paris", ["Paris"])
+    assert exact_match("paris", ["Paris"], Normalization(lowercase=True))
+    assert exact_match("Paris!", ["Paris"], Normalization(remove_punctuation=True))
+    assert exact_match("New   York", ["New York"], Normalization(collapse_whitespace=True))
+    assert exact_match("four", ["4", "four"])
+    assert exact_match("The answer is 12, I think", ["12"], Normalization(output_regex=r"\d+"))
+    assert not exact_match(" Paris", ["Paris"], Normalization(strip=False))
+    assert exact_match("4.\nQ: next", ["4."], Normalization(stop_string="."))
+
+
+def test_multiple_choice_summed_vs_length_normalised():
+    logprobs = [np.full(8, -0.3), np.full(3, -0.5)]  # "elephant" (right) vs "cup"
+    scores = choice_scores(logprobs)
+    np.testing.assert_allclose(scores.summed, [-2.4, -1.5])
+    np.testing.assert_allclose(scores.normalized, [-0.3, -0.5])
+    targets = {"elephant": 1.0, "cup": 0.0}
+    assert multiple_choice_grade(scores.summed, ["elephant", "cup"], targets) == 0.0
+    assert multiple_choice_grade(scores.normalized, ["elephant", "cup"], targets) == 1.0
+    assert multiple_choice_grade(np.array([0.0, -1.0]), ["a", "b"], {"a": 0.5, "b": 1.0}) == 0.5  # partial credit

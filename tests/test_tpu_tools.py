@@ -1,0 +1,202 @@
+"""Cloud TPU tooling without a TPU: the gcloud launcher's commands, the TPU presets' shardings,
+the AOT script's report on CPU devices, and maintenance notices turning into a clean stop."""
+
+import dataclasses
+import glob
+import http.server
+import importlib.util
+import os
+import re
+import shlex
+import sys
+import threading
+import time
+
+import jax
+import pytest
+from jax.sharding import AbstractMesh
+
+from scaling_jax.config import load_config
+from scaling_jax.parallel.mesh import MESH_AXES, mesh_shape
+from scaling_jax.parallel.sharding import logical_to_spec, rules_from_config
+from scaling_jax.train import preemption
+from scaling_jax.train.state import abstract_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WHERE = ["--project", "proj", "--zone", "us-east5-b", "--name", "lm", "--accelerator", "v5p-128", "--dry-run"]
+
+
+def _load(relpath: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+tpu = _load("scripts/tpu/tpu.py", "tpu_launcher")
+
+
+def _commands(capsys, *argv: str) -> list[list[str]]:
+    assert tpu.main([*WHERE, *argv]) == 0
+    return [shlex.split(line[2:]) for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")]
+
+
+def test_dry_run_prints_the_gcloud_life_cycle_and_runs_nothing(capsys):
+    where = ["--project", "proj", "--zone", "us-east5-b"]
+    (create,) = _commands(capsys, "create")
+    assert create == ["gcloud", "compute", "tpus", "tpu-vm", "create", "lm", *where, "--accelerator-type", "v5p-128",
+                      "--version", "v2-alpha-tpuv5"]
+    queued = _commands(capsys, "--queued", "--runtime-version", "v2-custom", "create", "--spot")
+    assert queued[0] == ["gcloud", "compute", "tpus", "queued-resources", "create", "lm", *where, "--node-id", "lm",
+                         "--accelerator-type", "v5p-128", "--runtime-version", "v2-custom", "--spot"]
+    assert queued[1][3:5] == ["queued-resources", "describe"]  # then waits for ACTIVE
+    scp, ssh = _commands(capsys, "install")
+    assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and scp[-1] == "--worker=all"
+    assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "lm"] and "--worker=all" in ssh
+    assert "pip install" in ssh[-1] and "scaling_jax[tpu,gcs]" in ssh[-1]
+    scp, ssh = _commands(capsys, "run", "configs/tpu/v5p-128.yaml", "train.run_dir=gs://b/run 1",
+                         "--env", "LIBTPU_INIT_ARGS=--xla_a=1 --xla_b=2")
+    assert scp[5:7] == ["configs/tpu/v5p-128.yaml", "lm:scaling_jax/run-config.yaml"] and scp[-1] == "--worker=all"
+    remote = ssh[ssh.index("--command") + 1]
+    assert "--worker=all" in ssh and "nohup" in remote and "train.pid" in remote
+    # the remote shell gets the overrides and env values back intact, spaces included
+    inner = shlex.split(remote[remote.index("(") + 1:remote.index(">")])
+    assert inner == ["LIBTPU_INIT_ARGS=--xla_a=1 --xla_b=2", "nohup", "python3", "-m", "scaling_jax.cli", "train",
+                     "run-config.yaml", "train.run_dir=gs://b/run 1"]
+    (logs,) = _commands(capsys, "logs", "--worker", "3")
+    assert "--worker=3" in logs and logs[-1] == "tail -n +1 -F scaling_jax/train.log"
+    (stop,) = _commands(capsys, "stop")
+    assert "kill -TERM" in stop[-1] and "--worker=all" in stop
+    assert _commands(capsys, "delete") == [["gcloud", "compute", "tpus", "tpu-vm", "delete", "lm", *where, "--quiet"]]
+    assert _commands(capsys, "--queued", "delete")[0][3:5] == ["queued-resources", "delete"]
+
+
+def test_install_ships_the_work_tree_without_ignored_files(tmp_path):
+    archive = tmp_path / "a.tar.gz"
+    tpu.pack_checkout(str(archive))
+    import tarfile
+
+    names = tarfile.open(archive).getnames()
+    assert {"scaling_jax/setup.cfg", "scaling_jax/scaling_jax/cli.py", "scaling_jax/scripts/tpu/tpu.py"} <= set(names)
+    assert not [n for n in names if "/runs/" in n or "__pycache__" in n or "/.git/" in n or "egg-info" in n]
+
+
+def test_launcher_rejects_missing_settings_and_unknown_accelerators(capsys, monkeypatch):
+    for key in ("PROJECT", "ZONE", "NAME", "ACCELERATOR"):
+        monkeypatch.delenv(f"SCALING_JAX_TPU_{key}", raising=False)
+    with pytest.raises(SystemExit) as e:
+        tpu.main(["--dry-run", "create"])
+    assert e.value.code == 2 and "--project, --zone, --name" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="v5litepod-16"):
+        tpu.main([*WHERE[:6], "--accelerator", "v5e-16", "--dry-run", "create"])
+    monkeypatch.setenv("SCALING_JAX_TPU_ACCELERATOR", "v6e-64")
+    assert tpu.main(["--project", "p", "--zone", "z", "--name", "n", "--dry-run", "create"]) == 0
+    assert "v2-alpha-tpuv6e" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "tpu", "*.yaml"))))
+def test_tpu_presets_shard_every_large_weight_over_fsdp_and_tensor(path):
+    """Each preset fills its slice (chips from the accelerator name; v5p counts 2 TensorCores per chip)
+    and its rules really split the weights: no dimension silently falls back to replication."""
+    config = load_config(path)
+    gen, size = re.fullmatch(r"(v\d\w?)-(\d+)", os.path.basename(path)[:-5]).groups()
+    chips = int(size) // (2 if gen in ("v4", "v5p") else 1)
+    mesh = AbstractMesh(mesh_shape(config.mesh, chips), MESH_AXES)
+    rules = rules_from_config(config.mesh.rules)
+    assert config.data.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
+    _, shapes, axes = abstract_model(config.model)
+    leaves = zip(jax.tree.leaves(shapes), jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple)), strict=True)
+    for shape, names in leaves:
+        spec = logical_to_spec(names, rules, mesh, shape.shape)
+        for name, entry in zip(names, spec, strict=True):
+            wanted = [a for logical, ax in rules if logical == name and ax
+                      for a in ([ax] if isinstance(ax, str) else ax) if mesh.shape[a] > 1]
+            if name in ("embed", "mlp", "heads", "kv_heads") and wanted:
+                got = [entry] if isinstance(entry, str) else list(entry or ())
+                assert got == wanted[:len(got)] and got, (path, names, shape.shape, spec)
+
+
+aot = _load("scripts/aot_compile_tpu.py", "aot_compile_tpu")
+
+
+def test_aot_report_is_xla_buffer_assignment_of_the_real_step(tiny_config):
+    """On CPU devices (the TPU path differs only in the devices handed in) the report's memory is
+    XLA's, its FLOPs are the analytic training FLOPs, and an HBM too small is reported, not hidden."""
+    config = tiny_config("mesh.fsdp=4")
+    report = aot.compile_for(config, "cpu", hbm_gib=16, devices=jax.devices()[:8])
+    assert report.chips == 8 and report.mesh == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert report.argument_bytes > 0 and report.temp_bytes > 0 and report.alias_bytes > 0  # state is donated
+    assert report.peak_bytes == report.argument_bytes + report.output_bytes - report.alias_bytes + report.temp_bytes
+    from scaling_jax.model.family import flops_per_token
+
+    assert report.flops_per_step == flops_per_token(config.model, 32) * 8 * 32
+    assert report.fits and report.xla_flops_per_chip > 0
+    tight = dataclasses.replace(report, hbm_bytes=report.peak_bytes - 1).check_fit()
+    assert not tight.fits and dataclasses.replace(report, hbm_bytes=0.0).check_fit().fits  # unknown HBM: XLA decides
+    assert "DOES NOT FIT" in aot.format_report(config, tight, 0.4)
+    for bad in ("v5e-16", "v7:4x4", "v5e:4"):
+        with pytest.raises(Exception, match="GEN:AxB"):
+            aot.parse_topology(bad)
+    assert aot.parse_topology("v5p:4x4x8") == ("v5p", (4, 4, 8))
+
+
+# ------------------------------------------------------------------------------------------ maintenance
+
+
+class _Metadata(http.server.BaseHTTPRequestHandler):
+    """A metadata server whose maintenance-event turns to TERMINATE after ``flip_after`` polls."""
+
+    polls = 0
+    flip_after = 2
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        if self.headers.get("Metadata-Flavor") != "Google" or "/instance/maintenance-event" not in self.path:
+            self.send_error(403 if "maintenance" in self.path else 404)
+            return
+        type(self).polls += 1
+        if type(self).polls == 1:
+            self.send_error(503)  # the server blips around maintenance; the watcher must retry
+            return
+        value = b"TERMINATE_ON_HOST_MAINTENANCE" if type(self).polls > self.flip_after else b"NONE"
+        self.send_response(200)
+        self.send_header("ETag", str(type(self).polls))
+        self.end_headers()
+        self.wfile.write(value)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def metadata_server():
+    _Metadata.polls = 0
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Metadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/computeMetadata/v1/"
+    server.shutdown()
+
+
+def test_maintenance_notice_becomes_a_stop_request_through_sigterm(metadata_server):
+    stop = preemption.StopRequest().install()
+    env = {preemption.ENV_METADATA_ROOT: metadata_server}
+    try:
+        watcher = preemption.watch_maintenance(env, retry_s=0.05)
+        deadline = time.time() + 20
+        while not stop.should_stop(0) and time.time() < deadline:
+            time.sleep(0.02)  # the signal handler runs on the main thread between bytecodes
+        assert stop.requested and watcher.event == "TERMINATE_ON_HOST_MAINTENANCE"
+        assert _Metadata.polls == 3  # one 503 (retried), one NONE, then the notice
+    finally:
+        stop.uninstall()
+
+
+def test_maintenance_watcher_runs_only_where_a_metadata_server_announces_maintenance():
+    assert preemption.watch_maintenance({}, tpu_vm=False) is None
+    assert preemption.watch_maintenance({preemption.ENV_WATCH: "off"}, tpu_vm=True) is None
+    events = []
+    watcher = preemption.watch_maintenance({preemption.ENV_METADATA_ROOT: "http://127.0.0.1:9/"},
+                                           on_event=events.append)
+    assert watcher is not None
+    watcher.stop()
+    assert events == []

@@ -12,12 +12,18 @@ import sys
 from scaling_jax.errors import UserError
 
 
+def _join_processes(args: argparse.Namespace) -> None:
+    """Multi-process jobs join the coordination service before any JAX device use."""
+    from scaling_jax.parallel.distributed import initialize
+
+    initialize(args.coordinator_address, args.num_processes, args.process_id)
+
+
 def _train(args: argparse.Namespace) -> int:
     from scaling_jax.config import load_config
-    from scaling_jax.parallel.distributed import initialize
     from scaling_jax.train.loop import train
 
-    initialize(args.coordinator_address, args.num_processes, args.process_id)  # before any JAX device use
+    _join_processes(args)
     config = load_config(args.config, args.overrides)
     summary = train(config)
     if "val_bpb" in summary:
@@ -32,6 +38,7 @@ def _continue(args: argparse.Namespace) -> int:
     from scaling_jax.train.continuation import child_config
     from scaling_jax.train.loop import train
 
+    _join_processes(args)
     config, notes = child_config(args.source, args.stage, args.overrides)
     for note in notes:
         print(f"stage {config.stage.name}: {note}", flush=True)
@@ -199,6 +206,12 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_process_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--coordinator-address", help="multi-process: HOST:PORT of process 0 (TPU pods detect it)")
+    parser.add_argument("--num-processes", type=int, help="multi-process: number of processes")
+    parser.add_argument("--process-id", type=int, help="multi-process: this process's index")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaling-jax", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for user errors")
@@ -207,9 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train (or resume) a model as a config describes")
     train.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides such as model.layers=4 train.steps=200")
-    train.add_argument("--coordinator-address", help="multi-process: HOST:PORT of process 0 (TPU pods detect it)")
-    train.add_argument("--num-processes", type=int, help="multi-process: number of processes")
-    train.add_argument("--process-id", type=int, help="multi-process: this process's index")
+    _add_process_flags(train)
     train.set_defaults(func=_train)
 
     cont = sub.add_parser("continue", help="start a new stage (UL2R, finetuning) from a parent checkpoint")
@@ -217,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="parent run directory (its latest checkpoint) or RUN_DIR/checkpoints/STEP")
     cont.add_argument("--stage", required=True, help="stage YAML, e.g. configs/stages/ul2r.yaml")
     cont.add_argument("overrides", nargs="*", help="dotted overrides such as budget.fraction=0.001")
+    _add_process_flags(cont)
     cont.set_defaults(func=_continue)
 
     info = sub.add_parser("info", help="parameter count, FLOPs/token and memory per device of a config or run")

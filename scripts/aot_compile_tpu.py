@@ -45,9 +45,10 @@ from scaling_jax.errors import ConfigError, UserError  # noqa: E402
 from scaling_jax.model.family import flops_per_token, param_counts  # noqa: E402
 from scaling_jax.objectives.base import build_objective  # noqa: E402
 from scaling_jax.parallel.mesh import build_mesh, mesh_shape  # noqa: E402
-from scaling_jax.parallel.sharding import requested_split, rules_from_config  # noqa: E402
+from scaling_jax.parallel.sharding import rules_from_config  # noqa: E402
+from scaling_jax.train.loop import check_batch_fits_mesh  # noqa: E402
 from scaling_jax.train.metrics import peak_flops_per_device  # noqa: E402
-from scaling_jax.train.state import abstract_model, init_state, make_optimizer, param_shardings, state_shardings  # noqa: E402,E501
+from scaling_jax.train.state import make_optimizer, state_layout  # noqa: E402
 from scaling_jax.train.step import batch_shardings, jit_train_step, make_train_step  # noqa: E402
 
 GIB = 2**30
@@ -117,14 +118,10 @@ def lower_train_step(config: Config, devices: list):
                           f"physical axis sizes ({str(e).split('with remaining assignable mesh ')[-1][:12]}...); "
                           "change mesh.fsdp / mesh.tensor") from None
     rules = rules_from_config(config.mesh.rules)
-    for name, size, logical in (("data.batch_size", d.batch_size, "batch"), ("data.seq_len", d.seq_len, "length")):
-        if size % requested_split(logical, rules, mesh):
-            raise ConfigError(f"{name}={size} must be divisible by the mesh axes that shard '{logical}' "
-                              f"(mesh {dict(mesh.shape)})")
+    check_batch_fits_mesh(config, mesh, rules)
     tx, schedule = make_optimizer(config.optimizer, t.steps)
-    graphdef, shapes, axes = abstract_model(config.model, objective.build_model)
-    state = jax.eval_shape(lambda: init_state(config.model, tx, t.seed, objective.build_model))
-    state_sharding = state_shardings(mesh, state, param_shardings(mesh, rules, shapes, axes))
+    layout = state_layout(config.model, tx, t.seed, objective.build_model, mesh, rules)
+    graphdef, state, state_sharding = layout.graphdef, layout.abstract, layout.state_sharding
     rows = {"tokens": np.ones((d.batch_size, d.seq_len + 1), np.int32),
             "segment_ids": np.ones((d.batch_size, d.seq_len + 1), np.int32)}
     batch = objective.prepare(rows)  # the objective decides the batch fields and their shapes

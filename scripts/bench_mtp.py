@@ -23,7 +23,7 @@ from scaling_jax.model.family import flops_per_token
 from scaling_jax.objectives.multi_token import MultiTokenPrediction
 from scaling_jax.parallel.mesh import build_mesh
 from scaling_jax.parallel.sharding import rules_from_config
-from scaling_jax.train.state import abstract_model, init_state, make_optimizer, param_shardings, state_shardings
+from scaling_jax.train.state import init_state, make_optimizer, state_layout
 from scaling_jax.train.step import batch_shardings, jit_train_step, make_train_step, to_global
 
 GIB = 2**30
@@ -54,9 +54,8 @@ def build_step(config: Config, memory_efficient: bool):
     objective = MultiTokenPrediction(config.objective, memory_efficient=memory_efficient)
     mesh, rules = build_mesh(config.mesh), rules_from_config(config.mesh.rules)
     tx, schedule = make_optimizer(config.optimizer, config.train.steps)
-    graphdef, shapes, axes = abstract_model(config.model, objective.build_model)
-    abstract = jax.eval_shape(lambda: init_state(config.model, tx, config.train.seed, objective.build_model))
-    state_sharding = state_shardings(mesh, abstract, param_shardings(mesh, rules, shapes, axes))
+    layout = state_layout(config.model, tx, config.train.seed, objective.build_model, mesh, rules)
+    graphdef, abstract, state_sharding = layout.graphdef, layout.abstract, layout.state_sharding
     batch = objective.prepare(example_rows(config))
     batch_sharding = batch_shardings(mesh, rules, batch)
     step = jit_train_step(make_train_step(graphdef, objective, tx, schedule, mesh, rules), state_sharding,

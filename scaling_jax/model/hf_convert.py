@@ -490,28 +490,18 @@ def _train_state(config: Config, params: dict):
     from scaling_jax.objectives.base import build_objective
     from scaling_jax.parallel.mesh import build_mesh
     from scaling_jax.parallel.sharding import replicated, rules_from_config
-    from scaling_jax.train.state import (
-        TrainState,
-        abstract_model,
-        init_state,
-        make_optimizer,
-        param_shardings,
-        state_shardings,
-    )
+    from scaling_jax.train.state import TrainState, make_optimizer, state_layout
 
-    build = build_objective(config.objective).build_model
-    _, shapes, axes = abstract_model(config.model, build)
+    mesh = build_mesh(config.mesh)
+    tx, _ = make_optimizer(config.optimizer, config.train.steps)
+    layout = state_layout(config.model, tx, config.train.seed, build_objective(config.objective).build_model,
+                          mesh, rules_from_config(config.mesh.rules))
     got = jax.tree.map(lambda a: (a.shape, str(a.dtype)), params)
-    want = jax.tree.map(lambda s: (tuple(s.shape), str(s.dtype)), shapes)
+    want = jax.tree.map(lambda s: (tuple(s.shape), str(s.dtype)), layout.shapes)
     if got != want:
         raise ConfigError(f"objective={config.objective.name} trains another parameter tree than a Llama decoder; "
                           "import with the default objective and switch objectives in a continuation stage")
-    mesh = build_mesh(config.mesh)
-    rules = rules_from_config(config.mesh.rules)
-    params_sharding = param_shardings(mesh, rules, shapes, axes)
-    tx, _ = make_optimizer(config.optimizer, config.train.steps)
-    abstract = jax.eval_shape(lambda: init_state(config.model, tx, config.train.seed, build))
-    sharding = state_shardings(mesh, abstract, params_sharding)
+    params_sharding, sharding = layout.params_sharding, layout.state_sharding
     placed = jax.tree.map(lambda a, s: jax.make_array_from_callback(a.shape, s, lambda idx: a[idx]),
                           params, params_sharding)  # every process holds the file; each places its shards
     opt_state = jax.jit(tx.init, out_shardings=sharding.opt_state)(placed)

@@ -39,14 +39,7 @@ from scaling_jax.model.family import flops_per_token
 from scaling_jax.objectives.base import Objective, build_objective
 from scaling_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, model_signature
 from scaling_jax.train.loop import Session, StageStart
-from scaling_jax.train.state import (
-    TrainState,
-    abstract_model,
-    init_state,
-    make_schedule,
-    param_shardings,
-    state_shardings,
-)
+from scaling_jax.train.state import TrainState, make_schedule, state_layout
 
 INHERITED_NOT = ("stage.", "budget.", "train.run_dir")  # a child never inherits these from its parent
 
@@ -291,22 +284,19 @@ def start_from_parent(session: Session) -> StageStart:
     run_dir, step = split_checkpoint_path(config.stage.parent)
     meta = parent_meta(run_dir, step)
     parent_model = dataclasses.replace(config.model, vocab_size=meta["config"]["model"]["vocab_size"])
-    _, shapes, axes = abstract_model(parent_model, objective.build_model)
-    params_sharding = param_shardings(session.mesh, session.rules, shapes, axes)
+    layout = state_layout(parent_model, session.tx, config.train.seed, objective.build_model, session.mesh,
+                          session.rules)
     checkpointer = Checkpointer(run_dir, keep=1, async_save=False)
     try:
         if config.stage.optimizer_state == "continue":
-            abstract = jax.eval_shape(lambda: init_state(parent_model, session.tx, config.train.seed,
-                                                         objective.build_model))
-            parent, _ = checkpointer.restore(step, abstract, state_shardings(session.mesh, abstract, params_sharding),
-                                             None)
+            parent, _ = checkpointer.restore(step, layout.abstract, layout.state_sharding, None)
             if int(jax.device_get(parent.step)) != meta["step"]:  # restore fell back to an older checkpoint
                 raise CheckpointError(f"parent checkpoint {config.stage.parent} is unreadable; pass an intact "
                                       f"one as --from {run_dir}/{CHECKPOINT_DIR}/STEP")
             params, parent_opt = parent.params, parent.opt_state
         else:
             target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                  shapes, params_sharding)
+                                  layout.shapes, layout.params_sharding)
             params, parent_opt = checkpointer.restore_partial(step, {"params": target})["params"], None
     finally:
         checkpointer.close()

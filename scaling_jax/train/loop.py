@@ -35,14 +35,7 @@ from scaling_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, model_sig
 from scaling_jax.train.health import NonFinitePolicy, tensor_names
 from scaling_jax.train.lock import acquire_run_lock, releases_run_lock
 from scaling_jax.train.preemption import StopRequest, watch_maintenance
-from scaling_jax.train.state import (
-    TrainState,
-    abstract_model,
-    init_state,
-    make_optimizer,
-    param_shardings,
-    state_shardings,
-)
+from scaling_jax.train.state import TrainState, init_state, make_optimizer, state_layout
 from scaling_jax.train.step import batch_shardings, jit_train_step, make_eval_step, make_train_step, to_global
 
 LN2 = math.log(2.0)
@@ -181,6 +174,16 @@ class Session:
                        out_shardings=self.state_sharding)()
 
 
+def check_batch_fits_mesh(config: Config, mesh: Mesh, rules) -> None:
+    """Batch and sequence length must split evenly over the mesh axes their logical axes map to."""
+    d = config.data
+    for field, value, logical in (("data.batch_size", d.batch_size, "batch"), ("data.seq_len", d.seq_len, "length")):
+        split = requested_split(logical, rules, mesh)
+        if value % split:
+            raise ConfigError(f"{field}={value} must be divisible by {split}, the mesh axes that shard '{logical}' "
+                              f"(mesh {dict(mesh.shape)}); change {field} or the mesh")
+
+
 def build_session(config: Config) -> Session:
     t, d = config.train, config.data
     tokenizer = build_tokenizer(d.tokenizer, d.seqio_modules)
@@ -189,18 +192,12 @@ def build_session(config: Config) -> Session:
     objective = build_objective(config.objective, tokenizer)
     mesh = build_mesh(config.mesh)
     rules = rules_from_config(config.mesh.rules)
-    for field, value, logical in (("data.batch_size", d.batch_size, "batch"), ("data.seq_len", d.seq_len, "length")):
-        split = requested_split(logical, rules, mesh)
-        if value % split:
-            raise ConfigError(f"{field}={value} must be divisible by {split}, the mesh axes that shard '{logical}' "
-                              f"(mesh {dict(mesh.shape)}); change {field} or the mesh")
+    check_batch_fits_mesh(config, mesh, rules)
     data = InstructionData(config, tokenizer) if d.instructions else DataBundle(config, tokenizer)
 
     tx, schedule = make_optimizer(config.optimizer, t.steps)
-    graphdef, shapes, axes = abstract_model(config.model, objective.build_model)
-    params_sharding = param_shardings(mesh, rules, shapes, axes)
-    abstract = jax.eval_shape(lambda: init_state(config.model, tx, t.seed, objective.build_model))
-    state_sharding = state_shardings(mesh, abstract, params_sharding)
+    layout = state_layout(config.model, tx, t.seed, objective.build_model, mesh, rules)
+    graphdef, abstract, state_sharding = layout.graphdef, layout.abstract, layout.state_sharding
 
     train_ds = pipeline.train_dataset(data.train_rows, d, jax.process_index(), jax.process_count(), objective.prepare)
     # Validation is next-token loss for every objective (UL2's own loss covers only its targets), so
@@ -212,7 +209,7 @@ def build_session(config: Config) -> Session:
     eval_sharding = batch_shardings(mesh, rules, val_batches[0])
     step_fn = jit_train_step(make_train_step(graphdef, objective, tx, schedule, mesh, rules, t.noise_scale),
                              state_sharding, batch_sharding, mesh)
-    eval_fn = make_eval_step(graphdef, eval_objective, mesh, rules, params_sharding, eval_sharding,
+    eval_fn = make_eval_step(graphdef, eval_objective, mesh, rules, layout.params_sharding, eval_sharding,
                              tokenizer.token_byte_lengths())
     return Session(config, tokenizer, objective, mesh, rules, data, tx, schedule, abstract, state_sharding,
                    batch_sharding, eval_sharding, train_ds, val_batches, step_fn, eval_fn)

@@ -8,6 +8,7 @@ step with ``nnx.merge(graphdef, params)``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import flax.struct
@@ -112,6 +113,26 @@ def state_shardings(mesh: Mesh, abstract: TrainState, params_sharding: dict) -> 
     opt = jax.tree_util.tree_map_with_path(for_leaf, abstract.opt_state)
     rep = replicated(mesh)
     return TrainState(step=rep, params=params_sharding, opt_state=opt, rng=rep)
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """A train state's shapes and shardings, computed without allocating (training, import, AOT)."""
+
+    graphdef: nnx.GraphDef
+    shapes: dict  # params as ShapeDtypeStructs
+    abstract: TrainState  # the whole state as ShapeDtypeStructs
+    params_sharding: dict
+    state_sharding: TrainState
+
+
+def state_layout(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, build: ModelBuilder,
+                 mesh: Mesh, rules: Rules) -> StateLayout:
+    graphdef, shapes, axes = abstract_model(cfg, build)
+    params_sharding = param_shardings(mesh, rules, shapes, axes)
+    abstract = jax.eval_shape(lambda: init_state(cfg, tx, seed, build))
+    return StateLayout(graphdef, shapes, abstract, params_sharding,
+                       state_shardings(mesh, abstract, params_sharding))
 
 
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,

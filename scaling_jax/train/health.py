@@ -62,10 +62,10 @@ class NonFinitePolicy:
         self.skipped = 0  # updates dropped in this process's lifetime
         self.rollbacks: dict[int, int] = {}  # checkpoint step -> rollbacks to it
 
-    def inspect(self, step: int, device_metrics: dict, batch_index: int) -> str | None:
-        """Pops the culprit index off ``device_metrics``; returns None (fine), 'skip', 'rollback' or 'halt'
+    def inspect(self, step: int, metrics: dict, batch_index: int) -> str | None:
+        """Pops the culprit index off the step's host ``metrics``; returns None (fine), 'skip', 'rollback' or 'halt'
         (the loop raises ``self.diverged(...)`` after logging the row)."""
-        culprit = int(jax.device_get(device_metrics.pop(CULPRIT)))
+        culprit = int(metrics.pop(CULPRIT))
         if culprit < 0:
             return None
         self.skipped += 1

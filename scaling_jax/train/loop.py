@@ -343,9 +343,9 @@ def train(config: Config, start: Callable[[Session], StageStart] | None = None) 
     last_time, pending = started, None
     last_eval: dict = {}
 
-    def log(step: int, device_metrics: dict) -> None:
+    def log(step: int, metrics: dict) -> None:
         nonlocal last_time
-        host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        host = {k: float(v) for k, v in metrics.items()}
         now = time.perf_counter()
         dt, last_time = now - last_time, now
         scalars = {k: v for k, v in host.items() if k not in ("nll_sum", "tokens")}  # sums are for eval
@@ -366,8 +366,9 @@ def train(config: Config, start: Callable[[Session], StageStart] | None = None) 
         if pending is None:
             return False
         (done, device_metrics, batch_index), pending = pending, None
-        verdict = nonfinite.inspect(done, device_metrics, batch_index)
-        log(done, device_metrics)
+        host = jax.device_get(device_metrics)  # one transfer per step serves the NaN policy and the log
+        verdict = nonfinite.inspect(done, host, batch_index)
+        log(done, host)
         if verdict == "halt":
             raise nonfinite.diverged(f"; the last checkpoint (step {saved}) is intact" if saved else "")
         if verdict == "rollback":

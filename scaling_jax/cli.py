@@ -53,19 +53,21 @@ def _continue(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     import jax
 
+    from scaling_jax import paths
     from scaling_jax.config import load_config
     from scaling_jax.info import describe, format_lineage, format_report, read_lineage
 
     path = args.config
-    if os.path.isdir(path):
-        saved = os.path.join(path, "config.yaml")
-        if not os.path.isfile(saved):
+    run_dir = paths.isdir(path)  # a run directory, local or gs://
+    if run_dir:
+        saved = paths.join(path, "config.yaml")
+        if not paths.exists(saved):
             raise UserError(f"'{path}' is a directory without config.yaml; pass a config file or a run directory")
         path = saved
     config = load_config(path, args.overrides)
     devices = args.devices or jax.device_count()
     print(format_report(config, describe(config, devices)))
-    lineage = read_lineage(args.config) if os.path.isdir(args.config) else None
+    lineage = read_lineage(args.config) if run_dir else None
     if lineage:
         print(format_lineage(lineage))
     return 0

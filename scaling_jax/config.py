@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from scaling_jax import paths
 from scaling_jax.errors import ConfigError
 
 
@@ -304,11 +305,10 @@ def load_config(path: str | None, overrides: list[str] | dict | None = None) -> 
     """Read a YAML file (or nothing: all defaults) and apply dotted overrides."""
     raw: dict = {}
     if path:
-        if not os.path.isfile(path):
+        if not (paths.exists(path) if paths.is_remote(path) else os.path.isfile(path)):
             raise ConfigError(f"config file '{path}' does not exist; pass a YAML file such as configs/quickstart.yaml")
         try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
+            raw = yaml.safe_load(paths.read_text(path)) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""

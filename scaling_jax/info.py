@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import jax
 import numpy as np
 from jax.sharding import AbstractMesh
 
+from scaling_jax import paths
 from scaling_jax.config import Config
 from scaling_jax.model.family import attention_flops_per_token, flops_per_token, param_counts
 from scaling_jax.objectives.base import Objective, build_objective
@@ -102,11 +102,10 @@ def format_report(config: Config, info: dict) -> str:
 
 def read_lineage(run_dir: str) -> list[dict] | None:
     """The stages a run descends from (``lineage.json``, written with every checkpoint), or None."""
-    path = os.path.join(run_dir, "lineage.json")
-    if not os.path.isfile(path):
+    path = paths.join(run_dir, "lineage.json")
+    if not paths.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(paths.read_text(path))
 
 
 def format_lineage(lineage: list[dict]) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import posixpath
 import tempfile
 from collections.abc import Iterator
 from typing import IO
@@ -54,6 +55,14 @@ def join(path: str, *parts: str) -> str:
     return "/".join([str(path).rstrip("/"), *parts]) if is_remote(path) else os.path.join(path, *parts)
 
 
+def dirname(path: str) -> str:
+    return posixpath.dirname(str(path).rstrip("/")) if is_remote(path) else os.path.dirname(path)
+
+
+def basename(path: str) -> str:
+    return posixpath.basename(str(path).rstrip("/")) if is_remote(path) else os.path.basename(path)
+
+
 def exists(path: str) -> bool:
     fs, p = _fs(path)
     return fs.exists(p)
@@ -75,6 +84,17 @@ def listdir(path: str) -> list[str]:
     if not fs.isdir(p):
         return []
     return sorted(os.path.basename(str(e).rstrip("/")) for e in fs.ls(p, detail=False))
+
+
+def file_sizes(directory: str) -> dict[str, int]:
+    """``{relative path: size}`` of every file under ``directory`` (``/``-separated, sorted)."""
+    fs, root = _fs(directory)
+    if not fs.isdir(root):
+        return {}
+    root = root.rstrip("/")
+    found = fs.find(root, detail=True)
+    return {posixpath.relpath(p, root) if is_remote(directory) else os.path.relpath(p, root).replace(os.sep, "/"):
+            int(info["size"]) for p, info in sorted(found.items())}
 
 
 def glob(pattern: str) -> list[str]:
@@ -106,7 +126,23 @@ def write_text(path: str, text: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, prefix=".tmp-") as f:
         f.write(text)
+        f.flush()
+        os.fsync(f.fileno())  # the rename must not publish a file whose bytes are still in the page cache
     os.replace(f.name, path)
+
+
+def rename(src: str, dst: str) -> None:
+    """Move a file or directory (on object stores: copy then delete, object by object)."""
+    if not is_remote(src):
+        os.rename(src, dst)
+        return
+    fs, p = _fs(src)
+    fs.copy(p, _fs(dst)[1], recursive=True)  # GCS has no rename; copy + delete is what a move is there
+    fs.rm(p, recursive=True)
+    # orbax's path layer lists the bucket through its own cached instance; a stale listing would still
+    # show the moved directory to it
+    for instance in [fs, *getattr(type(fs), "_cache", {}).values()]:
+        instance.invalidate_cache()
 
 
 def remove(path: str) -> None:
@@ -133,10 +169,12 @@ class RunMirror:
 
     ``local`` is where writers put their files; ``push()`` uploads each file whose content changed
     since the last push (relative paths kept), ``pull()`` downloads the remote files that exist.
-    ``skip`` names top-level entries left alone (the checkpoints, which orbax writes directly).
+    ``skip`` names top-level entries left alone: the checkpoints (orbax writes them to the bucket
+    directly) and the lock file of the trainer that holds this mirror.
     """
 
-    def __init__(self, run_dir: str, cache_root: str | None = None, skip: tuple[str, ...] = ("checkpoints",)):
+    def __init__(self, run_dir: str, cache_root: str | None = None,
+                 skip: tuple[str, ...] = ("checkpoints", "checkpoints-damaged", ".lock")):
         self.remote = run_dir if is_remote(run_dir) else None
         self.skip = set(skip)
         self._pushed: dict[str, str] = {}
@@ -179,9 +217,13 @@ class RunMirror:
         return sent
 
     def pull(self) -> list[str]:
-        """Download the remote run's files (before resuming); returns their relative paths."""
+        """Make ``local`` a copy of the remote run's files (before resuming; files only in ``local`` are
+        deleted); returns the relative paths downloaded."""
         if self.remote is None:
             return []
+        for rel in list(self._local_files()):  # the bucket is the truth: no leftovers of an older run
+            os.remove(os.path.join(self.local, rel))
+        self._pushed.clear()
         fs, root = _fs(self.remote)
         if not fs.isdir(root):
             return []

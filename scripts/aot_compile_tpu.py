@@ -46,8 +46,8 @@ from scaling_jax.model.family import flops_per_token, param_counts  # noqa: E402
 from scaling_jax.objectives.base import build_objective  # noqa: E402
 from scaling_jax.parallel.mesh import build_mesh, mesh_shape  # noqa: E402
 from scaling_jax.parallel.sharding import rules_from_config  # noqa: E402
-from scaling_jax.train.loop import check_batch_fits_mesh  # noqa: E402
 from scaling_jax.train.metrics import peak_flops_per_device  # noqa: E402
+from scaling_jax.train.session import check_batch_fits_mesh  # noqa: E402
 from scaling_jax.train.state import make_optimizer, state_layout  # noqa: E402
 from scaling_jax.train.step import batch_shardings, jit_train_step, make_train_step  # noqa: E402
 

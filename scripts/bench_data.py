@@ -29,7 +29,7 @@ from scaling_jax.data import pipeline
 from scaling_jax.data.prepare import prepare
 from scaling_jax.data.tokenizer import build_tokenizer
 from scaling_jax.model.family import param_counts
-from scaling_jax.train.loop import build_session
+from scaling_jax.train.session import build_session
 from scaling_jax.train.step import to_global
 
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from scaling_jax.config import load_config
-from scaling_jax.train.loop import build_session
+from scaling_jax.train.session import build_session
 from scaling_jax.train.step import to_global
 
 WARMUP, STEPS = 3, 10

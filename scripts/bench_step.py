@@ -20,8 +20,9 @@ import jax
 from scaling_jax.config import load_config
 from scaling_jax.data.pipeline import make_iterator
 from scaling_jax.model.family import flops_per_token, param_counts
-from scaling_jax.train.loop import build_session, train
+from scaling_jax.train.loop import train
 from scaling_jax.train.metrics import peak_flops_per_device, read_metrics
+from scaling_jax.train.session import build_session
 from scaling_jax.train.step import to_global
 
 WARMUP = 5  # steps excluded from timing (compilation, first transfers)

@@ -1,11 +1,14 @@
-"""PassUntil demo: train a small model series on the embedded corpus, measure PassUntil PU on a generated
-task where greedy accuracy is ~0 for the small models, fit log(-log PU) = a log N + b on all but the
-largest model, and print the predicted vs measured PU of the largest.
+"""PassUntil demo: train a small model series, measure PassUntil PU on a generated task where greedy
+accuracy is ~0 for the small models, fit log(-log PU) = a log N + b on all but the largest model, and
+print the predicted vs measured PU of the largest.
 
-Task: complete the last line of held-out standard-library functions (``code_completion:lines=1``, the
-functions come from documents the trainer's validation split keeps out of training).
+Task (default): 3-digit addition, "Q: What is 347 plus 589?\nA: 936". A byte-level model trained on Python
+source alone has nothing to learn addition from, so ``--drill-rate`` of the training stream are
+addition drills in the same format (the embedded corpus is the rest). The evaluated problems are held out
+of the drills. ``--task code_completion:lines=1,max_target_chars=20 --drill-rate 0`` evaluates the
+corpus-only skill instead (session 2 found every model of this series below one pass in 64 there).
 
-    nice -n 10 python scripts/passuntil_demo.py            # ~25 min on a free 2-core CPU
+    nice -n 10 python scripts/passuntil_demo.py            # ~40 min on a free 2-core CPU
     python scripts/passuntil_demo.py --steps 40 --examples 8 --out /tmp/pu_smoke   # a quick smoke run
 
 Runs that already finished in ``--out`` are reused (training resumes/ends at its checkpoint).
@@ -18,6 +21,8 @@ import json
 import os
 import time
 
+import numpy as np
+
 SERIES = [  # (name, layers, d_model, heads, d_ff): ~0.1M to ~1.8M non-embedding parameters
     ("s1", 2, 64, 2, 160),
     ("s2", 3, 96, 3, 256),
@@ -26,19 +31,40 @@ SERIES = [  # (name, layers, d_model, heads, d_ff): ~0.1M to ~1.8M non-embedding
 ]
 
 
-def train_series(out: str, steps: int) -> list[str]:
+def write_drills(path: str, spec: str, held_out: set[str], problems: int, per_document: int = 16) -> str:
+    """Training documents of solved task problems (a different seed than the evaluated ones, and never one
+    of their inputs), formatted exactly like the zero-shot prompt plus its answer."""
+    from scaling_jax.eval.generators import generate_task
+    from scaling_jax.eval.tasks import format_example, task_from_dict
+
+    task = task_from_dict(generate_task(spec, n=problems, seed=1), name="drills")
+    rng = np.random.default_rng(1)
+    lines = [format_example(task, ex, rng)[0] + ex.targets[0] for ex in task.examples if ex.input not in held_out]
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(0, len(lines), per_document):
+            f.write(json.dumps({"text": "".join(lines[i:i + per_document]) + "\n"}) + "\n")
+    return path
+
+
+def train_series(out: str, steps: int, drills: str | None, drill_rate: float, models: list[str]) -> list[str]:
     from scaling_jax.config import load_config
     from scaling_jax.train.loop import train
 
+    mixture = []
+    if drills:
+        rates = f"[{{source: stdlib, rate: {1 - drill_rate:g}}}, {{source: {drills}, rate: {drill_rate:g}}}]"
+        mixture = [f"data.mixture={rates}"]
     dirs = []
     for name, layers, d_model, heads, d_ff in SERIES:
+        if name not in models:
+            continue
         run_dir = os.path.join(out, name)
         config = load_config(None, [
             f"model.layers={layers}", f"model.d_model={d_model}", f"model.heads={heads}", "model.head_dim=32",
             f"model.d_ff={d_ff}", "data.seq_len=128", "data.batch_size=16", f"train.steps={steps}",
             "optimizer.lr=3e-3", f"optimizer.warmup_steps={max(steps // 10, 1)}", f"train.eval_every={steps}",
             f"train.checkpoint_every={steps}", f"train.run_dir={run_dir}", "train.progress=false",
-            "train.tensorboard=false", "train.plot=false"])
+            "train.tensorboard=false", "train.plot=false", *mixture])
         started = time.perf_counter()
         summary = train(config)
         val = f"val {summary['val_bpb']:.3f} bits/byte" if "val_bpb" in summary else "reused the finished run"
@@ -51,37 +77,54 @@ def train_series(out: str, steps: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/passuntil_demo")
-    parser.add_argument("--steps", type=int, default=500, help="training steps per model (16 x 128 tokens each)")
+    parser.add_argument("--task", default="arithmetic:digits=3,op=+,choices=0", help="a generator spec or task file")
+    parser.add_argument("--drill-rate", type=float, default=0.25,
+                        help="share of the training stream that is solved task problems (0: the corpus alone)")
+    parser.add_argument("--drill-problems", type=int, default=60_000)
+    parser.add_argument("--steps", type=int, default=1000, help="training steps per model (16 x 128 tokens each)")
+    parser.add_argument("--models", default=",".join(s[0] for s in SERIES), help="a subset of the series to run")
     parser.add_argument("--examples", type=int, default=40, help="task instances")
     parser.add_argument("--max-samples", type=int, default=64, help="PassUntil cap per instance")
     parser.add_argument("--passes", type=int, default=2)
-    parser.add_argument("--max-target-chars", type=int, default=60, help="difficulty: longest line to complete")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
     args = parser.parse_args()
 
     from scaling_jax.eval import harness
     from scaling_jax.eval.passuntil import fit_task_law
 
     started = time.perf_counter()
-    run_dirs = train_series(args.out, args.steps)
-    spec = f"code_completion:lines=1,max_lines=16,max_target_chars={args.max_target_chars}"
-    tasks = harness.resolve_tasks([spec], args.examples, 0, args.out)
-    options = harness.PassUntilOptions(passes=args.passes, max_samples=args.max_samples, max_new_tokens=72)
+    os.makedirs(args.out, exist_ok=True)
+    tasks = harness.resolve_tasks([args.task], args.examples, 0, args.out)
+    task = tasks[0]
+    drills = None
+    if args.drill_rate > 0:
+        drills = write_drills(os.path.join(args.out, "drills.jsonl"), args.task, {ex.input for ex in task.examples},
+                              args.drill_problems)
+    models = args.models.split(",")
+    run_dirs = train_series(args.out, args.steps, drills, args.drill_rate, models)
+    options = harness.PassUntilOptions(passes=args.passes, max_samples=args.max_samples,
+                                       max_new_tokens=args.max_new_tokens)
     results = []
     for run_dir in run_dirs:
         t0 = time.perf_counter()
-        results.append(harness.evaluate(harness.load_run(run_dir), tasks, passuntil=options, max_new_tokens=72))
+        results.append(harness.evaluate(harness.load_run(run_dir), tasks, passuntil=options,
+                                        max_new_tokens=args.max_new_tokens))
         print(f"evaluated {run_dir} in {time.perf_counter() - t0:.0f} s", flush=True)
-    name = tasks[0].name
-    print(f"\ntask {name}: {len(tasks[0].examples)} held-out functions; PassUntil r={args.passes} passes, "
+    name = task.name
+    print(f"\ntask {name}: {len(task.examples)} held-out problems; PassUntil r={args.passes} passes, "
           f"cap {args.max_samples} samples/instance")
     print(f"{'model':>6} {'N':>10} {'greedy acc':>10} {'PU':>10} {'95% CI':>22} {'sampled/loss':>13}")
-    for name_r, r in zip([s[0] for s in SERIES], results, strict=True):
+    for name_r, r in zip([m for m in (s[0] for s in SERIES) if m in models], results, strict=True):
         entry = r["tasks"][name]
         p = entry["passuntil"]
         interval = f"[{p['low']:.3g}, {p['high']:.3g}]"
-        greedy = entry["metrics"]["code_execution"]  # execution where a doctest exists, else exact match
+        greedy = entry["metrics"][task.metrics[0]]  # exact match; code: execution where a doctest exists
         print(f"{name_r:>6} {r['n_params']:>10,} {greedy:>10.3f} {p['pu']:>10.3g} "
               f"{interval:>22} {p['sampled']:>6}/{p['loss_based']:<6}")
+    report = harness.write_report(results, args.out)
+    if len(results) < 3:
+        print(f"\n{len(results)} model(s): too few to fit on all but the largest and predict it")
+        return
     fit = harness.fit_series(results, name, holdout=1)
     law, t, i, m = fit["law"], fit["task_level"], fit["instance_level"], fit["measured"]
     print(f"\nfit on the {len(results) - 1} smaller models: log(-log PU) = {law['a']:.3f} (±{law['a_se']:.3f}) log N "
@@ -91,8 +134,7 @@ def main() -> None:
     print(f"  predicted PU, instance-level fit: {i['pu']:.4g}  [95% {i['low']:.4g}, {i['high']:.4g}]")
     print(f"  measured PU:                      {m['pu']:.4g}  [95% {m['low']:.4g}, {m['high']:.4g}]")
     full = fit_task_law([r["n_params"] for r in results], [r["tasks"][name]["passuntil"]["pu"] for r in results])
-    print(f"(all four models: a = {full.a:.3f}, b = {full.b:.3f})")
-    report = harness.write_report(results, args.out)
+    print(f"(all {len(results)} models: a = {full.a:.3f}, b = {full.b:.3f})")
     with open(os.path.join(args.out, "demo_fit.json"), "w") as f:
         json.dump(fit, f, indent=1, default=float)
     print(f"\nwrote {report['markdown']}, {', '.join(report['plots'])}; total {time.perf_counter() - started:.0f} s")

@@ -34,7 +34,8 @@ from scaling_jax.data.tokenizer import build_tokenizer
 from scaling_jax.objectives.denoisers import MixtureOfDenoisers
 from scaling_jax.train.checkpoint import Checkpointer
 from scaling_jax.train.continuation import child_config
-from scaling_jax.train.loop import DataBundle, train
+from scaling_jax.train.loop import train
+from scaling_jax.train.session import DataBundle
 from scaling_jax.train.state import abstract_model
 
 INFILL = [{"kind": "R", "rate": 0.15, "mean_span": 3.0}]  # T5 span corruption, UL2's R denoiser

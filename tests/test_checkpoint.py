@@ -13,8 +13,9 @@ import pytest
 from scaling_jax.config import load_config
 from scaling_jax.errors import CheckpointError
 from scaling_jax.train.checkpoint import Checkpointer
-from scaling_jax.train.loop import build_session, train
+from scaling_jax.train.loop import train
 from scaling_jax.train.metrics import read_metrics
+from scaling_jax.train.session import build_session
 
 RUN = ["model.series=custom", "model.layers=2", "model.d_model=64", "model.heads=2", "model.head_dim=32",
        "model.d_ff=128",

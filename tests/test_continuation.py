@@ -18,8 +18,9 @@ from scaling_jax.model.family import flops_per_token
 from scaling_jax.objectives.base import make_loss_fn
 from scaling_jax.train.checkpoint import Checkpointer
 from scaling_jax.train.continuation import child_config, start_from_parent
-from scaling_jax.train.loop import build_session, train
+from scaling_jax.train.loop import train
 from scaling_jax.train.metrics import read_metrics
+from scaling_jax.train.session import build_session
 from scaling_jax.train.state import abstract_model, make_schedule
 
 RUN = ["model.series=custom", "model.layers=2", "model.d_model=64", "model.heads=2", "model.head_dim=32",
@@ -82,7 +83,9 @@ def test_ul2r_child_first_loss_is_the_parent_under_the_new_objective(parent, ul2
     assert after == before and any(k.startswith("checkpoints") for k in before)  # parent byte-identical
 
     child_session = build_session(config)
-    batch = next(pipeline.make_iterator(child_session.train_ds, config.data))
+    stream = pipeline.make_iterator(child_session.train_ds, config.data)
+    pipeline.seek(stream, PARENT_STEPS)  # the same data as the parent's: the child reads on past its rows
+    batch = next(stream)
     assert batch["bidirectional"].any()  # the first batch is a UL2 (prefix-LM) batch
     graphdef = abstract_model(config.model, child_session.objective.build_model)[0]
     loss_fn = jax.jit(make_loss_fn(graphdef, child_session.objective))
@@ -135,6 +138,24 @@ def test_interrupted_child_resumes_from_its_own_checkpoint(parent, ul2r_child, t
     assert summary["total_step"] == PARENT_STEPS + 4
     with open(child / "lineage.json") as f:
         assert [r["stage"] for r in json.load(f)] == ["pretrain", "ul2r"]
+
+
+def test_a_child_on_the_parents_data_reads_on_where_the_parent_stopped(parent, ul2r_child):
+    config, notes, summary, _, _ = ul2r_child
+    assert any("reads on from global batch 4" in note for note in notes)
+    saved = os.path.join(config.train.run_dir, "checkpoints", str(summary["step"]), "data", "process_0-of-1.json")
+    with open(saved) as f:
+        assert json.load(f)["next_index"] == PARENT_STEPS + summary["step"]  # parent's 4 batches + its own
+
+
+def test_stream_position_rounds_up_to_the_child_batch_and_resets_on_other_data():
+    from scaling_jax.train.continuation import continued_stream_index
+
+    data = {"source": "stdlib", "seq_len": 64, "batch_size": 8, "shuffle_seed": 0, "num_threads": 1}
+    assert continued_stream_index(data, {**data, "batch_size": 16, "num_threads": 4}, 5) == 3  # 40 rows -> batch 3
+    assert continued_stream_index(data, {**data, "batch_size": 4}, 5) == 10
+    assert continued_stream_index(data, {**data, "shuffle_seed": 1}, 5) == 0
+    assert continued_stream_index(data, {**data, "seq_len": 32}, 5) == 0
 
 
 def test_optimizer_continue_keeps_moments_and_reset_drops_them(parent):

@@ -142,6 +142,13 @@ def test_date_and_arithmetic_answers_are_right_and_distractors_wrong():
             assert 100 <= a < 1000 and 100 <= b < 1000 and ex.targets == [str(fn(a, b))]
 
 
+def test_arithmetic_without_choices_is_purely_generative():
+    task = task_from_dict(generators.arithmetic(n=10, seed=3, digits=3, choices=0))
+    assert task.generative and not task.multiple_choice
+    prompt = build_prompts(task)[0].prompt
+    assert "choice" not in prompt and task.examples[0].targets[0] not in prompt
+
+
 def test_generator_specs_parse_difficulty_and_reject_unknowns():
     assert generators.parse_spec("arithmetic:digits=4,op=*") == ("arithmetic", {"digits": 4, "op": "*"})
     with pytest.raises(DataError, match="neither a file nor a generator"):

@@ -30,8 +30,9 @@ from scaling_jax.errors import CheckpointError
 from scaling_jax.train import lock as lock_lib
 from scaling_jax.train.checkpoint import DAMAGED_DIR, DIGEST_FILE, Checkpointer, damage, file_digests
 from scaling_jax.train.health import first_nonfinite, guard_nonfinite, tensor_names
-from scaling_jax.train.loop import build_session, train
+from scaling_jax.train.loop import train
 from scaling_jax.train.metrics import read_metrics
+from scaling_jax.train.session import build_session
 from scaling_jax.train.state import TrainState
 
 # ----------------------------------------------------------------------------- checkpoints on tiny states

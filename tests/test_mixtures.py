@@ -22,7 +22,7 @@ from scaling_jax.data.pipeline import PackedRows, make_iterator, train_dataset  
 from scaling_jax.data.sources import Document, load_documents, source_components, unigram_bits_from_counts  # noqa: E402
 from scaling_jax.data.tokenizer import ByteTokenizer  # noqa: E402
 from scaling_jax.errors import DataError  # noqa: E402
-from scaling_jax.train.loop import DataBundle  # noqa: E402
+from scaling_jax.train.session import DataBundle  # noqa: E402
 
 CFG = dataclasses.replace(DataConfig(), seq_len=16, batch_size=8, shuffle_seed=3, prefetch=2)
 RATES = [0.5, 0.3, 0.2]

@@ -1,8 +1,9 @@
 """Run files on object stores: the remote branch runs on fsspec's in-memory store (the same code
 path as gs://, with gcsfs swapped for memory), the local branch on tmp_path."""
 
-import importlib.util
+import importlib
 import os
+import sys
 import uuid
 
 import pytest
@@ -82,7 +83,22 @@ def test_a_local_run_dir_is_its_own_mirror(tmp_path):
     assert mirror.local == str(tmp_path) and mirror.push() == [] and mirror.pull() == []
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None, reason="gcsfs installed")
-def test_gs_without_gcsfs_names_the_extra_to_install():
+def test_gs_without_gcsfs_names_the_extra_to_install(monkeypatch):
+    registry = importlib.import_module("fsspec.registry")
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # as on a machine without the gcs extra
+    for protocol in ("gs", "gcs"):
+        monkeypatch.delitem(registry._registry, protocol, raising=False)  # forget an already imported gcsfs
     with pytest.raises(CheckpointError, match=r"scaling_jax\[gcs\]"):
         paths.exists("gs://bucket/run")
+
+
+def test_pull_makes_the_mirror_an_exact_copy_and_keeps_the_lock(tmp_path, bucket):
+    writer = paths.RunMirror(bucket, cache_root=str(tmp_path / "a"))
+    (open(os.path.join(writer.local, "metrics.jsonl"), "w")).close()
+    writer.push()
+    stale = paths.RunMirror(bucket, cache_root=str(tmp_path / "b"))
+    for name in ("old-run.png", ".lock"):  # left by an earlier run that used this cache; the lock is the trainer's
+        with open(os.path.join(stale.local, name), "w") as f:
+            f.write("x")
+    assert stale.pull() == ["metrics.jsonl"]
+    assert sorted(os.listdir(stale.local)) == [".lock", "metrics.jsonl"]

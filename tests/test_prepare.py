@@ -14,7 +14,7 @@ from scaling_jax.data.pipeline import PackedRows, make_iterator, tokenize_docume
 from scaling_jax.data.sources import load_documents
 from scaling_jax.data.tokenizer import ByteTokenizer, build_tokenizer, train_tokenizer
 from scaling_jax.errors import DataError
-from scaling_jax.train.loop import DataBundle
+from scaling_jax.train.session import DataBundle
 
 SEQ = 24
 

@@ -16,7 +16,7 @@ from scaling_jax.data import seqio_adapter
 from scaling_jax.data.tokenizer import SentencePieceTokenizer, build_tokenizer
 from scaling_jax.errors import DataError
 from scaling_jax.objectives.base import build_objective
-from scaling_jax.train.loop import DataBundle
+from scaling_jax.train.session import DataBundle
 
 TEXTS = {
     "seqio_test_code": [f"def f{i}(x):\n    return x * {i}  # héllo" for i in range(60)],

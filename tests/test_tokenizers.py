@@ -22,7 +22,7 @@ from scaling_jax.data.tokenizer import (
     train_tokenizer,
 )
 from scaling_jax.errors import CheckpointError, ConfigError, DataError
-from scaling_jax.train.loop import sync_run_tokenizer
+from scaling_jax.train.session import sync_run_tokenizer
 
 TRICKY = ("def f(x):\n\tif x:  return  'héllo' + \"✓\"  # 中文 😀\n\n   spaces   \r\n"
           "literal specials stay text: <extra_id_0> [NLU] <pad> </s> <s>")

@@ -8,8 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from scaling_jax.config import load_config
-from scaling_jax.train.loop import build_session, train
+from scaling_jax.train.loop import train
 from scaling_jax.train.metrics import read_metrics
+from scaling_jax.train.session import build_session
 from scaling_jax.train.step import to_global
 
 TINY = ["model.series=custom", "model.layers=1", "model.d_model=64", "model.heads=2", "model.head_dim=32",

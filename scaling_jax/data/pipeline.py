@@ -111,6 +111,21 @@ def make_iterator(ds: grain.MapDataset, cfg: DataConfig) -> grain.DatasetIterato
     return iter(ds.to_iter_dataset(options))
 
 
+def position(data_iter: grain.DatasetIterator, default: int) -> int:
+    """Index of the next global batch the training iterator yields (``default`` if its state does not say)."""
+    state = data_iter.get_state()
+    return int(state.get("next_index", default)) if isinstance(state, dict) else default
+
+
+def seek(data_iter: grain.DatasetIterator, index: int) -> None:
+    """Move a training iterator to global batch ``index`` (a continuation reads on from where its parent
+    stopped). The stream is a random-access ``MapDataset``, so its iterator state is the next index."""
+    state = data_iter.get_state()
+    if not (isinstance(state, dict) and "next_index" in state):
+        raise DataError(f"cannot move this data iterator to batch {index}: its state {state!r} has no next_index")
+    data_iter.set_state({**state, "next_index": int(index)})
+
+
 def eval_batches(rows: PackedRows, cfg: DataConfig, num_batches: int, process_index: int, process_count: int,
                  transform: Callable[[Rows], Rows]) -> list[Rows]:
     """The first ``num_batches`` global batches of the validation rows, in order (no shuffle)."""

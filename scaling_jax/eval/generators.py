@@ -118,9 +118,11 @@ _OPS: dict[str, tuple[str, Callable[[int, int], int]]] = {
 
 
 def arithmetic(n: int = 100, seed: int = 0, digits: int = 2, op: str = "+", choices: int = 4) -> dict:
-    """"What is 347 plus 589?" -> "936"; difficulty: operand digits and the operation."""
-    if op not in _OPS or digits < 1:
-        raise DataError(f"arithmetic: op must be one of {', '.join(_OPS)} and digits >= 1, got {op!r}, {digits}")
+    """"What is 347 plus 589?" -> "936"; difficulty: operand digits and the operation. ``choices=0`` drops
+    the multiple-choice options (they are appended to the prompt, which would give the answer away)."""
+    if op not in _OPS or digits < 1 or choices < 0:
+        raise DataError(f"arithmetic: op must be one of {', '.join(_OPS)}, digits >= 1 and choices >= 0, "
+                        f"got {op!r}, {digits}, {choices}")
     word, fn = _OPS[op]
     rng = np.random.default_rng(seed)
     low, high = 10 ** (digits - 1) if digits > 1 else 0, 10 ** digits
@@ -130,8 +132,10 @@ def arithmetic(n: int = 100, seed: int = 0, digits: int = 2, op: str = "+", choi
         answer = fn(a, b)
         wrong = {answer + d for d in (-10, -1, 1, 10, 100)} - {answer}
         options = [answer] + sorted(wrong, key=lambda w: (abs(w - answer), w))[: choices - 1]
-        examples.append({"input": f"What is {a} {word} {b}?", "target": str(answer),
-                         "target_scores": {str(o): float(o == answer) for o in options}})
+        example = {"input": f"What is {a} {word} {b}?", "target": str(answer)}
+        if choices:  # shown after the question (BIG-bench style), so only a generative task has choices=0
+            example["target_scores"] = {str(o): float(o == answer) for o in options}
+        examples.append(example)
     return {"name": "arithmetic", "description": f"{digits}-digit {word}", "keywords": ["arithmetic", "generated"],
             "metrics": ["exact_str_match", "multiple_choice_grade"], "preferred_score": "exact_str_match",
             "examples": examples}

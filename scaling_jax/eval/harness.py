@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import jax
 import numpy as np
 
+from scaling_jax import paths
 from scaling_jax.errors import CheckpointError
 from scaling_jax.eval import passuntil as pu_lib
 from scaling_jax.eval.scoring import LanguageModel, make_checker, score_task, stop_sequences
@@ -43,8 +44,8 @@ def load_run(run_dir: str, step: int | None = None) -> LoadedRun:
     from scaling_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
     from scaling_jax.train.state import abstract_model
 
-    saved = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(saved) or not os.path.isdir(os.path.join(run_dir, CHECKPOINT_DIR)):
+    saved = paths.join(run_dir, "config.yaml")
+    if not paths.exists(saved) or not paths.isdir(paths.join(run_dir, CHECKPOINT_DIR)):
         raise CheckpointError(f"--checkpoint '{run_dir}' is not a run directory (needs config.yaml and "
                               f"{CHECKPOINT_DIR}/); pass the train.run_dir of a finished run")
     config = load_config(saved)
@@ -63,7 +64,7 @@ def load_run(run_dir: str, step: int | None = None) -> LoadedRun:
         checkpointer.close()
     counts = param_counts(config.model, **objective.size_extras())
     model = nnx.merge(graphdef, params)
-    return LoadedRun(CachedLM(model, tokenizer), os.path.abspath(run_dir), int(step), counts.non_embedding,
+    return LoadedRun(CachedLM(model, tokenizer), paths.absolute(run_dir), int(step), counts.non_embedding,
                      counts.total, objective.name)
 
 

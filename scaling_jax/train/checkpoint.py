@@ -31,11 +31,13 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from scaling_jax import paths
 from scaling_jax.errors import CheckpointError
 from scaling_jax.train.lock import holds_run_lock
 from scaling_jax.train.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
+COMMIT_MARKER = "commit_success.txt"  # orbax's "this step is complete" file on object stores
 DAMAGED_DIR = "checkpoints-damaged"
 DIGEST_FILE = "scaling_jax_digest.json"
 ITEMS = ("state", "data", "meta")
@@ -62,38 +64,26 @@ def model_signature(model_cfg: dict) -> dict:
 
 def _crc32(path: str, chunk: int = 1 << 22) -> int:
     crc = 0
-    with open(path, "rb") as f:
+    with paths.open_file(path, "rb") as f:
         while block := f.read(chunk):
             crc = zlib.crc32(block, crc)
     return crc
 
 
 def file_digests(step_dir: str) -> dict[str, list[int]]:
-    """``{relative path: [size, crc32]}`` of every file of a finished step (the digest file excluded)."""
-    out = {}
-    for root, _, files in os.walk(step_dir):
-        for name in files:
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, step_dir)
-            if not rel.startswith(DIGEST_FILE):
-                out[rel] = [os.path.getsize(path), _crc32(path)]
-    return dict(sorted(out.items()))
+    """``{relative path: [size, crc32]}`` of every file of a finished step (the digest file excluded);
+    paths are ``/``-separated, local or in a bucket."""
+    return {rel: [size, _crc32(paths.join(step_dir, *rel.split("/")))]
+            for rel, size in paths.file_sizes(step_dir).items() if not rel.startswith(DIGEST_FILE)}
 
 
 def write_digest(step_dir: str) -> None:
-    digests = file_digests(step_dir)
-    tmp = os.path.join(step_dir, f"{DIGEST_FILE}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(digests, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(step_dir, DIGEST_FILE))
+    paths.write_text(paths.join(step_dir, DIGEST_FILE), json.dumps(file_digests(step_dir)))
 
 
 def _json_problem(path: str) -> str | None:
     try:
-        with open(path) as f:
-            json.load(f)
+        json.loads(paths.read_text(path))
     except FileNotFoundError:
         return f"{path} is missing"
     except (OSError, ValueError) as e:
@@ -104,26 +94,25 @@ def _json_problem(path: str) -> str | None:
 def damage(step_dir: str) -> str | None:
     """What is wrong with a finished step directory, or None. With a digest every byte is checked;
     without one (saved by a run killed before it could write the digest) only the structure."""
-    missing = [item for item in ITEMS if not os.path.isdir(os.path.join(step_dir, item))]
+    sizes = paths.file_sizes(step_dir)
+    missing = [item for item in ITEMS if not any(rel.startswith(f"{item}/") for rel in sizes)]
     if missing:
         return f"item '{missing[0]}' is missing"
     for rel in ("meta/metadata", "state/_METADATA"):
-        problem = _json_problem(os.path.join(step_dir, rel))
+        problem = _json_problem(paths.join(step_dir, *rel.split("/")))
         if problem:
-            return os.path.relpath(problem, step_dir) if problem.startswith(step_dir) else problem
-    digest_path = os.path.join(step_dir, DIGEST_FILE)
-    if not os.path.exists(digest_path):
+            return problem.replace(f"{step_dir}/", "", 1)
+    if DIGEST_FILE not in sizes:
         return None
     try:
-        with open(digest_path) as f:
-            expected = json.load(f)
+        expected = json.loads(paths.read_text(paths.join(step_dir, DIGEST_FILE)))
     except (OSError, ValueError):
         return f"{DIGEST_FILE} is unreadable"
     for rel, (size, crc) in expected.items():
-        path = os.path.join(step_dir, rel)
-        if not os.path.isfile(path):
+        path = paths.join(step_dir, *rel.split("/"))
+        if rel not in sizes:
             return f"{rel} is missing"
-        actual = os.path.getsize(path)
+        actual = sizes[rel]
         if actual != size:
             return f"{rel} is truncated ({actual} of {size} bytes)" if actual < size else \
                 f"{rel} has {actual} bytes, {size} were written"
@@ -171,8 +160,8 @@ def _warn(message: str) -> None:
 
 class Checkpointer:
     def __init__(self, run_dir: str, keep: int, async_save: bool = True):
-        self.run_dir = os.path.abspath(run_dir)
-        self.directory = os.path.join(self.run_dir, CHECKPOINT_DIR)
+        self.run_dir = paths.absolute(run_dir)
+        self.directory = paths.join(self.run_dir, CHECKPOINT_DIR)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._undigested: list[int] = []  # steps this process saved whose digest is not written yet
@@ -181,15 +170,16 @@ class Checkpointer:
         logging.getLogger("absl").addFilter(_ORBAX_FILTER)
 
     def _step_dir(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+        return paths.join(self.directory, str(step))
 
     def _finished_steps(self) -> list[int]:
-        """Committed step directories on disk, newest first (orbax's temporary directories are not digits)."""
-        try:
-            names = os.listdir(self.directory)
-        except FileNotFoundError:
-            return []
-        return sorted((int(n) for n in names if n.isdigit()), reverse=True)
+        """Committed step directories, newest first. Locally orbax renames a finished temporary directory
+        (whose name is not a number); a bucket has no rename, so there a step is committed once orbax
+        has written its ``commit_success.txt``."""
+        steps = (int(n) for n in paths.listdir(self.directory) if n.isdigit())
+        if paths.is_remote(self.directory):
+            steps = (s for s in steps if paths.exists(paths.join(self._step_dir(s), COMMIT_MARKER)))
+        return sorted(steps, reverse=True)
 
     def _set_aside(self, step: int, problem: str, move: bool = True) -> None:
         """Report a damaged step once; the lock holder moves it out of orbax's way, intact."""
@@ -198,9 +188,9 @@ class Checkpointer:
         self._reported.add(step)
         where = self._step_dir(step)
         if move and holds_run_lock(self.run_dir) and jax.process_index() == 0:
-            target = os.path.join(self.run_dir, DAMAGED_DIR, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            os.rename(where, target)
+            target = paths.join(self.run_dir, DAMAGED_DIR, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+            paths.makedirs(paths.dirname(target))
+            paths.rename(where, target)
             self.manager.reload()
             kept = f"moved to {target} (not deleted)"
         else:
@@ -320,8 +310,8 @@ class Checkpointer:
 
         Inference and stage continuation need parameters without paying for optimizer moments.
         """
-        path = os.path.join(self.directory, str(step), "state")
-        if not os.path.isdir(path):
+        path = paths.join(self._step_dir(step), "state")
+        if not paths.isdir(path):
             raise CheckpointError(f"checkpoint {self.directory}/{step} has no saved state; "
                                   "pass a run directory with a finished checkpoint")
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)

@@ -17,12 +17,16 @@ dir has no checkpoint yet; an interrupted child resumes from its own latest chec
   tokenizer's vocabulary with new rows set to the mean of the old ones (their Adam moments start at
   zero); without it the stage is refused, never silently clamped;
 * offsets: the parent's total step, tokens and FLOPs, so the child's curves continue its parent's
-  on one compute axis; the parent's lineage, to which the child appends its own record.
+  on one compute axis; the parent's lineage, to which the child appends its own record;
+* data: a child that reads the parent's row stream (same ``data.*`` up to batch size and loader
+  threads) starts past every row the parent trained on, so a UL2R stage sees new text rather
+  than the parent's first batches again; a child with other data (finetuning) reads from its start.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from typing import Any
@@ -32,13 +36,15 @@ import jax.numpy as jnp
 import optax
 import yaml
 
+from scaling_jax import paths
 from scaling_jax.config import Config, load_config, parse_overrides, to_dict
 from scaling_jax.data.tokenizer import Tokenizer, build_tokenizer
 from scaling_jax.errors import CheckpointError, ConfigError
 from scaling_jax.model.family import flops_per_token
 from scaling_jax.objectives.base import Objective, build_objective
 from scaling_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, model_signature
-from scaling_jax.train.loop import Session, StageStart
+from scaling_jax.train.loop import StageStart
+from scaling_jax.train.session import Session
 from scaling_jax.train.state import TrainState, make_schedule, state_layout
 
 INHERITED_NOT = ("stage.", "budget.", "train.run_dir")  # a child never inherits these from its parent
@@ -48,15 +54,16 @@ INHERITED_NOT = ("stage.", "budget.", "train.run_dir")  # a child never inherits
 
 
 def resolve_parent(path: str) -> tuple[str, int]:
-    """``RUN_DIR`` (latest checkpoint), ``RUN_DIR/checkpoints`` or ``RUN_DIR/checkpoints/STEP`` -> (run dir, step)."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isdir(path):
+    """``RUN_DIR`` (latest checkpoint), ``RUN_DIR/checkpoints`` or ``RUN_DIR/checkpoints/STEP`` -> (run dir, step);
+    local or in a bucket."""
+    path = paths.absolute(path if paths.is_remote(path) else os.path.expanduser(path))
+    if not paths.isdir(path):
         raise CheckpointError(f"--from '{path}' is not a directory; pass a run directory or one of its "
                               f"{CHECKPOINT_DIR}/STEP directories")
-    if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == CHECKPOINT_DIR:
-        return os.path.dirname(os.path.dirname(path)), int(os.path.basename(path))
-    run_dir = os.path.dirname(path) if os.path.basename(path) == CHECKPOINT_DIR else path
-    if not os.path.isdir(os.path.join(run_dir, CHECKPOINT_DIR)):
+    if paths.basename(path).isdigit() and paths.basename(paths.dirname(path)) == CHECKPOINT_DIR:
+        return split_checkpoint_path(path)
+    run_dir = paths.dirname(path) if paths.basename(path) == CHECKPOINT_DIR else path
+    if not paths.isdir(paths.join(run_dir, CHECKPOINT_DIR)):
         raise CheckpointError(f"--from '{path}' has no {CHECKPOINT_DIR}/ directory; pass the run directory of a "
                               "finished training run")
     checkpointer = Checkpointer(run_dir, keep=1, async_save=False)
@@ -82,12 +89,41 @@ def parent_meta(run_dir: str, step: int) -> dict:
 
 
 def checkpoint_path(run_dir: str, step: int) -> str:
-    return os.path.join(run_dir, CHECKPOINT_DIR, str(step))
+    return paths.join(run_dir, CHECKPOINT_DIR, str(step))
 
 
 def split_checkpoint_path(path: str) -> tuple[str, int]:
     """Inverse of ``checkpoint_path``."""
-    return os.path.dirname(os.path.dirname(path)), int(os.path.basename(path))
+    return paths.dirname(paths.dirname(path)), int(paths.basename(path))
+
+
+STREAM_FREE_FIELDS = ("batch_size", "num_threads", "prefetch")  # data fields that do not change the row stream
+
+
+def parent_data_index(run_dir: str, step: int, meta: dict) -> int:
+    """The global batch the parent would have read next (its saved grain state; else its step count)."""
+    data_dir = paths.join(checkpoint_path(run_dir, step), "data")
+    for name in paths.listdir(data_dir):
+        if name.startswith("process_0-of-") and name.endswith(".json"):
+            state = json.loads(paths.read_text(paths.join(data_dir, name)))
+            if isinstance(state, dict) and "next_index" in state:
+                return int(state["next_index"])
+    return int(meta["step"])
+
+
+def continued_stream_index(parent_data: dict, child_data: dict, parent_index: int) -> int:
+    """Where the child's data stream starts: past every row the parent read when both read the same row
+    stream (same sources, tokenizer, packing and shuffle), rounded up to the child's batch; else 0."""
+    same = all(parent_data.get(k) == v for k, v in child_data.items() if k not in STREAM_FREE_FIELDS)
+    if not same:
+        return 0
+    rows = parent_index * int(parent_data["batch_size"])
+    return -(-rows // int(child_data["batch_size"]))
+
+
+def _stream_note(index: int) -> str:
+    return (f"data: reads on from global batch {index}, past the rows the parent trained on" if index else
+            "data: another data stream than the parent's (data.* differs), read from its start")
 
 
 def totals(meta: dict) -> dict:
@@ -212,7 +248,7 @@ def child_config(source: str, stage_path: str, overrides: list[str] | dict | Non
                           "budget.steps=N or train.steps=N")
     items = {**flatten(meta["config"], skip=INHERITED_NOT), **chosen, "stage.parent": where}
     items.setdefault("stage.name", os.path.splitext(os.path.basename(stage_path))[0])
-    near = os.path.relpath(run_dir)  # name the child like the parent: runs/quickstart -> runs/quickstart-ul2r
+    near = run_dir if paths.is_remote(run_dir) else os.path.relpath(run_dir)  # runs/lm -> runs/lm-ul2r
     items.setdefault("train.run_dir", f"{run_dir if near.startswith('..') else near}-{items['stage.name']}")
     notes = [f"parent {where} (step {step}, {totals(meta)['tokens']:,} tokens, {totals(meta)['flops']:.4g} FLOPs "
              f"so far)"]
@@ -230,10 +266,12 @@ def child_config(source: str, stage_path: str, overrides: list[str] | dict | Non
     objective = build_objective(config.objective, tokenizer)
     check_model(config, meta, where)
     check_tokens(config, meta, tokenizer, objective, where)
-    if os.path.abspath(config.train.run_dir) == run_dir:
+    if paths.absolute(config.train.run_dir) == run_dir:
         raise CheckpointError(f"train.run_dir is the parent's run dir {run_dir}; a stage writes a new directory "
                               "(the parent is never modified)")
 
+    notes.append(_stream_note(continued_stream_index(meta["config"]["data"], to_dict(config)["data"],
+                                                     parent_data_index(run_dir, step, meta))))
     steps, how = step_budget(config, totals(meta)["flops"], objective)
     if config.optimizer.warmup_steps > steps:
         raise ConfigError(f"the stage runs {steps} steps, fewer than optimizer.warmup_steps="
@@ -311,8 +349,10 @@ def start_from_parent(session: Session) -> StageStart:
                           rng=jax.random.key_data(jax.random.key(seed)))
 
     state = jax.jit(assemble, out_shardings=session.state_sharding)(params, parent_opt)
+    index = continued_stream_index(meta["config"]["data"], to_dict(config)["data"],
+                                   parent_data_index(run_dir, step, meta))
     return StageStart(state, offset=totals(meta), history=parent_lineage(meta), parent=config.stage.parent,
-                      parent_step=step)
+                      parent_step=step, data_index=index)
 
 
 def parent_lineage(meta: dict) -> list[dict]:

@@ -9,6 +9,10 @@ behind on release (removing it would let two processes lock two different inodes
 only names the last holder, for the error message. Filesystems without ``flock`` (some network
 mounts) fall back to the recorded holder: a dead process on this host is taken over with a
 warning, anything else is refused with the file to remove.
+
+A bucket run directory (``gs://``) cannot be flocked: its lock file lives in the run's local mirror
+(``paths.RunMirror``), which guards against a second trainer on the same host. Object stores offer
+no lock across hosts; on a pod, the job scheduler is what runs one job per run directory.
 """
 
 from __future__ import annotations
@@ -23,10 +27,15 @@ import sys
 import time
 from collections.abc import Callable
 
+from scaling_jax import paths
 from scaling_jax.errors import CheckpointError
 
 LOCK_FILE = ".lock"
-_held: dict[str, RunLock] = {}  # realpath of run dir -> the lock this process holds
+_held: dict[str, RunLock] = {}  # run dir key (realpath or URL) -> the lock this process holds
+
+
+def _key(run_dir: str) -> str:
+    return paths.absolute(run_dir) if paths.is_remote(run_dir) else os.path.realpath(run_dir)
 
 
 def _start_time(pid: int) -> str | None:
@@ -63,9 +72,9 @@ def _describe(holder: dict) -> str:
 class RunLock:
     """An exclusive lock on a run directory; ``release()`` (or process exit) frees it."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, lock_dir: str | None = None):
         self.run_dir = run_dir
-        self.path = os.path.join(run_dir, LOCK_FILE)
+        self.path = os.path.join(lock_dir or run_dir, LOCK_FILE)
         self._fd: int | None = None
 
     def _read_holder(self) -> dict:
@@ -128,25 +137,26 @@ class RunLock:
         self._fd = None
 
 
-def acquire_run_lock(run_dir: str) -> RunLock:
-    """Lock ``run_dir`` for this process. Re-entrant within one process (an earlier ``train()`` call that
-    raised before releasing must not lock its own process out of the directory)."""
-    key = os.path.realpath(run_dir)
+def acquire_run_lock(run_dir: str, lock_dir: str | None = None) -> RunLock:
+    """Lock ``run_dir`` for this process, with the lock file in ``lock_dir`` (default: the run dir itself;
+    a bucket run's local mirror). Re-entrant within one process (an earlier ``train()`` call that raised
+    before releasing must not lock its own process out of the directory)."""
+    key = _key(run_dir)
     lock = _held.get(key)
     if lock is None or lock._fd is None:
-        lock = _held[key] = RunLock(run_dir).acquire()
+        lock = _held[key] = RunLock(run_dir, lock_dir).acquire()
     return lock
 
 
 def release_run_lock(run_dir: str) -> None:
-    lock = _held.pop(os.path.realpath(run_dir), None)
+    lock = _held.pop(_key(run_dir), None)
     if lock is not None:
         lock.release()
 
 
 def holds_run_lock(run_dir: str) -> bool:
     """True if this process holds ``run_dir``'s lock (only the writer may move damaged checkpoints aside)."""
-    lock = _held.get(os.path.realpath(run_dir))
+    lock = _held.get(_key(run_dir))
     return lock is not None and lock._fd is not None
 
 

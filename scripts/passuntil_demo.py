@@ -1,14 +1,20 @@
 """PassUntil demo: train a small model series, measure PassUntil PU on a generated task where greedy
-accuracy is ~0 for the small models, fit log(-log PU) = a log N + b on all but the largest model, and
-print the predicted vs measured PU of the largest.
+accuracy is low for the small models, fit log(-log PU) = a log N + b on all but the largest model,
+and print the predicted vs measured PU of the largest.
 
-Task (default): 3-digit addition, "Q: What is 347 plus 589?\nA: 936". A byte-level model trained on Python
+Task (default): 2-digit addition, "Q: What is 37 plus 45?\nA: 82". A byte-level model trained on Python
 source alone has nothing to learn addition from, so ``--drill-rate`` of the training stream are
-addition drills in the same format (the embedded corpus is the rest). The evaluated problems are held out
-of the drills. ``--task code_completion:lines=1,max_target_chars=20 --drill-rate 0`` evaluates the
-corpus-only skill instead (session 2 found every model of this series below one pass in 64 there).
+addition drills in the same format (the embedded corpus is the rest). The 40 evaluated problems are
+held out of the drills, so a pass needs addition, not recall. Measured in session 3 (README,
+"Evaluation"): PU 0.034 -> 0.056 over N = 0.09M -> 1.8M, the fit on the smaller three predicted
+0.065 (instance level) against a measured 0.056 for the largest.
 
-    nice -n 10 python scripts/passuntil_demo.py            # ~40 min on a free 2-core CPU
+Other settings: ``--task arithmetic:digits=3,op=+,choices=0 --drill-rate 0.25`` stayed at chance
+(PU ~1e-3 for all four models at 2M tokens); ``--task code_completion:lines=1,max_target_chars=20
+--drill-rate 0`` evaluates the corpus-only skill, but its task PU is the mean of a few easy lines and
+jumps between models.
+
+    nice -n 10 python scripts/passuntil_demo.py            # ~35 min on a free 2-core CPU
     python scripts/passuntil_demo.py --steps 40 --examples 8 --out /tmp/pu_smoke   # a quick smoke run
 
 Runs that already finished in ``--out`` are reused (training resumes/ends at its checkpoint).
@@ -77,8 +83,8 @@ def train_series(out: str, steps: int, drills: str | None, drill_rate: float, mo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/passuntil_demo")
-    parser.add_argument("--task", default="arithmetic:digits=3,op=+,choices=0", help="a generator spec or task file")
-    parser.add_argument("--drill-rate", type=float, default=0.25,
+    parser.add_argument("--task", default="arithmetic:digits=2,op=+,choices=0", help="a generator spec or task file")
+    parser.add_argument("--drill-rate", type=float, default=0.5,
                         help="share of the training stream that is solved task problems (0: the corpus alone)")
     parser.add_argument("--drill-problems", type=int, default=60_000)
     parser.add_argument("--steps", type=int, default=1000, help="training steps per model (16 x 128 tokens each)")

@@ -158,6 +158,17 @@ def test_stream_position_rounds_up_to_the_child_batch_and_resets_on_other_data()
     assert continued_stream_index(data, {**data, "seq_len": 32}, 5) == 0
 
 
+def test_a_parent_config_from_before_newer_data_fields_still_reads_on(parent):
+    from scaling_jax.config import to_dict
+    from scaling_jax.train.continuation import continued_stream_index, parent_data_config
+
+    _, config = parent
+    data = to_dict(config)["data"]
+    old = {k: v for k, v in data.items() if k not in ("malformed_lines", "instructions", "mixture")}  # older schema
+    assert parent_data_config({"config": {"data": old}}) == data
+    assert continued_stream_index(parent_data_config({"config": {"data": old}}), data, 4) == 4
+
+
 def test_optimizer_continue_keeps_moments_and_reset_drops_them(parent):
     parent_dir, parent_config = parent
     parent_adam = _adam(_parent_state(parent_config).opt_state)

@@ -111,6 +111,11 @@ def parent_data_index(run_dir: str, step: int, meta: dict) -> int:
     return int(meta["step"])
 
 
+def parent_data_config(meta: dict) -> dict:
+    """The parent's ``data`` section with today's defaults for fields its (older) config did not have."""
+    return to_dict(load_config(None, flatten({"data": meta["config"]["data"]})))["data"]
+
+
 def continued_stream_index(parent_data: dict, child_data: dict, parent_index: int) -> int:
     """Where the child's data stream starts: past every row the parent read when both read the same row
     stream (same sources, tokenizer, packing and shuffle), rounded up to the child's batch; else 0."""
@@ -270,7 +275,7 @@ def child_config(source: str, stage_path: str, overrides: list[str] | dict | Non
         raise CheckpointError(f"train.run_dir is the parent's run dir {run_dir}; a stage writes a new directory "
                               "(the parent is never modified)")
 
-    notes.append(_stream_note(continued_stream_index(meta["config"]["data"], to_dict(config)["data"],
+    notes.append(_stream_note(continued_stream_index(parent_data_config(meta), to_dict(config)["data"],
                                                      parent_data_index(run_dir, step, meta))))
     steps, how = step_budget(config, totals(meta)["flops"], objective)
     if config.optimizer.warmup_steps > steps:
@@ -349,7 +354,7 @@ def start_from_parent(session: Session) -> StageStart:
                           rng=jax.random.key_data(jax.random.key(seed)))
 
     state = jax.jit(assemble, out_shardings=session.state_sharding)(params, parent_opt)
-    index = continued_stream_index(meta["config"]["data"], to_dict(config)["data"],
+    index = continued_stream_index(parent_data_config(meta), to_dict(config)["data"],
                                    parent_data_index(run_dir, step, meta))
     return StageStart(state, offset=totals(meta), history=parent_lineage(meta), parent=config.stage.parent,
                       parent_step=step, data_index=index)

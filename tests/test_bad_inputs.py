@@ -157,6 +157,8 @@ FILE_CASES = [  # (id, argv with {u}, fragments): config files and command argum
     ("continue-from-a-file", ["continue", "--from", "{u}/tiny.txt", "--stage", "configs/stages/ul2r.yaml"],
      ["tiny.txt' is not a directory"]),
     ("info-on-a-directory-without-config", ["info", "{u}"], ["without config.yaml", "pass a config file"]),
+    ("hf-import-into-a-bucket", ["convert", "--from-hf", "{u}", "--out", "gs://bucket/run"],
+     ["gs://bucket/run' must be a local directory"]),
 ]
 
 

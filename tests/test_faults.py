@@ -306,6 +306,20 @@ def test_a_killed_holders_lock_does_not_block(tmp_path):
     lock.release()
 
 
+def test_a_bucket_run_is_locked_in_its_local_mirror_and_keyed_by_its_url(tmp_path):
+    run, mirror = "gs://bucket/runs/lm/", tmp_path / "mirror"
+    mirror.mkdir()
+    lock_lib.acquire_run_lock(run, str(mirror))
+    try:
+        assert lock_lib.holds_run_lock("gs://bucket/runs/lm")  # the same run, however the URL is spelled
+        assert (mirror / ".lock").exists()
+        with pytest.raises(CheckpointError, match="is in use by another run"):
+            lock_lib.RunLock(run, str(mirror)).acquire()  # a second trainer on this host
+    finally:
+        lock_lib.release_run_lock(run)
+    assert not lock_lib.holds_run_lock(run)
+
+
 def test_without_flock_a_dead_holder_is_taken_over_and_a_live_one_refused(tmp_path, monkeypatch, capfd):
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "no locks")

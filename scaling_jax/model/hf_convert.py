@@ -343,9 +343,13 @@ def import_hf(hf_dir: str, run_dir: str, overrides: list[str] | None = None, tok
     train, mesh, dtypes; ``model.vocab_size`` may only grow); a shape field that disagrees with
     config.json is an error. On any error a run directory this call created is removed again.
     """
+    from scaling_jax import paths
     from scaling_jax.config import parse_overrides
     from scaling_jax.data.tokenizer import build_tokenizer
 
+    if paths.is_remote(run_dir):
+        raise CheckpointError(f"--out '{run_dir}' must be a local directory (an imported run's config points at "
+                              "its tokenizer file on local disk); import to a local --out and train from there")
     if not os.path.isdir(hf_dir):
         raise CheckpointError(f"--from-hf '{hf_dir}' is not a directory; pass a Hugging Face model directory")
     hf = read_hf_config(hf_dir)

@@ -131,14 +131,10 @@ def test_bucket_run_resumes_on_a_new_host_past_a_damaged_checkpoint_and_matches_
 
     local_dir = tmp_path / "local"
     train(load_config("configs/quickstart.yaml", RUN + ["train.steps=6", f"train.run_dir={local_dir}"]))
-    bucket_rows = read_metrics_text(paths.read_text(paths.join(run, "metrics.jsonl")))
+    bucket_rows = read_metrics(paths.join(run, "metrics.jsonl"))
     local_rows = read_metrics(os.path.join(local_dir, "metrics.jsonl"))
     assert sorted(_losses(bucket_rows)) == list(range(1, 7))  # steps 3-4 were retrained, not duplicated
     assert _losses(bucket_rows) == _losses(local_rows)  # the resumed bucket run is bit-for-bit the local one
-
-
-def read_metrics_text(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 @pytest.mark.slow

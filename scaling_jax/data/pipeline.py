@@ -111,10 +111,15 @@ def make_iterator(ds: grain.MapDataset, cfg: DataConfig) -> grain.DatasetIterato
     return iter(ds.to_iter_dataset(options))
 
 
+def next_index(state: object, default: int) -> int:
+    """The next global batch named by a training iterator's state (live or as saved in a checkpoint's
+    ``data`` item), ``default`` if the state does not say."""
+    return int(state.get("next_index", default)) if isinstance(state, dict) else default
+
+
 def position(data_iter: grain.DatasetIterator, default: int) -> int:
     """Index of the next global batch the training iterator yields (``default`` if its state does not say)."""
-    state = data_iter.get_state()
-    return int(state.get("next_index", default)) if isinstance(state, dict) else default
+    return next_index(data_iter.get_state(), default)
 
 
 def seek(data_iter: grain.DatasetIterator, index: int) -> None:

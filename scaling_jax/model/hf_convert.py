@@ -32,6 +32,7 @@ from collections.abc import Mapping
 import ml_dtypes  # noqa: F401  (registers the 'bfloat16' numpy dtype safetensors needs for BF16 files)
 import numpy as np
 
+from scaling_jax import paths
 from scaling_jax.config import Config, ModelConfig
 from scaling_jax.errors import CheckpointError, ConfigError
 
@@ -343,7 +344,6 @@ def import_hf(hf_dir: str, run_dir: str, overrides: list[str] | None = None, tok
     train, mesh, dtypes; ``model.vocab_size`` may only grow); a shape field that disagrees with
     config.json is an error. On any error a run directory this call created is removed again.
     """
-    from scaling_jax import paths
     from scaling_jax.config import parse_overrides
     from scaling_jax.data.tokenizer import build_tokenizer
 
@@ -382,9 +382,9 @@ def import_hf(hf_dir: str, run_dir: str, overrides: list[str] | None = None, tok
 def _write_imported_run(hf_dir: str, hf: dict, run_dir: str, fields: dict, user: dict, source_tok) -> Config:
     from scaling_jax.config import load_config, save_config, to_dict
     from scaling_jax.train.checkpoint import Checkpointer
-    from scaling_jax.train.loop import prepare_run_dir, write_json
+    from scaling_jax.train.loop import write_json
 
-    prepare_run_dir(run_dir)
+    paths.prepare_dir(run_dir)
     spec = source_tok.save(os.path.abspath(os.path.join(run_dir, "tokenizer")))  # the run carries its tokenizer
     settings = {f"model.{k}": v for k, v in fields.items()} | {"data.tokenizer": spec, "train.run_dir": run_dir}
     config = load_config(None, settings | user)

@@ -38,6 +38,7 @@ import yaml
 
 from scaling_jax import paths
 from scaling_jax.config import Config, load_config, parse_overrides, to_dict
+from scaling_jax.data import pipeline
 from scaling_jax.data.tokenizer import Tokenizer, build_tokenizer
 from scaling_jax.errors import CheckpointError, ConfigError
 from scaling_jax.model.family import flops_per_token
@@ -103,12 +104,9 @@ STREAM_FREE_FIELDS = ("batch_size", "num_threads", "prefetch")  # data fields th
 def parent_data_index(run_dir: str, step: int, meta: dict) -> int:
     """The global batch the parent would have read next (its saved grain state; else its step count)."""
     data_dir = paths.join(checkpoint_path(run_dir, step), "data")
-    for name in paths.listdir(data_dir):
-        if name.startswith("process_0-of-") and name.endswith(".json"):
-            state = json.loads(paths.read_text(paths.join(data_dir, name)))
-            if isinstance(state, dict) and "next_index" in state:
-                return int(state["next_index"])
-    return int(meta["step"])
+    saved = [n for n in paths.listdir(data_dir) if n.startswith("process_0-of-") and n.endswith(".json")]
+    state = json.loads(paths.read_text(paths.join(data_dir, saved[0]))) if saved else None
+    return pipeline.next_index(state, int(meta["step"]))
 
 
 def parent_data_config(meta: dict) -> dict:
@@ -124,6 +122,12 @@ def continued_stream_index(parent_data: dict, child_data: dict, parent_index: in
         return 0
     rows = parent_index * int(parent_data["batch_size"])
     return -(-rows // int(child_data["batch_size"]))
+
+
+def child_stream_index(config: Config, run_dir: str, step: int, meta: dict) -> int:
+    """``continued_stream_index`` for a child config and its parent checkpoint."""
+    return continued_stream_index(parent_data_config(meta), to_dict(config)["data"],
+                                  parent_data_index(run_dir, step, meta))
 
 
 def _stream_note(index: int) -> str:
@@ -275,8 +279,7 @@ def child_config(source: str, stage_path: str, overrides: list[str] | dict | Non
         raise CheckpointError(f"train.run_dir is the parent's run dir {run_dir}; a stage writes a new directory "
                               "(the parent is never modified)")
 
-    notes.append(_stream_note(continued_stream_index(parent_data_config(meta), to_dict(config)["data"],
-                                                     parent_data_index(run_dir, step, meta))))
+    notes.append(_stream_note(child_stream_index(config, run_dir, step, meta)))
     steps, how = step_budget(config, totals(meta)["flops"], objective)
     if config.optimizer.warmup_steps > steps:
         raise ConfigError(f"the stage runs {steps} steps, fewer than optimizer.warmup_steps="
@@ -354,10 +357,8 @@ def start_from_parent(session: Session) -> StageStart:
                           rng=jax.random.key_data(jax.random.key(seed)))
 
     state = jax.jit(assemble, out_shardings=session.state_sharding)(params, parent_opt)
-    index = continued_stream_index(parent_data_config(meta), to_dict(config)["data"],
-                                   parent_data_index(run_dir, step, meta))
     return StageStart(state, offset=totals(meta), history=parent_lineage(meta), parent=config.stage.parent,
-                      parent_step=step, data_index=index)
+                      parent_step=step, data_index=child_stream_index(config, run_dir, step, meta))
 
 
 def parent_lineage(meta: dict) -> list[dict]:

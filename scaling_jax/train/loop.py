@@ -37,11 +37,6 @@ from scaling_jax.train.step import to_global
 LN2 = math.log(2.0)
 
 
-def prepare_run_dir(run_dir: str) -> None:
-    """Create the run directory (local or bucket) and prove it is writable before any compute is spent."""
-    paths.prepare_dir(run_dir)
-
-
 def check_compatible(meta: dict, config: Config, tokenizer_fingerprint: str, where: str) -> None:
     """Refuse to resume a checkpoint whose parameters or token ids mean something else."""
     saved, current = model_signature(meta["config"]["model"]), model_signature(to_dict(config)["model"])
@@ -231,7 +226,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------- non-finite updates
 
-    def flush(self, clock: dict) -> bool:
+    def flush(self) -> bool:
         """Log the pending step and act on ``train.nan_policy`` if its update was non-finite; True: rolled back."""
         if self.pending is None:
             return False
@@ -239,8 +234,8 @@ class Trainer:
         host = jax.device_get(device_metrics)  # one transfer per step serves the NaN policy and the log
         verdict = self.nonfinite.inspect(done, host, batch_index)
         now = time.perf_counter()
-        self.log(done, host, now - clock["last"], self.wall_offset + now - clock["started"])
-        clock["last"] = now
+        self.log(done, host, now - self.last_logged, self.wall_offset + now - self.started)
+        self.last_logged = now
         if verdict == "halt":
             raise self.nonfinite.diverged(f"; the last checkpoint (step {self.saved}) is intact" if self.saved else "")
         if verdict == "rollback":
@@ -272,35 +267,37 @@ class Trainer:
         self.announce()
         preemption = StopRequest().install()  # SIGTERM; on several processes JAX's preemption sync point
         watcher = watch_maintenance()  # Cloud TPU maintenance notice -> SIGTERM
-        clock = {"started": time.perf_counter()}
-        clock["last"] = clock["started"]
-        wall = lambda: self.wall_offset + time.perf_counter() - clock["started"]  # noqa: E731
+        self.started = self.last_logged = time.perf_counter()
         try:
             while self.step < t.steps and not preemption.should_stop(self.step):
                 batch = to_global(next(self.data_iter), s.batch_sharding)
                 self.position += 1
                 self.state, device_metrics = s.step_fn(self.state, batch)
-                if self.flush(clock):
+                if self.flush():
                     continue
                 self.step += 1
                 self.pending = (self.step, device_metrics, self.position - 1)
                 at_end = self.step == t.steps
                 if (t.eval_every and self.step % t.eval_every == 0) or at_end:
-                    if self.flush(clock):
+                    if self.flush():
                         continue
                     self.evaluate(self.step)
                 if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or at_end:
-                    self.checkpoint(wall())
-            self.flush(clock)
+                    self.checkpoint(self.wall())
+            self.flush()
             if preemption.requested and self.step < t.steps:
-                self.save_on_stop(preemption, wall())
+                self.save_on_stop(preemption, self.wall())
             self.checkpointer.wait()
         finally:
             preemption.uninstall()
             if watcher is not None:
                 watcher.stop()
             self.close()
-        return self.finish(wall())
+        return self.finish(self.wall())
+
+    def wall(self) -> float:
+        """Wall-clock seconds of training so far, earlier sessions of this run included."""
+        return self.wall_offset + time.perf_counter() - self.started
 
     def save_on_stop(self, preemption: StopRequest, wall: float) -> None:
         """SIGTERM / maintenance: checkpoint the step just finished, within the grace period if possible."""

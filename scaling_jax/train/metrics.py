@@ -18,6 +18,8 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
+from scaling_jax import paths
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 PLAIN_PROGRESS_INTERVAL_S = 10.0  # non-TTY progress: one line at most this often, so CI logs stay readable
@@ -50,9 +52,9 @@ def _parse_line(line: bytes) -> dict:
 
 
 def read_metrics(path: str) -> list[dict]:
-    """All rows of a metrics.jsonl. A bad last line is a torn write from a kill and is dropped; a bad line
-    anywhere else means the file was damaged, which must not pass silently."""
-    with open(path, "rb") as f:
+    """All rows of a metrics.jsonl (local or in a bucket). A bad last line is a torn write from a kill and is
+    dropped; a bad line anywhere else means the file was damaged, which must not pass silently."""
+    with paths.open_file(path, "rb") as f:
         lines = [(n, line) for n, line in enumerate(f.read().split(b"\n"), start=1) if line.strip()]
     rows = []
     for i, (lineno, line) in enumerate(lines):

@@ -32,6 +32,7 @@ from scaling_jax.train.checkpoint import DAMAGED_DIR, DIGEST_FILE, Checkpointer,
 from scaling_jax.train.health import first_nonfinite, guard_nonfinite, tensor_names
 from scaling_jax.train.loop import train
 from scaling_jax.train.metrics import read_metrics
+from scaling_jax.train.preemption import StopRequest
 from scaling_jax.train.session import build_session
 from scaling_jax.train.state import TrainState
 
@@ -242,6 +243,20 @@ def test_nan_policy_halt_names_step_batch_and_tensor(tmp_path, monkeypatch, caps
 
 
 @pytest.mark.slow
+def test_without_a_digest_resume_warns_and_the_halt_calls_the_checkpoint_unverified(tmp_path, monkeypatch, capsys):
+    args = TINY_RUN + ["train.steps=2", "train.checkpoint_every=2", f"train.run_dir={tmp_path}"]
+    assert main(["train", "configs/quickstart.yaml", *args]) == 0
+    os.remove(tmp_path / "checkpoints" / "2" / DIGEST_FILE)  # a flipped byte would now load unnoticed
+    _poison_batch(monkeypatch, load_config(None, args), 2)
+    capsys.readouterr()
+    assert main(["train", str(tmp_path), "train.steps=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"checkpoint step 2 has no digest ({DIGEST_FILE}), so its bytes cannot be checked" in "\n".join(err)
+    assert err[-1].startswith("error: non-finite values at step 3") and "is intact" not in err[-1]
+    assert "the last checkpoint (step 2) has no digest, so it is unverified" in err[-1]
+
+
+@pytest.mark.slow
 def test_nan_policy_skip_batch_drops_one_update_and_counts_it(tmp_path, monkeypatch, capsys):
     config = load_config(None, TINY_RUN + ["train.steps=5", "train.checkpoint_every=0", "train.nan_policy=skip_batch",
                                            f"train.run_dir={tmp_path}"])
@@ -410,6 +425,41 @@ def test_sigterm_right_after_a_periodic_save_commits_once_and_reports_the_grace(
     assert "took longer than train.preemption_grace_s=1e-06 s" in out
     assert damage(str(run_dir / "checkpoints" / str(saved))) is None
     assert json.load(open(run_dir / "checkpoints" / str(saved) / DIGEST_FILE))  # committed and digested
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_like_sigterm_and_says_how_to_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    base = ["train.steps=500", "train.checkpoint_every=0", "train.eval_every=2"]
+    proc = subprocess.Popen(_command(run_dir, *base), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _wait_for_step(proc, run_dir, 3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    saved = Checkpointer(run_dir, 3).latest_step()
+    assert saved is not None and 3 <= saved < 500
+    assert "press Ctrl-C again to quit without saving" in err
+    assert f"Ctrl-C: saved checkpoint at step {saved}" in out and f"resume with: scaling-jax train {run_dir}" in out
+    last_eval = max(r["step"] for r in _rows(run_dir) if "val_loss" in r)
+    assert f"validation at step {last_eval}:" in out  # the last periodic eval, named as such
+    assert f"stopped by Ctrl-C at step {saved}, validation is from step {last_eval}" in out
+    resumed = subprocess.run(_command(run_dir, *base[1:], f"train.steps={saved + 1}"), env=_env(),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0 and f"resuming at step {saved}" in resumed.stdout, resumed.stderr
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    request = StopRequest().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert request.requested and request.reason == "Ctrl-C" and request.should_stop(1)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler raises at the next bytecode; never reached
+    finally:
+        request.uninstall()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 @pytest.mark.slow

@@ -57,7 +57,8 @@ def _free_port() -> int:
 
 def _train(run_dir, data, processes: int, *overrides: str) -> list[dict]:
     """``scaling-jax train`` in ``processes`` processes sharing DEVICES CPU devices; metrics rows of the run."""
-    args = [*RUN, f"data.source={data}", "data.format=jsonl", f"train.run_dir={run_dir}", *overrides]
+    args = [*RUN, f"data.source={data}", "data.format=jsonl", f"train.run_dir={run_dir}",
+            "train.shared_filesystem=true", *overrides]  # one machine: every process sees the same disk
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(DEVICES // processes),
            # the resumed run compiles the same programs again: reuse them (halves its CPU time)
            "JAX_COMPILATION_CACHE_DIR": os.path.join(os.path.dirname(run_dir), "xla-cache"),

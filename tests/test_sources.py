@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import zlib
 from collections import Counter
 
 import pyarrow as pa
@@ -15,7 +16,7 @@ import pytest
 
 from scaling_jax.config import DataConfig
 from scaling_jax.data import sources
-from scaling_jax.data.sources import Document, is_validation, load_documents, unigram_bits_per_byte
+from scaling_jax.data.sources import PIECE_BYTES, Document, is_validation, load_documents, unigram_bits_per_byte
 from scaling_jax.errors import DataError
 
 
@@ -69,6 +70,18 @@ def test_stdlib_baseline_is_between_english_and_random(stdlib_split):
     train, val = stdlib_split
     bpb = unigram_bits_per_byte((d.text for d in train), (d.text for d in val))
     assert 4.0 < bpb < 5.5
+
+
+def test_stdlib_files_stay_whole_and_leniently_decoded(stdlib_split):
+    """The stdlib corpus is not cut into pieces (eval generators reuse its file names) and its few
+    deliberately non-UTF-8 test files still load, with U+FFFD, exactly as before."""
+    by_name = {d.name: d.text for split in stdlib_split for d in split}
+    root = sources._stdlib_dir()
+    raw = {f.relative_to(root).as_posix(): f.read_bytes() for f in sources.stdlib_files()}
+    big = [n for n, b in raw.items() if len(b) > 2 * PIECE_BYTES and n in by_name]
+    assert big and all(by_name[n] == raw[n].decode("utf-8", "replace") for n in big)
+    not_utf8 = [n for n, b in raw.items() if b.decode("utf-8", "replace").encode("utf-8") != b]
+    assert not_utf8 and all(by_name[n] == raw[n].decode("utf-8", "replace") for n in not_utf8)
 
 
 def test_max_docs_keeps_the_first_documents_of_the_split(stdlib_split):
@@ -139,10 +152,88 @@ def test_explicit_format_overrides_the_extension(tmp_path):
     assert as_text == [Document("records.dat", '{"text": "from jsonl"}\n')]
 
 
-def test_invalid_utf8_becomes_replacement_char(tmp_path):
-    (tmp_path / "latin.txt").write_bytes(b"caf\xe9 ok \xff")
-    (doc,) = load_documents(cfg(source=str(tmp_path / "latin.txt"), val_fraction=0.0), "train")
-    assert doc.text == "caf\ufffd ok \ufffd"
+def reference_pieces(data: bytes) -> list[bytes]:
+    """The documented cut rule, written directly on the whole file (lines shorter than a piece):
+    each piece ends just after the first newline at or past PIECE_BYTES from its start."""
+    pieces, start = [], 0
+    while start < len(data):
+        newline = data.find(b"\n", start + PIECE_BYTES - 1)
+        end = len(data) if newline < 0 else newline + 1
+        pieces.append(data[start:end])
+        start = end
+    return pieces
+
+
+def test_one_big_text_file_is_cut_into_whole_line_pieces_for_both_splits(tmp_path):
+    rng = random.Random(3)
+    words = ["alpha", "beta", "caf\u00e9", "\u4e2d\u6587", "\U0001f600", "x" * 40, ""]
+    lines = [" ".join(rng.choices(words, k=rng.randint(0, 60))) + rng.choice(["\n", "\r\n"]) for _ in range(30_000)]
+    data = "".join(lines).encode("utf-8")  # about 4 MiB: several 1 MiB read blocks, ~60 pieces
+    (tmp_path / "corpus.txt").write_bytes(data)
+    config = cfg(source=str(tmp_path / "corpus.txt"), val_fraction=0.25)
+    train, val = load_documents(config, "train"), load_documents(config, "validation")
+    pieces = reference_pieces(data)
+    names = [f"corpus.txt#{i}" for i in range(len(pieces))]
+    assert sorted(train + val, key=lambda d: int(d.name.split("#")[1])) == [
+        Document(n, p.decode("utf-8")) for n, p in zip(names, pieces, strict=True)]
+    assert b"".join(pieces) == data and all(p.endswith(b"\n") and len(p) >= PIECE_BYTES for p in pieces[:-1])
+    held_out = {n for n in names if zlib.crc32(n.encode()) / 2**32 < 0.25}  # the hash rule, independently
+    assert {d.name for d in val} == held_out and train and val
+    assert 0.1 < len(val) / len(pieces) < 0.4
+    assert (load_documents(config, "train"), load_documents(config, "validation")) == (train, val)
+
+
+def test_line_without_newline_is_cut_at_a_character_boundary(tmp_path):
+    text = "a" + "\u00e9" * (2 * PIECE_BYTES)  # 2-byte characters at odd offsets: PIECE_BYTES falls inside one
+    (tmp_path / "one_line.txt").write_text(text, encoding="utf-8")
+    docs = load_documents(cfg(source=str(tmp_path / "one_line.txt"), val_fraction=0.0), "train")
+    assert [d.name for d in docs] == [f"one_line.txt#{i}" for i in range(4)]
+    assert "".join(d.text for d in docs) == text
+    # cut once no newline came for a further piece: at PIECE_BYTES, backed off to a character start;
+    # the rest (shorter than two pieces) is the last piece
+    assert [len(d.text.encode()) for d in docs] == [PIECE_BYTES - 1, PIECE_BYTES, PIECE_BYTES, PIECE_BYTES + 2]
+
+
+def test_text_file_of_one_piece_keeps_its_name(tmp_path):
+    small = "line\n" * (PIECE_BYTES // 5 - 1)
+    one_long_line = "y" * (PIECE_BYTES + 100) + "\n"  # past the size, but its only newline ends the file
+    (tmp_path / "small.txt").write_text(small)
+    (tmp_path / "wide.txt").write_text(one_long_line)
+    docs = load_documents(cfg(source=str(tmp_path), val_fraction=0.0), "train")
+    assert docs == [Document("small.txt", small), Document("wide.txt", one_long_line)]
+
+
+def test_non_utf8_text_file_names_file_and_byte_offset(tmp_path):
+    data = b"plain ascii line\n" * 5000 + b"caf\xe9 au lait\n"  # the bad byte is past the first piece
+    (tmp_path / "latin1.txt").write_bytes(data)
+    message = load_error(cfg(source=str(tmp_path / "latin1.txt")))
+    assert f"latin1.txt is not valid UTF-8 (byte 0xe9 at offset {data.index(bytes([0xE9]))})" in message
+    assert "re-encode it as UTF-8" in message and "data.malformed_lines=skip" in message
+    (tmp_path / "latin1.txt").write_bytes("na\u00efve".encode("latin-1"))
+    assert "latin1.txt is not valid UTF-8 (byte 0xef at offset 2)" in load_error(cfg(source=str(tmp_path)))
+
+
+def test_malformed_lines_skip_drops_non_utf8_text_pieces_with_one_warning(tmp_path, capsys):
+    (tmp_path / "good.txt").write_text("fine text\n")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 ok \xff")
+    big = b"ok\n" * (3 * PIECE_BYTES // 3)  # three pieces; spoil one byte of the middle one
+    big = big[:PIECE_BYTES + 10] + b"\xff" + big[PIECE_BYTES + 11:]
+    (tmp_path / "big.txt").write_bytes(big)
+    config = cfg(source=str(tmp_path), val_fraction=0.0, malformed_lines="skip")
+    docs = load_documents(config, "train")
+    assert [d.name for d in docs] == ["big.txt#0", "big.txt#2", "good.txt"]
+    assert load_documents(config, "train") == docs
+    err = capsys.readouterr().err
+    assert err.count("skipped 1 non-UTF-8 piece(s) of") == 2 and "latin1.txt" in err
+    assert f"big.txt is not valid UTF-8 (byte 0xff at offset {PIECE_BYTES + 10})" in err
+
+
+def test_jsonl_utf8_error_gives_line_and_file_offset(tmp_path):
+    data = b'{"text": "fine"}\n' * 3 + b'{"text": "caf\xe9"}\n'
+    (tmp_path / "bad.jsonl").write_bytes(data)
+    message = load_error(cfg(source=str(tmp_path / "bad.jsonl")))
+    offset = data.index(bytes([0xE9]))
+    assert f"bad.jsonl:4 is not valid UTF-8 (byte 0xe9 at column 14, file offset {offset})" in message
 
 
 def test_split_partitions_file_documents_by_name(tmp_path):
@@ -202,6 +293,18 @@ def test_empty_split_says_which_split_and_how_to_fix(tmp_path):
     assert "validation" in message and source in message and "data.val_fraction" in message
     message = load_error(cfg(source=str(tmp_path / "blank.txt")), "train")
     assert "train" in message and "0 non-empty documents" in message
+
+
+def test_empty_split_suggests_val_fraction_only_where_it_helps(tmp_path):
+    (tmp_path / "one.txt").write_text("only document")
+    message = load_error(cfg(source=str(tmp_path), val_fraction=0.0), "validation")
+    assert "raise data.val_fraction" not in message and "no data.val_fraction gives both splits" in message
+    (tmp_path / "two.txt").write_text("second document")
+    for split, start in (("validation", 0.0), ("train", 0.999)):
+        message = load_error(cfg(source=str(tmp_path), val_fraction=start), split)
+        value = float(message.split("data.val_fraction to ")[1].split()[0])
+        fixed = cfg(source=str(tmp_path), val_fraction=value)
+        assert load_documents(fixed, "train") and load_documents(fixed, "validation")  # the suggestion works
 
 
 # ----------------------------------------------------------------------------- unigram baseline

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from scaling_jax.config import Config
-from scaling_jax.data.sources import is_validation, stdlib_files, unigram_bits_per_byte
+from scaling_jax.data.sources import is_validation, stdlib_files, unigram_bits_per_byte, utf8_line
 from scaling_jax.data.tokenizer import Tokenizer
 from scaling_jax.errors import ConfigError, DataError
 
@@ -90,9 +90,10 @@ def read_jsonl(path: str) -> list[Example]:
     """``{"inputs", "targets"[, "rationale"]}`` per non-blank line; errors name ``file:line``."""
     if not os.path.isfile(path):
         raise DataError(f"instruction file '{path}' does not exist; fix data.instructions[].source")
-    out = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
+    out, offset = [], 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line, offset = utf8_line(raw, path, lineno, offset, escape=""), offset + len(raw)
             if not line.strip():
                 continue
             try:

@@ -9,6 +9,19 @@ needs ``gcsfs`` installed. ``hf:PATH_OR_NAME`` reads a Hugging Face ``datasets``
 ``save_to_disk`` directory, a local directory of data files, or a hub name (downloaded by
 ``datasets`` itself, or streamed with ``data.streaming=true``).
 
+A plain-text file is cut into pieces so that even a corpus of one big ``.txt`` has held-out text
+for validation (the split is per document, so a single-document file would land wholly on one
+side). The rule is fixed and deterministic: a piece ends just after the first ``\n`` at or past
+``PIECE_BYTES`` (64 KiB) from its start, so lines are never torn; only a line that runs on for
+another ``PIECE_BYTES`` without a newline is cut, at ``PIECE_BYTES`` backed off to the start of
+a UTF-8 character. A file that is one piece keeps its name (small files split as they always
+did); otherwise the pieces are ``NAME#0``, ``NAME#1``, ... and each is hashed to its own side.
+The embedded stdlib corpus is not cut: its names are file paths that the eval generators reuse.
+
+User text is decoded strictly as UTF-8: a text file (piece) or jsonl line that is not valid UTF-8
+is an error naming the file and byte offset, or with ``data.malformed_lines=skip`` is skipped
+and counted in one warning per file.
+
 ``source_components`` turns ``data.mixture`` into one ``DataConfig`` and sampling weight per source.
 
 ``unigram_bits_per_byte`` is the floor any trained model has to beat: a byte-frequency table.
@@ -18,7 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import itertools
 import json
+import math
 import os
 import pathlib
 import posixpath
@@ -26,7 +41,7 @@ import sys
 import sysconfig
 import zlib
 from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -36,6 +51,8 @@ from scaling_jax.errors import DataError
 SPLITS = ("train", "validation")
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 _FORMAT_BY_EXT = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+PIECE_BYTES = 64 * 1024  # plain-text files are cut into pieces of about this size (module docstring)
+_READ_BYTES = 1 << 20
 
 
 class Document(NamedTuple):
@@ -46,9 +63,14 @@ class Document(NamedTuple):
 # ----------------------------------------------------------------------------- split
 
 
+def split_point(name: str) -> float:
+    """Where ``name`` falls in [0, 1); crc32 rather than ``hash()`` so it never changes with ``PYTHONHASHSEED``."""
+    return zlib.crc32(name.encode("utf-8", "surrogateescape")) / 2**32
+
+
 def is_validation(name: str, val_fraction: float) -> bool:
-    """crc32 rather than ``hash()``: the split must not change with ``PYTHONHASHSEED``."""
-    return zlib.crc32(name.encode("utf-8", "surrogateescape")) / 2**32 < val_fraction
+    """A document is held out iff its name's split point is below ``val_fraction``."""
+    return split_point(name) < val_fraction
 
 
 # ----------------------------------------------------------------------------- stdlib corpus
@@ -72,14 +94,16 @@ def stdlib_files() -> list[pathlib.Path]:
 def _stdlib_documents() -> Iterator[Document]:
     root = _stdlib_dir()
     for path in stdlib_files():
-        yield Document(path.relative_to(root).as_posix(), _decode(path.read_bytes()))
+        yield Document(path.relative_to(root).as_posix(), _decode_stdlib(path.read_bytes()))
 
 
 # ----------------------------------------------------------------------------- finding files
 
 
-def _decode(raw: bytes) -> str:
-    """A stray latin-1 byte (the stdlib has test files like that) becomes U+FFFD, not a crash."""
+def _decode_stdlib(raw: bytes) -> str:
+    """Lenient on purpose, unlike user files: a few stdlib test files are deliberately not UTF-8
+    (``test/encoded_modules/module_iso_8859_1.py`` and the like). The stdlib corpus is ours, and its
+    bad bytes become U+FFFD as they always did, so its documents and the quickstart's numbers stay put."""
     return raw.decode("utf-8", errors="replace")
 
 
@@ -101,8 +125,9 @@ def is_url(path: str) -> bool:
 
 
 def _open(path: str, mode: str):
-    """A local file or any fsspec URL, opened as ``mode`` (``r`` decodes UTF-8 leniently)."""
-    text = {"encoding": "utf-8", "errors": "replace"} if "b" not in mode else {}
+    """A local file or any fsspec URL, opened as ``mode`` (``r`` decodes UTF-8 strictly; readers use
+    ``rb`` so that an error can give the byte offset)."""
+    text = {"encoding": "utf-8"} if "b" not in mode else {}
     if not is_url(path):
         return open(path, mode, **text)
     import fsspec
@@ -167,14 +192,65 @@ def _format_of(path: str, fmt: str) -> str:
 # ----------------------------------------------------------------------------- readers
 
 
-def _read_text(path: str, name: str) -> Iterator[Document]:
-    """The whole file is one document."""
+def _text_pieces(f: BinaryIO) -> Iterator[tuple[int, bytes]]:
+    """``(byte offset, bytes)`` of each piece of a text file, by the rule in the module docstring;
+    read a block at a time, so a large file need not fit in memory."""
+    buf, start, offset, eof = b"", 0, 0, False  # buf[start:] is unconsumed; offset is buf[0]'s file offset
+    while True:
+        newline = buf.find(b"\n", start + PIECE_BYTES - 1, start + 2 * PIECE_BYTES - 1)
+        if newline >= 0:
+            cut = newline + 1
+        elif len(buf) - start >= 2 * PIECE_BYTES - 1:  # no newline for a whole extra piece: cut the line
+            cut = start + PIECE_BYTES
+            while cut > start + PIECE_BYTES - 3 and buf[cut] & 0xC0 == 0x80:  # not inside a character
+                cut -= 1
+        elif eof:
+            if start < len(buf):
+                yield offset + start, buf[start:]
+            return
+        else:
+            block = f.read(_READ_BYTES)
+            buf, offset, start, eof = buf[start:] + block, offset + start, 0, not block
+            continue
+        yield offset + start, buf[start:cut]
+        start = cut
+
+
+def _text_utf8(raw: bytes, path: str, offset: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {offset + e.start}); "
+                        "re-encode it as UTF-8 (or set data.malformed_lines=skip to skip each "
+                        f"{PIECE_BYTES // 1024} KiB piece that is not)") from None
+
+
+def _read_text(path: str, name: str, skip_malformed: bool = False) -> Iterator[Document]:
+    """The file's pieces (module docstring); a file of one piece is one document under its own name.
+
+    A piece that is not UTF-8 is fatal, or with ``skip_malformed`` skipped and counted in one warning."""
+    skipped, first = 0, ""
     with _open(path, "rb") as f:
-        raw = f.read()
-    if b"\x00" in raw[:8192]:  # a .gz / .zip / UTF-16 file read as text would train on garbage
-        raise DataError(f"{path} looks binary (NUL bytes), not UTF-8 text; decompress or re-encode it, remove it "
-                        "from data.source, or set data.format if it is jsonl or parquet")
-    yield Document(name, _decode(raw))
+        pieces = _text_pieces(f)
+        head = next(pieces, (0, b""))
+        if b"\x00" in head[1][:8192]:  # a .gz / .zip / UTF-16 file read as text would train on garbage
+            raise DataError(f"{path} looks binary (NUL bytes), not UTF-8 text; decompress or re-encode it, remove "
+                            "it from data.source, or set data.format if it is jsonl or parquet")
+        second = next(pieces, None)
+        if second is None:
+            named: Iterable[tuple[str, tuple[int, bytes]]] = [(name, head)]
+        else:
+            named = ((f"{name}#{i}", p) for i, p in enumerate(itertools.chain([head, second], pieces)))
+        for piece_name, (offset, raw) in named:
+            try:
+                text = _text_utf8(raw, path, offset)
+            except DataError as e:
+                if not skip_malformed:
+                    raise
+                skipped, first = skipped + 1, first or str(e).split(";")[0]
+                continue
+            yield Document(piece_name, text)
+    _warn_skipped(path, skipped, "non-UTF-8 piece(s)", first)
 
 
 def _jsonl_text(path: str, lineno: int, line: str, field: str) -> str:
@@ -197,15 +273,25 @@ def _jsonl_text(path: str, lineno: int, line: str, field: str) -> str:
     return value
 
 
-def _utf8(raw: bytes, path: str, lineno: int) -> str:
+def utf8_line(raw: bytes, path: str, lineno: int, offset: int,
+              escape: str = " (or set data.malformed_lines=skip to skip such lines)") -> str:
+    """``offset``: the line's byte offset in the file, so the message can point at the exact byte."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{lineno} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                        "re-encode the file as UTF-8 (or set data.malformed_lines=skip to skip such lines)") from None
+        raise DataError(f"{path}:{lineno} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}, "
+                        f"file offset {offset + e.start}); re-encode the file as UTF-8{escape}") from None
 
 
 _skips_reported: set[tuple[str, int]] = set()
+
+
+def _warn_skipped(path: str, skipped: int, what: str, first: str) -> None:
+    """One warning per file and count: both splits read the file, and the user needs to hear it once."""
+    if skipped and (path, skipped) not in _skips_reported:
+        _skips_reported.add((path, skipped))
+        print(f"warning: skipped {skipped} {what} of {path} (first: {first}); data.malformed_lines=skip",
+              file=sys.stderr, flush=True)
 
 
 def _read_jsonl(path: str, name: str, field: str, skip_malformed: bool = False) -> Iterator[Document]:
@@ -215,23 +301,21 @@ def _read_jsonl(path: str, name: str, field: str, skip_malformed: bool = False) 
     raw inside a JSON string. A line that is not UTF-8 JSON with the text field is fatal, or with
     ``skip_malformed`` (``data.malformed_lines=skip``) skipped and counted in one warning per file.
     """
-    skipped, first = 0, ""
+    skipped, first, offset = 0, "", 0
     with _open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            offset, line_offset = offset + len(raw), offset
             if not raw.strip():
                 continue
             try:
-                text = _jsonl_text(path, lineno, _utf8(raw, path, lineno), field)
+                text = _jsonl_text(path, lineno, utf8_line(raw, path, lineno, line_offset), field)
             except DataError as e:
                 if not skip_malformed:
                     raise
                 skipped, first = skipped + 1, first or str(e).split(";")[0]
                 continue
             yield Document(f"{name}:{lineno}", text)
-    if skipped and (path, skipped) not in _skips_reported:
-        _skips_reported.add((path, skipped))
-        print(f"warning: skipped {skipped} malformed line(s) of {path} (first: {first}); "
-              "data.malformed_lines=skip", file=sys.stderr, flush=True)
+    _warn_skipped(path, skipped, "malformed line(s)", first)
 
 
 def _read_parquet(path: str, name: str, field: str) -> Iterator[Document]:
@@ -266,7 +350,7 @@ def _file_documents(cfg: DataConfig) -> Iterator[Document]:
         elif fmt == "parquet":
             yield from _read_parquet(path, name, cfg.text_field)
         else:
-            yield from _read_text(path, name)
+            yield from _read_text(path, name, cfg.malformed_lines == "skip")
 
 
 def _hf_documents(cfg: DataConfig) -> Iterator[Document]:
@@ -349,21 +433,36 @@ def load_documents(cfg: DataConfig, split: str) -> list[Document]:
     want_val = split == "validation"
     docs = source_documents(cfg)
     kept: list[Document] = []
-    seen = 0
+    seen, lowest, highest = 0, 1.0, 0.0
     for doc in docs:
         if not doc.text:
             continue
         seen += 1
-        if is_validation(doc.name, cfg.val_fraction) == want_val:
+        point = split_point(doc.name)
+        lowest, highest = min(lowest, point), max(highest, point)
+        if (point < cfg.val_fraction) == want_val:
             kept.append(doc)
             if 0 < cfg.max_docs <= len(kept):
                 break
     if not kept:
-        fix = "raise data.val_fraction" if want_val else "lower data.val_fraction"
-        fix += " or point data.source at more data"
         raise DataError(f"data.source='{cfg.source}' gives no {split} documents ({seen} non-empty documents in all, "
-                        f"data.val_fraction={cfg.val_fraction}); {fix}")
+                        f"data.val_fraction={cfg.val_fraction}); {_empty_split_fix(want_val, seen, lowest, highest)}")
     return kept
+
+
+def _empty_split_fix(want_val: bool, seen: int, lowest: float, highest: float) -> str:
+    """Suggest a ``data.val_fraction`` only if one gives both splits a document: each document's side
+    is fixed by its name, so with a single document (or none) no value can help."""
+    if not seen:
+        return "point data.source at more data"
+    if want_val:  # validation needs val_fraction > lowest, and train still needs val_fraction <= highest
+        value, fits, verb = math.floor(lowest * 1000 + 1) / 1000, "or more", "raise"
+    else:  # train needs val_fraction <= highest, and validation still needs val_fraction > lowest
+        value, fits, verb = math.floor(highest * 1000) / 1000, "or less", "lower"
+    if lowest < value <= highest:
+        return f"{verb} data.val_fraction to {value} {fits} or point data.source at more data"
+    return (f"no data.val_fraction gives both splits a document here; point data.source at more data "
+            f"(text files are cut into {PIECE_BYTES // 1024} KiB pieces, so a larger file or more files)")
 
 
 # ----------------------------------------------------------------------------- baseline

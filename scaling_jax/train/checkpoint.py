@@ -216,6 +216,10 @@ class Checkpointer:
                                   f"one from a backup, or move {self.directory} away to start from scratch")
         return None
 
+    def has_digest(self, step: int) -> bool:
+        """Whether ``step`` carries a digest, i.e. whether ``damage`` could check its every byte."""
+        return paths.exists(paths.join(self._step_dir(step), DIGEST_FILE))
+
     def latest_step(self) -> int | None:
         """The newest intact checkpoint (damaged newer ones are reported and skipped), None if there is none."""
         return self._newest_intact()

@@ -29,8 +29,8 @@ from collections.abc import Callable
 
 from scaling_jax import paths
 from scaling_jax.errors import CheckpointError
+from scaling_jax.run_dir import LOCK_FILE
 
-LOCK_FILE = ".lock"
 _held: dict[str, RunLock] = {}  # run dir key (realpath or URL) -> the lock this process holds
 
 

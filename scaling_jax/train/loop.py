@@ -12,6 +12,8 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,16 +21,16 @@ from typing import Any
 
 import jax
 
-from scaling_jax import paths
-from scaling_jax.config import Config, save_config, to_dict
+from scaling_jax import paths, run_dir
+from scaling_jax.config import Config, TrainConfig, save_config, to_dict
 from scaling_jax.data import pipeline
 from scaling_jax.data.tokenizer import build_tokenizer
 from scaling_jax.errors import CheckpointError
 from scaling_jax.model.family import flops_per_token, param_counts
 from scaling_jax.train import metrics as metrics_lib
-from scaling_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, model_signature
+from scaling_jax.train.checkpoint import CHECKPOINT_DIR, DIGEST_FILE, Checkpointer, model_signature
 from scaling_jax.train.health import NonFinitePolicy, tensor_names
-from scaling_jax.train.lock import acquire_run_lock, releases_run_lock
+from scaling_jax.train.lock import acquire_run_lock, release_run_lock
 from scaling_jax.train.preemption import StopRequest, watch_maintenance
 from scaling_jax.train.session import Session, build_session, sync_run_tokenizer
 from scaling_jax.train.state import TrainState
@@ -51,6 +53,16 @@ def check_compatible(meta: dict, config: Config, tokenizer_fingerprint: str, whe
     if meta.get("tokenizer") != tokenizer_fingerprint:
         raise CheckpointError(f"checkpoint in {where} was trained with another tokenizer "
                               f"(data.tokenizer differs); use the run's tokenizer or a new train.run_dir")
+
+
+def check_shared_storage(t: TrainConfig, process_count: int) -> None:
+    """A job of several processes needs one run directory every host sees: on local disk each host would keep
+    only its own checkpoint shards, and a preempted or deleted VM would take them with it."""
+    if process_count > 1 and not paths.is_remote(t.run_dir) and not t.shared_filesystem:
+        raise CheckpointError(f"train.run_dir '{t.run_dir}' is a local path, but this job runs {process_count} "
+                              "processes: each host would hold only its own checkpoint shards on its own disk; use "
+                              "a bucket (train.run_dir=gs://BUCKET/runs/NAME), or set train.shared_filesystem=true "
+                              "if every host mounts this path from one shared filesystem (NFS, Filestore)")
 
 
 NO_OFFSET = {"step": 0, "tokens": 0, "flops": 0.0}
@@ -98,17 +110,34 @@ class Trainer:
     """
 
     def __init__(self, config: Config, start: Callable[[Session], StageStart] | None = None):
-        t, d = config.train, config.data
+        t = config.train
         self.config, self.t = config, t
         self.is_main = jax.process_index() == 0
-        paths.prepare_dir(t.run_dir)
+        check_shared_storage(t, jax.process_count())
+        self.existed = paths.exists(t.run_dir) if str(t.run_dir).strip() else False
+        # only process 0 claims (the others would see its first files and take the directory for someone else's),
+        # and none writes into the directory before it has
+        self.fresh = run_dir.claim(t.run_dir) if self.is_main else False
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("scaling_jax: run directory claimed")
         self.files = paths.RunMirror(t.run_dir)
-        if self.is_main:  # before anything is written to the run dir
+        self.logged_any = False  # a fresh run that fails before its first step leaves nothing behind
+        try:
+            self._build(start)
+        except BaseException:
+            self.discard_if_untrained()
+            raise
+
+    def _build(self, start: Callable[[Session], StageStart] | None) -> None:
+        t, d = self.t, self.config.data
+        if self.is_main:  # before anything else is written to the run dir
             acquire_run_lock(t.run_dir, self.files.local)
             self.files.pull()  # a resumed bucket run continues its own metrics
         tokenizer = build_tokenizer(d.tokenizer, d.seqio_modules)  # checked against the run's before data loads
         sync_run_tokenizer(self.files.local, tokenizer, d.tokenizer, paths.join(t.run_dir, CHECKPOINT_DIR))
-        self.session = session = build_session(config, tokenizer)
+        self.session = session = build_session(self.config, tokenizer)
         self.checkpointer = Checkpointer(t.run_dir, t.keep_checkpoints, t.async_checkpointing)
         try:  # a refused resume (another model) must not leave orbax's threads behind
             self.data_iter = pipeline.make_iterator(session.train_ds, d)
@@ -117,6 +146,7 @@ class Trainer:
             self.checkpointer.close()
             raise
 
+        config = self.config
         extras = session.objective.size_extras()  # blocks / output heads an objective adds (mtp)
         self.counts = param_counts(config.model, **extras)
         self.tokens_per_step = d.batch_size * d.seq_len
@@ -129,11 +159,25 @@ class Trainer:
                                          self.is_main)
         self.position = pipeline.position(self.data_iter, self.step)  # index of the next batch in the data stream
         self.saved = self.step if self.resumed else None  # newest step with a checkpoint
+        self.unverified = self.saved if self.resumed and not self.checkpointer.has_digest(self.saved) else None
+        if self.unverified is not None and self.is_main:
+            print(f"warning: checkpoint step {self.saved} has no digest ({DIGEST_FILE}), so its bytes cannot be "
+                  "checked: a damaged array would load as wrong numbers", file=sys.stderr, flush=True)
         self.pending: tuple | None = None  # (step, device metrics, batch index) not yet fetched to the host
+        self.stopped_by: str | None = None  # "SIGTERM" / "Ctrl-C" when a stop request ended the run early
         self.last_eval: dict = {}
         self.bar = metrics_lib.ProgressBar(t.steps, self.step, enabled=self.is_main and t.progress)
 
     # ------------------------------------------------------------------------- start
+
+    def discard_if_untrained(self) -> None:
+        """A fresh run that failed before logging a step takes back all it wrote (its directory too, if it made
+        it) and releases the lock; a run with checkpoints or metrics keeps everything."""
+        if self.is_main and self.fresh and not self.logged_any:
+            run_dir.discard_fresh(self.t.run_dir, self.existed)
+            if self.files.local != self.t.run_dir:
+                shutil.rmtree(self.files.local, ignore_errors=True)
+        release_run_lock(self.t.run_dir)
 
     def _begin(self, start: Callable[[Session], StageStart] | None) -> None:
         """The run's own latest checkpoint if it has one, else ``start`` (fresh weights or a parent's)."""
@@ -194,6 +238,7 @@ class Trainer:
         if self.peak:
             row["mfu"] = self.flops_per_step / dt / (self.peak * jax.device_count())
         self.writer.write(row)
+        self.logged_any = True
         self.bar.update(step, row["loss"], row["tokens_per_s"], **({"mfu": row["mfu"]} if "mfu" in row else {}))
 
     # ------------------------------------------------------------------------- evaluation and checkpoints
@@ -237,10 +282,18 @@ class Trainer:
         self.log(done, host, now - self.last_logged, self.wall_offset + now - self.started)
         self.last_logged = now
         if verdict == "halt":
-            raise self.nonfinite.diverged(f"; the last checkpoint (step {self.saved}) is intact" if self.saved else "")
+            raise self.nonfinite.diverged(self._last_checkpoint_note())
         if verdict == "rollback":
             self.roll_back(done, batch_index)
         return verdict == "rollback"
+
+    def _last_checkpoint_note(self) -> str:
+        """What can be said of the newest checkpoint: intact only where its digest (or this run's save) shows it."""
+        if self.saved is None:
+            return ""
+        if self.saved == self.unverified:
+            return f"; the last checkpoint (step {self.saved}) has no digest, so it is unverified and may be damaged"
+        return f"; the last checkpoint (step {self.saved}) is intact"
 
     def roll_back(self, bad_step: int, bad_batch: int) -> None:
         """Restore the newest checkpoint and skip the data from it through the bad batch."""
@@ -300,14 +353,15 @@ class Trainer:
         return self.wall_offset + time.perf_counter() - self.started
 
     def save_on_stop(self, preemption: StopRequest, wall: float) -> None:
-        """SIGTERM / maintenance: checkpoint the step just finished, within the grace period if possible."""
+        """SIGTERM, maintenance or Ctrl-C: checkpoint the step just finished, within the grace period if possible."""
         if self.saved != self.step:
             self.checkpoint(wall)
         self.checkpointer.wait()
         took = time.monotonic() - (preemption.at or time.monotonic())  # since the signal
-        self.say(f"SIGTERM: saved checkpoint at step {self.step} {took:.1f} s after the signal; rerun the same "
-                 "command to resume")
-        if took > self.t.preemption_grace_s:
+        self.stopped_by = preemption.reason
+        self.say(f"{preemption.reason}: saved checkpoint at step {self.step} {took:.1f} s after the signal; resume "
+                 f"with: scaling-jax train {self.t.run_dir}")
+        if preemption.reason == "SIGTERM" and took > self.t.preemption_grace_s:
             self.say(f"warning: that took longer than train.preemption_grace_s={self.t.preemption_grace_s:g} s; a "
                      "real preemption would have killed the run first and lost the steps since the last periodic "
                      "checkpoint (lower train.checkpoint_every)")
@@ -324,13 +378,16 @@ class Trainer:
 
     def finish(self, wall: float) -> dict:
         step, totals = self.step, self.at(self.step)
-        summary = {"step": step, "preempted": step < self.t.steps, "tokens": step * self.tokens_per_step,
+        summary = {"step": step, "preempted": step < self.t.steps, "stopped_by": self.stopped_by,
+                   "tokens": step * self.tokens_per_step,
                    "flops": step * self.flops_per_step, "wall_time": wall,
                    "params": self.counts.total, "non_embedding_params": self.counts.non_embedding,
                    "baseline_bpb": self.session.data.baseline_bpb, "stage": self.config.stage.name,
                    "total_step": totals["total_step"], "total_tokens": totals["tokens"],
                    "total_flops": totals["flops"], "skipped_updates": self.nonfinite.skipped,
                    **{k: self.last_eval[k] for k in ("val_loss", "val_bpb") if k in self.last_eval}}
+        if self.last_eval:
+            summary["val_step"] = self.last_eval["step"]  # after a stop: the last periodic eval, not the stop step
         if self.is_main:
             write_json(os.path.join(self.files.local, "summary.json"), summary)
             if self.t.plot and not summary["preempted"]:
@@ -339,11 +396,18 @@ class Trainer:
         return summary
 
 
-@releases_run_lock  # one writer per run dir: taken by the Trainer, released however train() ends
 def train(config: Config, start: Callable[[Session], StageStart] | None = None) -> dict:
     """Run (or resume) training as configured; returns the final summary.
 
     A run directory with a checkpoint always resumes from its own latest one. Otherwise ``start``
     (default: ``default_start(config)``) makes the initial state, e.g. a parent's for a continuation.
+    The run directory's lock is held from the Trainer's start until this returns or raises.
     """
-    return Trainer(config, start).run()
+    trainer = Trainer(config, start)
+    try:
+        summary = trainer.run()
+    except BaseException:
+        trainer.discard_if_untrained()
+        raise
+    release_run_lock(config.train.run_dir)
+    return summary

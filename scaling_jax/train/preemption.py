@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 import urllib.error
@@ -41,35 +42,46 @@ class StopRequest:
     """``should_stop(step)`` is true, on every process at the same step, once a stop was requested.
 
     Call it once per step on every process with the same step numbers (the loop's own counter).
+    One process also takes Ctrl-C (SIGINT) this way: the first finishes the step and saves, like
+    SIGTERM; a second raises ``KeyboardInterrupt`` at once (nothing more is saved).
     """
 
     def __init__(self) -> None:
         self.requested = False
+        self.reason = ""  # "SIGTERM" or "Ctrl-C"
         self.at = 0.0  # time.monotonic() when the request was seen (grace-period accounting)
-        self._previous = None
+        self._previous: dict[int, object] = {}
         self._multi = False
 
     def install(self) -> StopRequest:
         self._multi = _multi_process()
         if not self._multi:  # several processes: leave SIGTERM to JAX's preemption service
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.requested, self.at = True, time.monotonic()
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
+        if not self.requested:
+            self.requested, self.at = True, time.monotonic()
+            self.reason = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        if signum == signal.SIGINT:
+            print("\nCtrl-C: finishing this step and saving a checkpoint; press Ctrl-C again to quit without saving",
+                  file=sys.stderr, flush=True)
 
     def should_stop(self, step: int) -> bool:
         if self._multi and not self.requested:
             from jax.experimental import multihost_utils
 
             if multihost_utils.reached_preemption_sync_point(step):
-                self.requested, self.at = True, time.monotonic()
+                self.requested, self.at, self.reason = True, time.monotonic(), "SIGTERM"
         return self.requested
 
     def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
 
 def sigterm_self(event: str) -> None:

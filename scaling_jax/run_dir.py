@@ -1,0 +1,120 @@
+"""What a run directory is, and the rule that keeps a run from writing over anything else.
+
+A command that writes a run (``train``, ``continue``, ``convert --from-hf``) only ever writes into a
+directory it made: one that did not exist, was empty, or holds ``MARKER`` (written when the run was
+created). Anything else — an empty path, the current directory with the user's files in it, a file —
+is refused with one line before a byte is written, because a run writes ``config.yaml``,
+``metrics.jsonl`` and ``summary.json`` by those names and would overwrite the user's own.
+
+Runs made before the marker existed are recognised by their layout (``config.yaml`` next to
+``checkpoints/`` or ``metrics.jsonl``) and adopted: the marker is added on their next start.
+
+A fresh start that fails (bad data, a model that cannot fit) takes back what it wrote, so a typo
+leaves no half-made run directory behind (``discard_fresh``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+from scaling_jax import paths
+from scaling_jax.errors import CheckpointError
+
+MARKER = "scaling_jax_run.json"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+LINEAGE_FILE = "lineage.json"
+TOKENIZER_DIR = "tokenizer"
+CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "checkpoints-damaged"
+LOCK_FILE = ".lock"
+_LEGACY_SIGNS = (CHECKPOINT_DIR, METRICS_FILE)  # next to config.yaml: a run written before the marker
+_FAILED_START = {LOCK_FILE, TOKENIZER_DIR}  # all that a failed start left behind before starts cleaned up
+_SHOWN = 3  # entries named in a refusal
+
+
+def is_run_dir(path: str) -> bool:
+    """True if ``path`` is a directory holding our marker or a run written before markers existed."""
+    names = set(paths.listdir(path))
+    if MARKER in names or (CONFIG_FILE in names and any(sign in names for sign in _LEGACY_SIGNS)):
+        return True
+    return bool(names) and names <= _FAILED_START
+
+
+def _refusal(path: str, field: str, names: list[str]) -> CheckpointError:
+    shown = ", ".join(names[:_SHOWN]) + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
+    where = f"'{path}'" + (" (the current directory)" if not paths.is_remote(path) and
+                           os.path.abspath(path) == os.getcwd() else "")
+    return CheckpointError(f"{field} {where} already holds files that are not a scaling_jax run ({shown}); "
+                           f"choose a new or empty directory, e.g. {field}=runs/NAME")
+
+
+def check_claimable(path: str, field: str = "train.run_dir") -> bool:
+    """Refuse a path a run may not write into; True if it is fresh (missing or empty), False if it is a run.
+
+    Pure check: nothing is created or written.
+    """
+    if not str(path).strip():
+        raise CheckpointError(f"{field} is empty; set it to a new directory, e.g. {field}=runs/NAME "
+                              f"(a multi-host run: {field}=gs://BUCKET/runs/NAME)")
+    if not paths.is_remote(path) and os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"{field} '{path}' is a file; point {field} at a directory")
+    names = paths.listdir(path)
+    if not names:
+        return True
+    if not is_run_dir(path):
+        raise _refusal(path, field, names)
+    return False
+
+
+def claim(path: str, field: str = "train.run_dir") -> bool:
+    """Make ``path`` this run's directory (created if missing, proven writable, marked); True if fresh.
+
+    Refuses (see ``check_claimable``) before anything is written.
+    """
+    fresh = check_claimable(path, field)
+    paths.prepare_dir(path, field)
+    marker = paths.join(path, MARKER)
+    if fresh or not paths.exists(marker):
+        paths.write_text(marker, json.dumps({"format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+    return fresh
+
+
+def discard_fresh(path: str, existed: bool) -> None:
+    """Take back what a failed fresh start wrote: everything in ``path``, and ``path`` itself if we made it."""
+    if paths.is_remote(path):
+        for name in paths.listdir(path):
+            paths.remove(paths.join(path, name))
+        return
+    if not existed:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for name in os.listdir(path):
+        target = os.path.join(path, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            os.remove(target)
+
+
+def resolve_run_config(path: str) -> tuple[str, str] | None:
+    """``(run_dir, config_file)`` when ``path`` names a run directory or the ``config.yaml`` inside one.
+
+    Resuming goes by the run directory itself: the ``train.run_dir`` stored in its config is where the
+    run was first written, which is wrong for a copied or moved run, or one read from another directory.
+    """
+    if paths.isdir(path):
+        run_dir = path
+    elif paths.basename(path) == CONFIG_FILE and is_run_dir(paths.dirname(path) or "."):
+        run_dir = paths.dirname(path) or "."
+    else:
+        return None
+    config_file = paths.join(run_dir, CONFIG_FILE)
+    if not paths.exists(config_file):
+        raise CheckpointError(f"'{path}' is a directory without {CONFIG_FILE}; pass a config file or a run "
+                              "directory (scaling-jax train RUN_DIR resumes a run)")
+    return run_dir, config_file

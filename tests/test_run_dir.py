@@ -1,0 +1,138 @@
+"""Run directories: a run writes only into a directory it made, resumes by the directory itself, and a
+failed fresh start leaves nothing behind."""
+
+import hashlib
+import os
+import shutil
+
+import pytest
+from test_bad_inputs import TINY
+
+from scaling_jax import run_dir as run_dirs
+from scaling_jax.cli import main
+from scaling_jax.config import load_config
+from scaling_jax.errors import CheckpointError
+from scaling_jax.train.checkpoint import Checkpointer
+from scaling_jax.train.loop import check_shared_storage
+
+QUICKSTART = os.path.abspath("configs/quickstart.yaml")
+
+
+def _tree_digest(root) -> dict:
+    """sha1 of every file under ``root`` (the lock file's holder record changes on every start)."""
+    out = {}
+    for directory, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(directory, name)
+            if name != ".lock":
+                with open(path, "rb") as f:
+                    out[os.path.relpath(path, root)] = hashlib.sha1(f.read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 1-step run whose directory the tests below copy, resume and move around."""
+    root = tmp_path_factory.mktemp("trained")
+    assert main(["train", QUICKSTART, *TINY, f"train.run_dir={root / 'run'}"]) == 0
+    return root / "run"
+
+
+def _copy(trained, dest):
+    shutil.copytree(trained, dest)
+    return dest
+
+
+def test_empty_run_dir_is_refused_and_the_users_config_is_untouched(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.yaml").write_text("mine\n")
+    assert main(["train", QUICKSTART, *TINY, "train.run_dir="]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: train.run_dir is empty")
+    assert os.listdir(tmp_path) == ["config.yaml"] and (tmp_path / "config.yaml").read_text() == "mine\n"
+
+
+def test_a_directory_holding_other_files_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.yaml").write_text("mine\n")
+    (tmp_path / "notes.txt").write_text("notes\n")
+    before = _tree_digest(tmp_path)
+    assert main(["train", QUICKSTART, *TINY, "train.run_dir=."]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "(the current directory) already holds files that are not a scaling_jax run (config.yaml, notes.txt)" \
+        in err
+    assert _tree_digest(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["config.yaml", "notes.txt"]
+
+
+def test_a_copied_run_trains_in_the_copy_whatever_its_stored_run_dir(trained, tmp_path, monkeypatch):
+    original = _tree_digest(trained)
+    copy = _copy(trained, tmp_path / "copy")
+    monkeypatch.chdir(tmp_path)  # the stored train.run_dir is the original's absolute path
+    assert main(["train", "copy/config.yaml", "train.steps=2"]) == 0
+    assert Checkpointer(str(copy), 3).latest_step() == 2
+    assert load_config(str(copy / "config.yaml")).train.run_dir == "copy"
+    assert _tree_digest(trained) == original  # the original run is untouched
+
+
+def test_resume_by_directory_from_another_working_directory(trained, tmp_path, monkeypatch, capsys):
+    copy = _copy(trained, tmp_path / "runs" / "a")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["resume", str(copy), "train.steps=2"]) == 0
+    assert "resuming at step 1" in capsys.readouterr().out
+    assert Checkpointer(str(copy), 3).latest_step() == 2
+    assert os.listdir(elsewhere) == []
+
+
+def test_resume_refuses_what_is_not_a_run_and_a_second_run_dir(trained, tmp_path, capsys):
+    assert main(["resume", QUICKSTART]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+    assert main(["resume", str(trained), f"train.run_dir={tmp_path / 'other'}"]) == 2
+    assert f"resume trains in '{trained}' itself" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_run_written_before_markers_is_adopted(trained, tmp_path):
+    copy = _copy(trained, tmp_path / "old")
+    os.remove(copy / run_dirs.MARKER)
+    assert run_dirs.is_run_dir(str(copy))
+    assert main(["train", str(copy), "train.steps=2"]) == 0
+    assert (copy / run_dirs.MARKER).exists() and Checkpointer(str(copy), 3).latest_step() == 2
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_failed_fresh_start_leaves_nothing_behind(tmp_path, capsys, existed):
+    (tmp_path / "empty.txt").write_text("")
+    run = tmp_path / "run"
+    if existed:
+        run.mkdir()
+    assert main(["train", QUICKSTART, *TINY, f"train.run_dir={run}", f"data.source={tmp_path / 'empty.txt'}"]) == 2
+    assert "gives no train documents" in capsys.readouterr().err
+    assert (os.listdir(run) == []) if existed else not run.exists()
+    # and the directory is not left locked: a good start right after works
+    assert main(["train", QUICKSTART, *TINY, f"train.run_dir={run}"]) == 0
+
+
+def test_a_failed_resume_keeps_every_file(trained, tmp_path, capsys):
+    copy = _copy(trained, tmp_path / "run")
+    before = _tree_digest(copy)
+    assert main(["train", str(copy), "model.d_model=64"]) == 2
+    assert "the config says 64" in capsys.readouterr().err
+    assert _tree_digest(copy) == before
+
+
+def test_several_processes_need_a_bucket_or_a_declared_shared_filesystem():
+    local = load_config(None, ["train.run_dir=runs/x"]).train
+    check_shared_storage(local, 1)
+    with pytest.raises(CheckpointError, match="this job runs 2 processes.*train.shared_filesystem=true"):
+        check_shared_storage(local, 2)
+    check_shared_storage(load_config(None, ["train.run_dir=runs/x", "train.shared_filesystem=true"]).train, 2)
+    check_shared_storage(load_config(None, ["train.run_dir=gs://bucket/runs/x"]).train, 2)
+
+
+@pytest.mark.parametrize("preset", sorted(os.listdir("configs/tpu")))
+def test_tpu_presets_ask_for_a_bucket(preset, tmp_path, capsys):
+    config = load_config(os.path.join("configs/tpu", preset))
+    assert config.train.run_dir == "", "a TPU preset must not default to a path on the VM's own disk"
+    with pytest.raises(CheckpointError, match=r"train.run_dir=gs://BUCKET/runs/NAME"):
+        run_dirs.check_claimable(config.train.run_dir)

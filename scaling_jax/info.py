@@ -1,60 +1,20 @@
 """What a config costs before it runs: parameter counts, FLOPs, memory per device.
 
 The memory estimate is analytic (sharded weights, grads and AdamW moments by the real rule
-table, plus an activation estimate); ``compiled_memory`` asks XLA for the exact numbers of
-the real train step on the current devices.
+table, plus an activation estimate; ``train/memory.py``, which the trainer's pre-flight check uses
+too); ``scripts/aot_compile_tpu.py`` asks XLA for the exact numbers of the real train step.
 """
 
 from __future__ import annotations
 
 import json
-import math
-
-import jax
-import numpy as np
-from jax.sharding import AbstractMesh
 
 from scaling_jax import paths
 from scaling_jax.config import Config
 from scaling_jax.model.family import attention_flops_per_token, flops_per_token, param_counts
-from scaling_jax.objectives.base import Objective, build_objective
+from scaling_jax.objectives.base import build_objective
 from scaling_jax.parallel.mesh import MESH_AXES, mesh_shape
-from scaling_jax.parallel.sharding import logical_to_spec, rules_from_config
-from scaling_jax.train.state import abstract_model
-
-
-def sharded_param_bytes(config: Config, num_devices: int, objective: Objective | None = None) -> float:
-    """Bytes of one device's parameter shards under the configured mesh and rules (objective's heads included)."""
-    objective = objective or build_objective(config.objective)
-    _, shapes, axes = abstract_model(config.model, objective.build_model)
-    sizes = mesh_shape(config.mesh, num_devices)
-    mesh = AbstractMesh(sizes, MESH_AXES)
-    rules = rules_from_config(config.mesh.rules)
-    total = 0.0
-    for shape, ax in zip(jax.tree.leaves(shapes), jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple)),
-                         strict=True):
-        spec = logical_to_spec(ax, rules, mesh, shape.shape)
-        split = 1
-        for entry in spec:
-            for name in (entry,) if isinstance(entry, str) else (entry or ()):
-                split *= mesh.shape[name]
-        total += math.prod(shape.shape) * np.dtype(shape.dtype).itemsize / split
-    return total
-
-
-def activation_bytes(config: Config, num_devices: int) -> float:
-    """Rough saved-activation bytes per device (Korthikanti et al. 2022, no sequence parallelism):
-    per layer S*B*d*(34 + 5*heads*S/d) bytes at 16-bit, scaled to the compute dtype, plus logits."""
-    m, d = config.model, config.data
-    data, fsdp, tensor = mesh_shape(config.mesh, num_devices)
-    local_batch = d.batch_size / (data * fsdp)
-    width = np.dtype(m.dtype).itemsize / 2
-    if m.remat:
-        per_layer = d.seq_len * local_batch * m.d_model * 2 * width
-    else:
-        per_layer = d.seq_len * local_batch * m.d_model * (34 + 5 * m.heads * d.seq_len / m.d_model) * width / tensor
-    logits = 2 * 4 * local_batch * d.seq_len * m.vocab_size / tensor
-    return m.layers * per_layer + logits
+from scaling_jax.train.memory import activation_bytes, memory_per_device, sharded_param_bytes  # noqa: F401 (re-export)
 
 
 def describe(config: Config, num_devices: int) -> dict:
@@ -62,10 +22,6 @@ def describe(config: Config, num_devices: int) -> dict:
     objective = build_objective(config.objective)
     extras = objective.size_extras()  # blocks / output heads an objective adds (mtp)
     counts = param_counts(m, **extras)
-    params = sharded_param_bytes(config, num_devices, objective)
-    state_per_param = 4 + 8  # fp32 gradients and two fp32 AdamW moments per parameter
-    weights_and_state = params * (1 + state_per_param / np.dtype(m.param_dtype).itemsize)
-    acts = activation_bytes(config, num_devices)
     return {
         "params_total": counts.total,
         "params_non_embedding": counts.non_embedding,
@@ -76,8 +32,7 @@ def describe(config: Config, num_devices: int) -> dict:
                                                                extra_layers=extras.get("extra_layers", 0)),
         "tokens_per_step": d.batch_size * d.seq_len,
         "mesh": dict(zip(MESH_AXES, mesh_shape(config.mesh, num_devices), strict=True)),
-        "memory_per_device_bytes": {"params": params, "params_grads_optimizer": weights_and_state,
-                                    "activations_estimate": acts, "total_estimate": weights_and_state + acts},
+        "memory_per_device_bytes": memory_per_device(config, num_devices, objective),
     }
 
 

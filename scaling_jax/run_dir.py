@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import time
+from typing import NamedTuple
 
 from scaling_jax import paths
 from scaling_jax.errors import CheckpointError
@@ -71,26 +72,34 @@ def check_claimable(path: str, field: str = "train.run_dir") -> bool:
     return False
 
 
-def claim(path: str, field: str = "train.run_dir") -> bool:
-    """Make ``path`` this run's directory (created if missing, proven writable, marked); True if fresh.
+class Claim(NamedTuple):
+    fresh: bool  # the directory was missing or empty: a failed start may take back all of it
+    created: bool  # it was missing: a failed start removes the directory itself too
+
+
+def claim(path: str, field: str = "train.run_dir") -> Claim:
+    """Make ``path`` this run's directory (created if missing, proven writable, marked).
 
     Refuses (see ``check_claimable``) before anything is written.
     """
     fresh = check_claimable(path, field)
+    created = not paths.exists(path)
     paths.prepare_dir(path, field)
     marker = paths.join(path, MARKER)
     if fresh or not paths.exists(marker):
         paths.write_text(marker, json.dumps({"format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
-    return fresh
+    return Claim(fresh, created)
 
 
-def discard_fresh(path: str, existed: bool) -> None:
+def discard_fresh(path: str, claimed: Claim) -> None:
     """Take back what a failed fresh start wrote: everything in ``path``, and ``path`` itself if we made it."""
+    if not claimed.fresh:
+        return
     if paths.is_remote(path):
         for name in paths.listdir(path):
             paths.remove(paths.join(path, name))
         return
-    if not existed:
+    if claimed.created:
         shutil.rmtree(path, ignore_errors=True)
         return
     for name in os.listdir(path):

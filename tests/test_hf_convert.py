@@ -220,7 +220,7 @@ def test_imported_run_trains_from_the_hf_weights_and_exports_them_back(tmp_path)
     np.testing.assert_allclose(_our_logits(hc.params_from_hf(back, cfg), cfg, ref["input_ids"]), ref["logits"], **TOL)
     with pytest.raises(CheckpointError, match="not an empty directory"):
         hc.export_hf(run, str(out))
-    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+    with pytest.raises(CheckpointError, match="already holds a run"):
         hc.import_hf(path, run, TRAIN_TINY, tokenizer="byte")
 
 

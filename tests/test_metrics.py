@@ -185,6 +185,22 @@ def test_progress_bar_runs_without_tty(capsys):
     assert lines[2].startswith("step 50/100 (50%)") and "eta" in lines[2] and len(lines) == 3
 
 
+def test_progress_eta_leaves_out_the_first_steps_compilation(capsys, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("scaling_jax.train.metrics.time.monotonic", lambda: clock[0])
+    bar = ProgressBar(total_steps=101)
+    clock[0] = 300.0  # the first step compiles for 5 minutes
+    bar.update(1, loss=2.0, tokens_per_s=1.0)
+    for step in range(2, 52):  # then 1 s per step
+        clock[0] += 1.0
+        bar.update(step, loss=2.0, tokens_per_s=1.0)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("step 1/101") and lines[0].endswith("eta ?")  # no rate from one step
+    # 50 steps left at 1 s each, not 50 * 350 / 51 s (05:43) as counted from the start
+    assert lines[-1].startswith("step 51/101") and "elapsed 05:50" in lines[-1] and lines[-1].endswith("eta 00:50")
+
+
 def test_progress_bar_on_tty_draws_live_bar(monkeypatch):
     class FakeTTY(io.StringIO):
         def isatty(self):

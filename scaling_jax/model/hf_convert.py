@@ -369,13 +369,13 @@ def import_hf(hf_dir: str, run_dir: str, overrides: list[str] | None = None, tok
     if not isinstance(fields["vocab_size"], int) or fields["vocab_size"] < needed:
         raise ConfigError(f"model.vocab_size={fields['vocab_size']!r} must be an integer >= {needed} (the checkpoint's "
                           "and the tokenizer's vocabulary); the embedding can grow, never shrink")
-    existed = os.path.exists(run_dir)
     if not run_dirs.check_claimable(run_dir, "--out"):
         raise CheckpointError(f"--out '{run_dir}' already holds a run; choose a new or empty run directory")
+    claimed = run_dirs.claim(run_dir, "--out")
     try:
         return _write_imported_run(hf_dir, hf, run_dir, fields, user, source_tok)
     except BaseException:
-        run_dirs.discard_fresh(run_dir, existed)
+        run_dirs.discard_fresh(run_dir, claimed)
         raise
 
 
@@ -384,7 +384,6 @@ def _write_imported_run(hf_dir: str, hf: dict, run_dir: str, fields: dict, user:
     from scaling_jax.train.checkpoint import Checkpointer
     from scaling_jax.train.loop import write_json
 
-    run_dirs.claim(run_dir, "--out")
     spec = source_tok.save(os.path.abspath(os.path.join(run_dir, "tokenizer")))  # the run carries its tokenizer
     settings = {f"model.{k}": v for k, v in fields.items()} | {"data.tokenizer": spec, "train.run_dir": run_dir}
     config = load_config(None, settings | user)

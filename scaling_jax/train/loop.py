@@ -114,10 +114,9 @@ class Trainer:
         self.config, self.t = config, t
         self.is_main = jax.process_index() == 0
         check_shared_storage(t, jax.process_count())
-        self.existed = paths.exists(t.run_dir) if str(t.run_dir).strip() else False
         # only process 0 claims (the others would see its first files and take the directory for someone else's),
         # and none writes into the directory before it has
-        self.fresh = run_dir.claim(t.run_dir) if self.is_main else False
+        self.claimed = run_dir.claim(t.run_dir) if self.is_main else run_dir.Claim(fresh=False, created=False)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -145,8 +144,11 @@ class Trainer:
         except BaseException:
             self.checkpointer.close()
             raise
+        self._measure()
 
-        config = self.config
+    def _measure(self) -> None:
+        """Sizes, writers and counters of a built run (its state restored or initialised)."""
+        config, t, d, session = self.config, self.t, self.config.data, self.session
         extras = session.objective.size_extras()  # blocks / output heads an objective adds (mtp)
         self.counts = param_counts(config.model, **extras)
         self.tokens_per_step = d.batch_size * d.seq_len
@@ -173,8 +175,8 @@ class Trainer:
     def discard_if_untrained(self) -> None:
         """A fresh run that failed before logging a step takes back all it wrote (its directory too, if it made
         it) and releases the lock; a run with checkpoints or metrics keeps everything."""
-        if self.is_main and self.fresh and not self.logged_any:
-            run_dir.discard_fresh(self.t.run_dir, self.existed)
+        if self.claimed.fresh and not self.logged_any:
+            run_dir.discard_fresh(self.t.run_dir, self.claimed)
             if self.files.local != self.t.run_dir:
                 shutil.rmtree(self.files.local, ignore_errors=True)
         release_run_lock(self.t.run_dir)

@@ -235,25 +235,24 @@ class ProgressBar:
     """Live tqdm bar on a terminal; on a non-TTY (CI logs, files) plain newline-terminated lines at most every
     PLAIN_PROGRESS_INTERVAL_S seconds, since tqdm's carriage-return redraws turn into one endless log line.
 
-    Steps are absolute: ``initial_step`` is where a resumed run starts, and ETA counts only this run's steps.
+    Steps are absolute: ``initial_step`` is where a resumed run starts. The first step includes compilation,
+    so ETA is the rate from the first completed step on (the live bar appears at that step).
     ``enabled=False`` makes every method, ``write`` included, a no-op.
     """
 
     def __init__(self, total_steps: int, initial_step: int = 0, enabled: bool = True) -> None:
         self._enabled = enabled
         self._total = total_steps
-        self._initial = initial_step
         self._step = initial_step
         self._postfix = ""
         self._stream = sys.stderr
         self._start = time.monotonic()
         self._last_line_time: float | None = None
         self._last_line_step: int | None = None
+        self._rate_from: tuple[float, int] | None = None  # (time, step) of the first completed step
+        self._tty = enabled and _isatty(self._stream)
         self._bar: tqdm | None = None
         self._closed = not enabled
-        if enabled and _isatty(self._stream):
-            self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", mininterval=0.5,
-                             dynamic_ncols=True, file=self._stream, smoothing=0.1)
 
     def update(self, step: int, loss: float, tokens_per_s: float, **extra: float) -> None:
         """Move to absolute ``step`` and show loss and throughput."""
@@ -261,19 +260,24 @@ class ProgressBar:
             return
         self._step = step
         self._postfix = _format_postfix(loss, tokens_per_s, extra)
-        if self._bar is not None:
+        if self._tty:
+            if self._bar is None:  # made at the first completed step, so tqdm's rate leaves compilation out
+                self._bar = tqdm(total=self._total, initial=step, unit="step", mininterval=0.5, dynamic_ncols=True,
+                                 file=self._stream, smoothing=0.1, postfix=self._postfix)
             self._bar.set_postfix_str(self._postfix, refresh=False)
             self._bar.update(step - self._bar.n)  # tqdm throttles redraws to mininterval
             return
         now = time.monotonic()
+        self._rate_from = self._rate_from or (now, step)
         if self._last_line_time is None or now - self._last_line_time >= PLAIN_PROGRESS_INTERVAL_S:
             self._print_line(now)
 
     def _print_line(self, now: float) -> None:
         """One self-contained progress line: step/total, percent, postfix, elapsed and ETA."""
         elapsed = now - self._start
-        done = self._step - self._initial
-        eta = tqdm.format_interval((self._total - self._step) * elapsed / done) if done > 0 else "?"
+        since, first = self._rate_from or (now, self._step)
+        done = self._step - first
+        eta = tqdm.format_interval((self._total - self._step) * (now - since) / done) if done > 0 else "?"
         pct = 100.0 * self._step / self._total if self._total else 100.0
         print(f"step {self._step}/{self._total} ({pct:.0f}%) {self._postfix} | "
               f"elapsed {tqdm.format_interval(elapsed)} | eta {eta}", file=self._stream, flush=True)
@@ -295,7 +299,7 @@ class ProgressBar:
         self._closed = True
         if self._bar is not None:
             self._bar.close()
-        elif self._last_line_step != self._step:
+        elif not self._tty and self._last_line_step != self._step:
             self._print_line(time.monotonic())
 
 

@@ -1,6 +1,7 @@
 """What a run is built from before any state exists: tokenizer, objective, mesh, data, optimizer, the
-jitted train and eval steps. ``build_session`` serves the trainer, the benchmarks and ``info``;
-it writes no files (the run directory belongs to ``loop.Trainer``).
+jitted train and eval steps. ``build_session`` serves the trainer, the benchmarks and tests; it
+writes no files (the run directory belongs to ``loop.Trainer``). Its memory pre-flight (``memory.py``)
+refuses a model that cannot fit the devices before data loads and before the step compiles.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from scaling_jax.objectives.base import build_objective
 from scaling_jax.objectives.causal import CausalLM
 from scaling_jax.parallel.mesh import build_mesh
 from scaling_jax.parallel.sharding import requested_split, rules_from_config
+from scaling_jax.train import memory
 from scaling_jax.train.checkpoint import CHECKPOINT_DIR
 from scaling_jax.train.state import TrainState, init_state, make_optimizer, state_layout
 from scaling_jax.train.step import batch_shardings, jit_train_step, make_eval_step, make_train_step
@@ -139,14 +141,21 @@ def check_batch_fits_mesh(config: Config, mesh: Mesh, rules) -> None:
                               f"(mesh {dict(mesh.shape)}); change {field} or the mesh")
 
 
-def build_session(config: Config, tokenizer=None) -> Session:
-    """Everything but state for ``config`` (``tokenizer``: one already built from ``data.tokenizer``)."""
+def build_session(config: Config, tokenizer=None, preflight: bool = True) -> Session:
+    """Everything but state for ``config`` (``tokenizer``: one already built from ``data.tokenizer``).
+
+    ``preflight``: refuse (``ConfigError``) a model whose per-device memory estimate exceeds this process's
+    devices, before loading data; on an accelerator also compile the train step now and check XLA's peak
+    (jit's cache serves the first real step, so it still compiles once). Planning for other devices
+    (``info``, AOT compiles) does not build a session at all."""
     t, d = config.train, config.data
     tokenizer = tokenizer or build_tokenizer(d.tokenizer, d.seqio_modules)
     objective = build_objective(config.objective, tokenizer)
     mesh = build_mesh(config.mesh)
     rules = rules_from_config(config.mesh.rules)
     check_batch_fits_mesh(config, mesh, rules)
+    if preflight:
+        memory.preflight(config, mesh, objective)
     data = InstructionData(config, tokenizer) if d.instructions else DataBundle(config, tokenizer)
 
     tx, schedule = make_optimizer(config.optimizer, t.steps)
@@ -163,6 +172,9 @@ def build_session(config: Config, tokenizer=None) -> Session:
     eval_sharding = batch_shardings(mesh, rules, val_batches[0])
     step_fn = jit_train_step(make_train_step(graphdef, objective, tx, schedule, mesh, rules, t.noise_scale),
                              state_sharding, batch_sharding, mesh)
+    if preflight and mesh.devices.flat[0].platform != "cpu":  # CPU: the estimate only (sessions that never step)
+        args = memory.abstract_args(abstract, state_sharding, train_ds[0], batch_sharding)
+        memory.check_compiled_step(step_fn, args, memory.device_budget(memory.local_devices(mesh)))
     eval_fn = make_eval_step(graphdef, eval_objective, mesh, rules, layout.params_sharding, eval_sharding,
                              tokenizer.token_byte_lengths())
     return Session(config, tokenizer, objective, mesh, rules, data, tx, schedule, abstract, state_sharding,

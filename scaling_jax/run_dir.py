@@ -15,6 +15,7 @@ leaves no half-made run directory behind (``discard_fresh``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -127,3 +128,42 @@ def resolve_run_config(path: str) -> tuple[str, str] | None:
         raise CheckpointError(f"'{path}' is a directory without {CONFIG_FILE}; pass a config file or a run "
                               "directory (scaling-jax train RUN_DIR resumes a run)")
     return run_dir, config_file
+
+
+# ----------------------------------------------------------------------------- what a checkpoint says of itself
+
+META_VERSION = 1
+
+
+@dataclasses.dataclass
+class CheckpointMeta:
+    """The ``meta`` item of every checkpoint: what a resume, a continuation stage or an export needs besides the
+    arrays. Written by the trainer and by weight imports; read through ``from_json`` only, which fills what
+    checkpoints written before a field existed lack (version 0: no ``version``, ``total_step`` or ``offset``).
+    """
+
+    config: dict  # the resolved config the checkpoint was trained with (``config.to_dict``)
+    tokenizer: str  # the tokenizer's fingerprint: resuming with another is refused
+    step: int  # this run's updates
+    tokens: int  # totals over every stage so far
+    flops: float
+    total_step: int
+    wall_time: float = 0.0  # seconds of training in this run, across its sessions
+    offset: dict = dataclasses.field(default_factory=lambda: {"step": 0, "tokens": 0, "flops": 0.0})  # earlier stages
+    lineage: list = dataclasses.field(default_factory=list)  # one record per stage, oldest first; the last is this run
+    data_index: int | None = None  # the global batch the data stream reads next (None: older checkpoints)
+    version: int = META_VERSION
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> CheckpointMeta:
+        known = {f.name for f in dataclasses.fields(cls)}
+        filled = {"total_step": raw.get("step", 0), "version": 0, **{k: v for k, v in raw.items() if k in known}}
+        return cls(**filled)
+
+    @property
+    def stage_record(self) -> dict:
+        """This run's own lineage record (empty for a checkpoint written without lineage)."""
+        return dict(self.lineage[-1]) if self.lineage else {}

@@ -165,8 +165,20 @@ def test_a_parent_config_from_before_newer_data_fields_still_reads_on(parent):
     _, config = parent
     data = to_dict(config)["data"]
     old = {k: v for k, v in data.items() if k not in ("malformed_lines", "instructions", "mixture")}  # older schema
-    assert parent_data_config({"config": {"data": old}}) == data
-    assert continued_stream_index(parent_data_config({"config": {"data": old}}), data, 4) == 4
+    assert parent_data_config({"data": old}) == data
+    assert continued_stream_index(parent_data_config({"data": old}), data, 4) == 4
+
+
+def test_the_recorded_data_position_is_the_one_grain_saved(parent):
+    import dataclasses
+
+    from scaling_jax.train.continuation import parent_data_index, parent_meta, resolve_parent
+
+    run_dir, step = resolve_parent(parent[0])
+    meta = parent_meta(run_dir, step)
+    assert meta.version == 1 and meta.data_index is not None
+    older = dataclasses.replace(meta, data_index=None)  # a checkpoint written before the meta recorded it
+    assert parent_data_index(run_dir, step, meta) == parent_data_index(run_dir, step, older) > 0
 
 
 def test_optimizer_continue_keeps_moments_and_reset_drops_them(parent):

@@ -12,6 +12,7 @@ import pytest
 from scaling_jax.errors import ConfigError
 from scaling_jax.scaling import noise_scale as ns
 from scaling_jax.train.metrics import read_metrics
+from scaling_jax.train.noise import two_batch_value_and_grad
 
 
 def quadratic_problem(seed=0, examples=400, dim=6):
@@ -53,7 +54,7 @@ def test_in_step_half_batches_give_the_full_batch_gradient_and_the_estimator_inp
     value_and_grad = lambda graphdef, p, b: jax.value_and_grad(loss_fn, has_aux=True)(p, b)  # noqa: E731
     params = {"theta": jnp.asarray(theta, jnp.float32)}
     batch = {"x": jnp.asarray(x, jnp.float32), "mask": jnp.asarray(mask)}
-    (loss, metrics), grads = jax.jit(lambda p, b: ns.two_batch_value_and_grad(value_and_grad, None, p, b))(params,
+    (loss, metrics), grads = jax.jit(lambda p, b: two_batch_value_and_grad(value_and_grad, None, p, b))(params,
                                                                                                           batch)
     (full_loss, full_metrics), full_grads = value_and_grad(None, params, batch)
     np.testing.assert_allclose(grads["theta"], full_grads["theta"], rtol=1e-6, atol=1e-6)

@@ -136,3 +136,14 @@ def test_tpu_presets_ask_for_a_bucket(preset, tmp_path, capsys):
     assert config.train.run_dir == "", "a TPU preset must not default to a path on the VM's own disk"
     with pytest.raises(CheckpointError, match=r"train.run_dir=gs://BUCKET/runs/NAME"):
         run_dirs.check_claimable(config.train.run_dir)
+
+
+def test_checkpoint_meta_of_an_older_checkpoint_gets_its_missing_fields():
+    older = {"config": {"model": {}}, "tokenizer": "byte:384", "step": 7, "tokens": 700, "flops": 1.5,
+             "wall_time": 3.0, "lineage": [{"stage": "pretrain"}], "a_field_from_the_future": 1}
+    meta = run_dirs.CheckpointMeta.from_json(older)
+    assert (meta.version, meta.total_step, meta.offset, meta.data_index) == (0, 7, {"step": 0, "tokens": 0,
+                                                                                       "flops": 0.0}, None)
+    assert meta.stage_record == {"stage": "pretrain"}
+    again = run_dirs.CheckpointMeta.from_json(meta.to_json())
+    assert again == meta

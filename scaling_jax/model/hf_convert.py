@@ -36,6 +36,8 @@ from scaling_jax import paths
 from scaling_jax import run_dir as run_dirs
 from scaling_jax.config import Config, ModelConfig
 from scaling_jax.errors import CheckpointError, ConfigError
+from scaling_jax.model.transformer import LAYERS, block_key, to_layout
+from scaling_jax.run_dir import CheckpointMeta
 
 HF_TO_MLP = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
 MLP_TO_HF = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}
@@ -154,6 +156,7 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], m: ModelConfig, dtype: str
         }
     params = {"embedding": take(f"{base}embed_tokens.weight", (m.vocab_size, d)), "blocks": blocks,
               "final_norm": {"scale": take(f"{base}norm.weight", (d,))}}
+    params = to_layout(params, m.scan_layers)  # HF's per-layer tensors stacked on `layers` for a scanned model
     if m.tie_embeddings:
         if "lm_head.weight" in left and not np.array_equal(take("lm_head.weight", (m.vocab_size, d)),
                                                            params["embedding"]):
@@ -179,7 +182,7 @@ def hf_from_params(params: Mapping, m: ModelConfig, dtype: str = "float32") -> d
     def out(a) -> np.ndarray:
         return np.ascontiguousarray(np.asarray(a, dtype=np.float32).astype(np_dtype))
 
-    blocks = params["blocks"]
+    blocks = to_layout(params, scan_layers=False)["blocks"]  # one HF tensor per layer, whatever our layout
     tensors = {"model.embed_tokens.weight": out(params["embedding"]),
                "model.norm.weight": out(params["final_norm"]["scale"])}
     for i in range(m.layers):
@@ -206,13 +209,16 @@ def decoder_params(params: Mapping, m: ModelConfig) -> dict:
 
     Multi-token prediction keeps ``layers - 1`` blocks in ``trunk`` plus one block per head; its
     head 1 (next token) is trunk + ``heads[0]``, exactly a ``layers``-block Llama. Other heads are dropped.
+    The result has the trunk's layout (stacked ``layers`` or a ``blocks`` list).
     """
     if "trunk" not in params:
         return dict(params)
     trunk, heads = params["trunk"], params["heads"]
-    blocks = {i: _item(trunk["blocks"], i) for i in range(m.layers - 1)}
+    unstacked = to_layout(trunk, scan_layers=False)
+    blocks = {i: _item(unstacked["blocks"], i) for i in range(m.layers - 1)}
     blocks[m.layers - 1] = _item(heads, 0)
-    return {**{k: v for k, v in trunk.items() if k != "blocks"}, "blocks": blocks}
+    out = {**{k: v for k, v in unstacked.items() if k != "blocks"}, "blocks": blocks}
+    return to_layout(out, scan_layers=block_key(trunk) == LAYERS)
 
 
 def resize_vocab(params: dict, vocab_size: int) -> dict:
@@ -392,12 +398,11 @@ def _write_imported_run(hf_dir: str, hf: dict, run_dir: str, fields: dict, user:
     params = resize_vocab(params, config.model.vocab_size)
     lineage = _import_lineage(config, hf_dir, run_dir)
     state = _train_state(config, params)
-    meta = {"config": to_dict(config), "tokenizer": source_tok.fingerprint(), "step": 0, "total_step": 0,
-            "tokens": 0, "flops": 0.0, "wall_time": 0.0, "offset": {"step": 0, "tokens": 0, "flops": 0.0},
-            "lineage": lineage}
+    meta = CheckpointMeta(config=to_dict(config), tokenizer=source_tok.fingerprint(), step=0, total_step=0,
+                          tokens=0, flops=0.0, lineage=lineage, data_index=0)
     checkpointer = Checkpointer(run_dir, config.train.keep_checkpoints, async_save=False)
     try:
-        checkpointer.save(0, state, _start_of_stream(), meta)
+        checkpointer.save(0, state, _start_of_stream(), meta.to_json())
         checkpointer.wait()
     finally:
         checkpointer.close()

@@ -43,9 +43,10 @@ from scaling_jax.data.tokenizer import Tokenizer, build_tokenizer
 from scaling_jax.errors import CheckpointError, ConfigError
 from scaling_jax.model.family import flops_per_token
 from scaling_jax.objectives.base import Objective, build_objective
+from scaling_jax.run_dir import CheckpointMeta
 from scaling_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, model_signature
-from scaling_jax.train.loop import StageStart
 from scaling_jax.train.session import Session
+from scaling_jax.train.start import StageStart
 from scaling_jax.train.state import TrainState, make_schedule, state_layout
 
 INHERITED_NOT = ("stage.", "budget.", "train.run_dir")  # a child never inherits these from its parent
@@ -77,14 +78,14 @@ def resolve_parent(path: str) -> tuple[str, int]:
     return run_dir, step
 
 
-def parent_meta(run_dir: str, step: int) -> dict:
+def parent_meta(run_dir: str, step: int) -> CheckpointMeta:
     """The parent checkpoint's meta item: resolved config, tokenizer fingerprint, totals, lineage."""
     checkpointer = Checkpointer(run_dir, keep=1, async_save=False)
     try:
         if step not in checkpointer.manager.all_steps():
             raise CheckpointError(f"run {run_dir} has no checkpoint at step {step}; "
                                   f"choose one of {sorted(checkpointer.manager.all_steps())}")
-        return checkpointer.read_meta(step)
+        return CheckpointMeta.from_json(checkpointer.read_meta(step))
     finally:
         checkpointer.close()
 
@@ -101,17 +102,20 @@ def split_checkpoint_path(path: str) -> tuple[str, int]:
 STREAM_FREE_FIELDS = ("batch_size", "num_threads", "prefetch")  # data fields that do not change the row stream
 
 
-def parent_data_index(run_dir: str, step: int, meta: dict) -> int:
-    """The global batch the parent would have read next (its saved grain state; else its step count)."""
+def parent_data_index(run_dir: str, step: int, meta: CheckpointMeta) -> int:
+    """The global batch the parent would have read next: recorded in its meta, or (checkpoints written before
+    that) read from its saved grain state, or else its step count."""
+    if meta.data_index is not None:
+        return meta.data_index
     data_dir = paths.join(checkpoint_path(run_dir, step), "data")
     saved = [n for n in paths.listdir(data_dir) if n.startswith("process_0-of-") and n.endswith(".json")]
     state = json.loads(paths.read_text(paths.join(data_dir, saved[0]))) if saved else None
-    return pipeline.next_index(state, int(meta["step"]))
+    return pipeline.next_index(state, int(meta.step))
 
 
-def parent_data_config(meta: dict) -> dict:
+def parent_data_config(saved_config: dict) -> dict:
     """The parent's ``data`` section with today's defaults for fields its (older) config did not have."""
-    return to_dict(load_config(None, flatten({"data": meta["config"]["data"]})))["data"]
+    return to_dict(load_config(None, flatten({"data": saved_config["data"]})))["data"]
 
 
 def continued_stream_index(parent_data: dict, child_data: dict, parent_index: int) -> int:
@@ -124,9 +128,9 @@ def continued_stream_index(parent_data: dict, child_data: dict, parent_index: in
     return -(-rows // int(child_data["batch_size"]))
 
 
-def child_stream_index(config: Config, run_dir: str, step: int, meta: dict) -> int:
+def child_stream_index(config: Config, run_dir: str, step: int, meta: CheckpointMeta) -> int:
     """``continued_stream_index`` for a child config and its parent checkpoint."""
-    return continued_stream_index(parent_data_config(meta), to_dict(config)["data"],
+    return continued_stream_index(parent_data_config(meta.config), to_dict(config)["data"],
                                   parent_data_index(run_dir, step, meta))
 
 
@@ -135,10 +139,9 @@ def _stream_note(index: int) -> str:
             "data: another data stream than the parent's (data.* differs), read from its start")
 
 
-def totals(meta: dict) -> dict:
+def totals(meta: CheckpointMeta) -> dict:
     """The parent's cumulative step, tokens and FLOPs (older checkpoints count only their own run)."""
-    return {"step": int(meta.get("total_step", meta["step"])), "tokens": int(meta["tokens"]),
-            "flops": float(meta["flops"])}
+    return {"step": int(meta.total_step), "tokens": int(meta.tokens), "flops": float(meta.flops)}
 
 
 def final_lr(parent_config: dict, step: int) -> float:
@@ -187,9 +190,10 @@ def special_ids(objective: Objective, tokenizer: Tokenizer) -> dict[str, int]:
     return ids
 
 
-def check_tokens(config: Config, meta: dict, tokenizer: Tokenizer, objective: Objective, where: str) -> None:
+def check_tokens(config: Config, meta: CheckpointMeta, tokenizer: Tokenizer, objective: Objective,
+                 where: str) -> None:
     """Same tokenizer as the parent, and every special id the objective needs is one of the model's rows."""
-    if tokenizer.fingerprint() != meta.get("tokenizer"):
+    if tokenizer.fingerprint() != meta.tokenizer:
         raise CheckpointError(f"the stage's data.tokenizer='{config.data.tokenizer}' is not the tokenizer parent "
                               f"{where} was trained with (ids would change meaning); keep the parent's data.tokenizer")
     rows = config.model.vocab_size
@@ -202,16 +206,16 @@ def check_tokens(config: Config, meta: dict, tokenizer: Tokenizer, objective: Ob
             f"the embedding to {tokenizer.vocab_size} rows (new rows start at the embedding mean)")
 
 
-def check_model(config: Config, meta: dict, where: str) -> None:
+def check_model(config: Config, meta: CheckpointMeta, where: str) -> None:
     """A stage keeps the parent's architecture; only the vocabulary may grow (``stage.extend_vocab``)."""
-    saved, child = model_signature(meta["config"]["model"]), model_signature(to_dict(config)["model"])
+    saved, child = model_signature(meta.config["model"]), model_signature(to_dict(config)["model"])
     for key, value in saved.items():
         if key == "vocab_size" and config.stage.extend_vocab and child[key] >= value:
             continue
         if child[key] != value:
             raise CheckpointError(f"parent {where} has model.{key}={value!r} but the stage asks for {child[key]!r}; "
                                   "a continuation keeps the parent's architecture (drop that override)")
-    parent_objective = meta["config"]["objective"]["name"]
+    parent_objective = meta.config["objective"]["name"]
     if parent_objective == "mtp" or config.objective.name == "mtp":
         if parent_objective != config.objective.name:
             raise CheckpointError(f"parent {where} was trained with objective {parent_objective} and the stage uses "
@@ -255,7 +259,7 @@ def child_config(source: str, stage_path: str, overrides: list[str] | dict | Non
     if not any(k in chosen for k in ("budget.fraction", "budget.tokens", "budget.steps", "train.steps")):
         raise ConfigError(f"stage {stage_path} gives no length; set budget.fraction=0.001, budget.tokens=N, "
                           "budget.steps=N or train.steps=N")
-    items = {**flatten(meta["config"], skip=INHERITED_NOT), **chosen, "stage.parent": where}
+    items = {**flatten(meta.config, skip=INHERITED_NOT), **chosen, "stage.parent": where}
     items.setdefault("stage.name", os.path.splitext(os.path.basename(stage_path))[0])
     near = run_dir if paths.is_remote(run_dir) else os.path.relpath(run_dir)  # runs/lm -> runs/lm-ul2r
     items.setdefault("train.run_dir", f"{run_dir if near.startswith('..') else near}-{items['stage.name']}")
@@ -269,7 +273,7 @@ def child_config(source: str, stage_path: str, overrides: list[str] | dict | Non
         notes.append(f"vocabulary {config.model.vocab_size} -> {tokenizer.vocab_size} rows (new rows = embedding mean)")
         items["model.vocab_size"] = tokenizer.vocab_size
     if config.stage.lr_from_parent:
-        items["optimizer.lr"] = final_lr(meta["config"], step)
+        items["optimizer.lr"] = final_lr(meta.config, step)
         notes.append(f"optimizer.lr={items['optimizer.lr']:.4g}, the parent's final learning rate")
     config = load_config(None, items)
     objective = build_objective(config.objective, tokenizer)
@@ -329,14 +333,14 @@ def start_from_parent(session: Session) -> StageStart:
     config, objective = session.config, session.objective
     run_dir, step = split_checkpoint_path(config.stage.parent)
     meta = parent_meta(run_dir, step)
-    parent_model = dataclasses.replace(config.model, vocab_size=meta["config"]["model"]["vocab_size"])
+    parent_model = dataclasses.replace(config.model, vocab_size=meta.config["model"]["vocab_size"])
     layout = state_layout(parent_model, session.tx, config.train.seed, objective.build_model, session.mesh,
                           session.rules)
     checkpointer = Checkpointer(run_dir, keep=1, async_save=False)
     try:
         if config.stage.optimizer_state == "continue":
             parent, _ = checkpointer.restore(step, layout.abstract, layout.state_sharding, None)
-            if int(jax.device_get(parent.step)) != meta["step"]:  # restore fell back to an older checkpoint
+            if int(jax.device_get(parent.step)) != meta.step:  # restore fell back to an older checkpoint
                 raise CheckpointError(f"parent checkpoint {config.stage.parent} is unreadable; pass an intact "
                                       f"one as --from {run_dir}/{CHECKPOINT_DIR}/STEP")
             params, parent_opt = parent.params, parent.opt_state
@@ -361,10 +365,10 @@ def start_from_parent(session: Session) -> StageStart:
                       parent_step=step, data_index=child_stream_index(config, run_dir, step, meta))
 
 
-def parent_lineage(meta: dict) -> list[dict]:
+def parent_lineage(meta: CheckpointMeta) -> list[dict]:
     """The parent's lineage; a record from before per-stage totals were kept gets them from the meta."""
-    history = [dict(r) for r in meta.get("lineage", [])]
+    history = [dict(r) for r in meta.lineage]
     if history and "steps" not in history[-1] and len(history) == 1:
-        history[-1].update(steps=meta["step"], tokens=meta["tokens"], flops=meta["flops"],
-                           total_tokens=meta["tokens"], total_flops=meta["flops"])
+        history[-1].update(steps=meta.step, tokens=meta.tokens, flops=meta.flops,
+                           total_tokens=meta.tokens, total_flops=meta.flops)
     return history

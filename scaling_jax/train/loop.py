@@ -8,7 +8,6 @@ from (data, mesh, jitted steps) is ``session.build_session``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -16,7 +15,6 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -27,30 +25,32 @@ from scaling_jax.data import pipeline
 from scaling_jax.data.tokenizer import build_tokenizer
 from scaling_jax.errors import CheckpointError
 from scaling_jax.model.family import flops_per_token, param_counts
+from scaling_jax.run_dir import CheckpointMeta
 from scaling_jax.train import metrics as metrics_lib
 from scaling_jax.train.checkpoint import CHECKPOINT_DIR, DIGEST_FILE, Checkpointer, model_signature
+from scaling_jax.train.continuation import start_from_parent
 from scaling_jax.train.health import NonFinitePolicy, tensor_names
 from scaling_jax.train.lock import acquire_run_lock, release_run_lock
 from scaling_jax.train.preemption import StopRequest, watch_maintenance
 from scaling_jax.train.session import Session, build_session, sync_run_tokenizer
-from scaling_jax.train.state import TrainState
+from scaling_jax.train.start import StageStart
 from scaling_jax.train.step import to_global
 
 LN2 = math.log(2.0)
 
 
-def check_compatible(meta: dict, config: Config, tokenizer_fingerprint: str, where: str) -> None:
+def check_compatible(meta: CheckpointMeta, config: Config, tokenizer_fingerprint: str, where: str) -> None:
     """Refuse to resume a checkpoint whose parameters or token ids mean something else."""
-    saved, current = model_signature(meta["config"]["model"]), model_signature(to_dict(config)["model"])
+    saved, current = model_signature(meta.config["model"]), model_signature(to_dict(config)["model"])
     for key in ("name", "heads"):  # objectives with their own heads change the parameter tree
-        saved[f"objective.{key}"] = meta["config"]["objective"][key]
+        saved[f"objective.{key}"] = meta.config["objective"][key]
         current[f"objective.{key}"] = getattr(config.objective, key)
     for key in saved:
         if saved[key] != current[key]:
             name = key if key.startswith("objective.") else f"model.{key}"
             raise CheckpointError(f"checkpoint in {where} has {name}={saved[key]!r} but the config says "
                                   f"{current[key]!r}; use the run's own config or a new train.run_dir")
-    if meta.get("tokenizer") != tokenizer_fingerprint:
+    if meta.tokenizer != tokenizer_fingerprint:
         raise CheckpointError(f"checkpoint in {where} was trained with another tokenizer "
                               f"(data.tokenizer differs); use the run's tokenizer or a new train.run_dir")
 
@@ -65,31 +65,10 @@ def check_shared_storage(t: TrainConfig, process_count: int) -> None:
                               "if every host mounts this path from one shared filesystem (NFS, Filestore)")
 
 
-NO_OFFSET = {"step": 0, "tokens": 0, "flops": 0.0}
-
-
-@dataclass
-class StageStart:
-    """How a run without a checkpoint of its own begins: a state, and what the stages before it spent.
-
-    ``offset`` (step, tokens, FLOPs of all earlier stages) is added to every metric row so a
-    continuation's curves extend its parent's on one compute axis.
-    """
-
-    state: TrainState
-    offset: dict = dataclasses.field(default_factory=lambda: dict(NO_OFFSET))
-    history: list = dataclasses.field(default_factory=list)  # lineage records of the earlier stages, oldest first
-    parent: str | None = None  # checkpoint directory the state came from
-    parent_step: int | None = None
-    data_index: int = 0  # global batch the stream starts at (where the parent stopped, if it read the same data)
-
-
 def default_start(config: Config) -> Callable[[Session], StageStart]:
     """Fresh weights, or (``stage.parent`` set) the parent checkpoint as its stage config says."""
     if not config.stage.parent:
         return lambda session: StageStart(session.init_state())
-    from scaling_jax.train.continuation import start_from_parent  # only continuations pay for the import
-
     return start_from_parent
 
 
@@ -196,12 +175,13 @@ class Trainer:
             if begin.data_index:
                 pipeline.seek(self.data_iter, begin.data_index)
         else:
-            check_compatible(checkpointer.read_meta(latest), config, session.tokenizer.fingerprint(),
+            check_compatible(CheckpointMeta.from_json(checkpointer.read_meta(latest)), config,
+                             session.tokenizer.fingerprint(),
                              checkpointer.directory)
-            self.state, meta = checkpointer.restore(latest, session.abstract, session.state_sharding, self.data_iter)
-            self.wall_offset = float(meta["wall_time"])
-            self.offset, self.history = meta.get("offset", NO_OFFSET), meta.get("lineage", [{}])[:-1]
-            self.record = meta.get("lineage", [{}])[-1]
+            self.state, raw = checkpointer.restore(latest, session.abstract, session.state_sharding, self.data_iter)
+            meta = CheckpointMeta.from_json(raw)
+            self.wall_offset, self.offset = float(meta.wall_time), meta.offset
+            self.history, self.record = meta.lineage[:-1], meta.stage_record
         if self.is_main:
             save_config(config, os.path.join(self.files.local, "config.yaml"))
 
@@ -263,12 +243,13 @@ class Trainer:
 
     def checkpoint(self, wall: float) -> None:
         step = self.step
-        meta = {"config": to_dict(self.config), "tokenizer": self.session.tokenizer.fingerprint(), "step": step,
-                **self.at(step), "wall_time": wall, "offset": self.offset, "lineage": self.lineage(step)}
-        self.checkpointer.save(step, self.state, self.data_iter, meta)
+        meta = CheckpointMeta(config=to_dict(self.config), tokenizer=self.session.tokenizer.fingerprint(), step=step,
+                              **self.at(step), wall_time=wall, offset=self.offset, lineage=self.lineage(step),
+                              data_index=self.position)
+        self.checkpointer.save(step, self.state, self.data_iter, meta.to_json())
         self.saved = step
         if self.is_main:
-            write_json(os.path.join(self.files.local, "lineage.json"), meta["lineage"])
+            write_json(os.path.join(self.files.local, run_dir.LINEAGE_FILE), meta.lineage)
             self.files.push()  # metrics up to this checkpoint reach the bucket with it
 
     # ------------------------------------------------------------------------- non-finite updates

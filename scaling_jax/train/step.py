@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding
 from scaling_jax.objectives.base import Objective, make_loss_fn
 from scaling_jax.parallel.sharding import Rules, activation_sharding, named_sharding, replicated
 from scaling_jax.train.health import guard_nonfinite
+from scaling_jax.train.noise import two_batch_value_and_grad
 from scaling_jax.train.state import TrainState
 
 BATCH_AXES = ("batch", "length")
@@ -42,8 +43,6 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.Grad
 
     value_and_grad = objective.value_and_grad
     if noise_scale:  # train.noise_scale: two half-batch gradients (same FLOPs) give McCandlish's B_simple
-        from scaling_jax.scaling.noise_scale import two_batch_value_and_grad
-
         value_and_grad = functools.partial(two_batch_value_and_grad, objective.value_and_grad)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:

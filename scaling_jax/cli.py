@@ -1,4 +1,4 @@
-"""``scaling-jax`` command line: train, continue, info, eval, sweep, fit, report, convert, tokenizer, data.
+"""``scaling-jax`` command line: train, resume, continue, info, eval, sweep, fit, report, convert, tokenizer, data.
 
 User errors (``UserError``) print one line and exit 2; ``--debug`` shows the traceback.
 """
@@ -19,19 +19,53 @@ def _join_processes(args: argparse.Namespace) -> None:
     initialize(args.coordinator_address, args.num_processes, args.process_id)
 
 
-def _train(args: argparse.Namespace) -> int:
+def _run_config(args: argparse.Namespace, resume: bool = False):
+    """The config to train: a YAML file, or a run directory (or its ``config.yaml``), which then trains in place.
+
+    A run's stored ``train.run_dir`` is where it was first written; resuming goes by the directory given, so
+    a copied run trains in the copy, from wherever the command runs.
+    """
     from scaling_jax.config import load_config
+    from scaling_jax.run_dir import resolve_run_config
+
+    found = resolve_run_config(args.config)
+    if found is None:
+        if resume:
+            raise UserError(f"'{args.config}' is not a run directory; pass the train.run_dir of an earlier run")
+        return load_config(args.config, args.overrides)
+    run, config_file = found
+    override = [o for o in args.overrides if o.partition("=")[0].strip() == "train.run_dir"]
+    if resume and override:
+        raise UserError(f"resume trains in '{run}' itself; drop {override[0]} (or use `scaling-jax train "
+                        f"{config_file} {override[0]}` to start a new run from this run's config)")
+    return load_config(config_file, ([] if override else [f"train.run_dir={run}"]) + args.overrides)
+
+
+def _stop_note(summary: dict, run_dir: str) -> str:
+    """Says which step a validation number is from when a stop request ended the run before its last step."""
+    if not summary.get("stopped_by"):
+        return ""
+    return (f"; stopped by {summary['stopped_by']} at step {summary['step']}, validation is from step "
+            f"{summary.get('val_step', '?')}; resume with: scaling-jax train {run_dir}")
+
+
+def _train(args: argparse.Namespace, resume: bool = False) -> int:
     from scaling_jax.train.loop import train
 
     _join_processes(args)
-    config = load_config(args.config, args.overrides)
+    config = _run_config(args, resume)
     summary = train(config)
+    run_dir = config.train.run_dir
     if "val_bpb" in summary:
-        print(f"final validation: {summary['val_bpb']:.3f} bits/byte (unigram baseline "
+        print(f"validation at step {summary['val_step']}: {summary['val_bpb']:.3f} bits/byte (unigram baseline "
               f"{summary['baseline_bpb']:.3f}), {summary['val_loss']:.4f} nats/token; "
               f"{summary['step']} steps, {summary['tokens']:,} tokens in {summary['wall_time']:.1f} s; "
-              f"run dir {config.train.run_dir}")
-    return 0
+              f"run dir {run_dir}{_stop_note(summary, run_dir)}")
+    return 130 if summary.get("stopped_by") == "Ctrl-C" else 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    return _train(args, resume=True)
 
 
 def _continue(args: argparse.Namespace) -> int:
@@ -43,11 +77,12 @@ def _continue(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"stage {config.stage.name}: {note}", flush=True)
     summary = train(config)
+    run_dir = config.train.run_dir
     if "val_bpb" in summary:
         print(f"stage {config.stage.name}: validation {summary['val_bpb']:.3f} bits/byte, {summary['val_loss']:.4f} "
-              f"nats/token after {summary['step']} steps; totals over all stages {summary['total_tokens']:,} tokens, "
-              f"{summary['total_flops']:.4g} FLOPs; run dir {config.train.run_dir}")
-    return 0
+              f"nats/token at step {summary['val_step']}; totals over all stages {summary['total_tokens']:,} tokens, "
+              f"{summary['total_flops']:.4g} FLOPs; run dir {run_dir}{_stop_note(summary, run_dir)}")
+    return 130 if summary.get("stopped_by") == "Ctrl-C" else 0
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -64,8 +99,9 @@ def _info(args: argparse.Namespace) -> int:
         if not paths.exists(saved):
             raise UserError(f"'{path}' is a directory without config.yaml; pass a config file or a run directory")
         path = saved
+    devices = _flag(args, "devices", int, 0, hint="0 plans for this machine's devices")
     config = load_config(path, args.overrides)
-    devices = args.devices or jax.device_count()
+    devices = devices or jax.device_count()
     print(format_report(config, describe(config, devices)))
     lineage = read_lineage(args.config) if run_dir else None
     if lineage:
@@ -76,6 +112,11 @@ def _info(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from scaling_jax.model import hf_convert
 
+    _flag(args, "step", int, 0)
+    way, other = ("--from-hf", ("checkpoint", "step", "dtype")) if args.from_hf else ("--to-hf", ("out", "tokenizer"))
+    stray = [f"--{name}" for name in other if getattr(args, name) is not None]
+    if stray:
+        raise UserError(f"{stray[0]} does not apply to convert {way}; drop it (see scaling-jax convert --help)")
     if args.from_hf:
         if not args.out:
             raise UserError("convert --from-hf needs --out RUN_DIR (the run directory to write)")
@@ -94,6 +135,56 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flag(args: argparse.Namespace, name: str, kind: type = int, low: float | None = None, *,
+          above: bool = False, hint: str = ""):
+    """A numeric flag, converted and range-checked here rather than by argparse (which answers with its usage
+    text): ``--passes 0 must be an integer >= 1``, one line. Sets the converted value back on ``args``."""
+    import math
+
+    raw = getattr(args, name)
+    if raw is None:
+        return None
+    try:
+        value = kind(raw)
+    except (TypeError, ValueError):
+        value = None
+    ok = value is not None and math.isfinite(value) and (low is None or (value > low if above else value >= low))
+    if not ok:
+        rule = "" if low is None else f" {'>' if above else '>='} {low:g}"
+        raise UserError(f"--{name.replace('_', '-')} {raw} must be {'an integer' if kind is int else 'a number'}"
+                        f"{rule}" + (f"; {hint}" if hint else ""))
+    setattr(args, name, value)
+    return value
+
+
+def _writable_out(out: str, default_in: str | None = None) -> None:
+    """Fail now, in one line, if the output directory cannot be made or written (not after the work is done).
+
+    ``default_in``: the directory ``out`` defaults into (a run or sweep), named in the message."""
+    import tempfile
+
+    from scaling_jax import paths
+
+    flag = "--out" if default_in is None else "the default output directory"
+    if paths.is_remote(out):
+        raise UserError(f"--out '{out}' must be a local directory; write locally and copy the files up")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"{flag} '{out}' is a file; pass --out DIR (a new or existing directory)")
+    probe = os.path.abspath(out)
+    while not os.path.exists(probe):  # the nearest existing ancestor is where a directory gets created
+        probe = os.path.dirname(probe)
+    try:
+        if not os.path.isdir(probe):
+            raise NotADirectoryError(0, f"'{probe}' is a file")
+        with tempfile.TemporaryFile(dir=probe):  # created and removed: nothing of the user's is touched
+            pass
+    except OSError as e:
+        why = (e.strerror or str(e)).lower()
+        where = f" inside '{default_in}'" if default_in else ""
+        raise UserError(f"cannot write {flag} '{out}'{where} ({why}); pass --out DIR naming a writable "
+                        "directory") from None
+
+
 def _data_config(args: argparse.Namespace):
     """The data section of ``--config`` (optional) with dotted overrides: the source, format, tokenizer, split."""
     from scaling_jax.config import load_config
@@ -103,8 +194,13 @@ def _data_config(args: argparse.Namespace):
 
 def _tokenizer_train(args: argparse.Namespace) -> int:
     from scaling_jax.data.sources import load_documents
-    from scaling_jax.data.tokenizer import train_tokenizer
+    from scaling_jax.data.tokenizer import MODE_TOKENS, NUM_SENTINELS, TRAINED_SPECIALS, train_tokenizer
 
+    least = len(TRAINED_SPECIALS) + len(MODE_TOKENS) + NUM_SENTINELS + 256 + 16  # as train_tokenizer requires
+    _flag(args, "vocab_size", int, least, hint=f"{least - 272} ids are reserved and the 256 bytes need their own")
+    if os.path.isdir(args.output):
+        raise UserError(f"--output '{args.output}' is a directory; name the file to write, e.g. "
+                        f"{os.path.join(args.output, 'tokenizer.json')}")
     data = _data_config(args)
     if args.corpus:
         data.source = args.corpus
@@ -121,9 +217,15 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def _data_prepare(args: argparse.Namespace) -> int:
-    from scaling_jax.data.prepare import prepare
+    from scaling_jax.data.prepare import is_prepared, prepare
     from scaling_jax.data.tokenizer import build_tokenizer
 
+    _flag(args, "chunk_tokens", int, 1)
+    _flag(args, "chunks_per_shard", int, 1)
+    if os.path.exists(args.output) and args.overwrite and not (os.path.isdir(args.output) and (
+            is_prepared(args.output) or not os.listdir(args.output))):
+        raise UserError(f"--output '{args.output}' exists and is not a prepared data directory; --overwrite only "
+                        "replaces one that `data prepare` wrote: choose another --output")
     data = _data_config(args)
     tokenizer = build_tokenizer(data.tokenizer, data.seqio_modules)
     manifest = prepare(data, tokenizer, args.output, args.chunk_tokens, args.chunks_per_shard, args.overwrite)
@@ -137,15 +239,40 @@ def _data_prepare(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from scaling_jax.eval.harness import PassUntilOptions, run_eval
+    from scaling_jax.eval.harness import PassUntilOptions, check_run_dir, run_eval
 
     if args.overrides:
         raise UserError(f"eval takes no config overrides (got {' '.join(args.overrides)}); "
                         "the run's own config.yaml is used")
     checkpoints = [c for item in args.checkpoint for c in item.split(",") if c]
-    options = PassUntilOptions(passes=args.passes, max_samples=args.max_samples) if args.passuntil else None
-    out = run_eval(checkpoints, [t for t in args.tasks.split(",") if t], args.shots, args.out, args.seed,
-                   args.num_examples, args.max_examples, options, args.predict_n)
+    tasks = [t for t in args.tasks.split(",") if t]
+    if not checkpoints:
+        raise UserError("eval needs --checkpoint RUN_DIR naming at least one run")
+    if not tasks:
+        raise UserError("eval needs --tasks naming at least one task file or generator (e.g. --tasks arithmetic)")
+    for name, low in (("shots", 0), ("seed", 0), ("num_examples", 1), ("max_examples", 0)):
+        _flag(args, name, int, low)
+    _flag(args, "predict_n", float, 0, above=True, hint="a parameter count N such as 1e9")
+    given = [f"--{n.replace('_', '-')}" for n in ("passes", "max_samples", "predict_n") if getattr(args, n) is not None]
+    if given and not args.passuntil:
+        raise UserError(f"{given[0]} applies to PassUntil; add --passuntil or drop it")
+    if args.predict_n is not None and len(checkpoints) < 2:
+        raise UserError("--predict-n extrapolates a series; give two or more --checkpoint runs or drop it")
+    options = None
+    if args.passuntil:
+        defaults = PassUntilOptions()
+        passes = _flag(args, "passes", int, 1) or defaults.passes
+        max_samples = _flag(args, "max_samples", int, passes, hint="sampling stops at --passes passes")
+        if max_samples is None and defaults.max_samples < passes:
+            raise UserError(f"--passes {passes} exceeds the default --max-samples {defaults.max_samples}; "
+                            f"pass --max-samples {passes} or more")
+        options = PassUntilOptions(passes=passes, max_samples=max_samples or defaults.max_samples)
+    for ckpt in checkpoints:  # every input checked before anything is written or loaded
+        check_run_dir(ckpt)
+    out_dir = args.out or os.path.join(checkpoints[0], "eval")
+    _writable_out(out_dir, None if args.out else checkpoints[0])
+    out = run_eval(checkpoints, tasks, args.shots, out_dir, args.seed, args.num_examples, args.max_examples,
+                   options, args.predict_n)
     with open(out["markdown"]) as f:
         print(f.read(), end="")
     print(f"results: {out['out_dir']}/results.json, results.md" + (f", {len(out['plots'])} plot(s)" if out["plots"]
@@ -179,18 +306,36 @@ def _fit(args: argparse.Namespace) -> int:
 
     from scaling_jax.scaling import laws
 
+    if args.overrides:
+        raise UserError(f"fit takes no config overrides (got {' '.join(args.overrides)})")
+    if args.law not in laws.TABLE_FITS:
+        raise UserError(f"--law {args.law} is unknown; choose one of {', '.join(laws.TABLE_FITS)}")
+    _flag(args, "bootstrap", int, 0, hint="0 fits without intervals")
+    if _flag(args, "compute", float, 0, above=True, hint="training FLOPs such as 1e21") and args.law != "chinchilla":
+        raise UserError(f"--compute applies to --law chinchilla (the compute-optimal N and D), not {args.law}; "
+                        "drop it")
     if not os.path.isfile(args.table):
         raise UserError(f"table '{args.table}' does not exist; pass a CSV with a header such as N,D,loss")
-    with open(args.table, newline="") as f:
-        rows = list(csv.DictReader(f))
     try:
-        table = {k: [float(r[k]) for r in rows] for k in (rows[0] if rows else {})}
-    except (TypeError, ValueError):
-        raise UserError(f"table '{args.table}' has a non-numeric or missing cell; make every cell a number") from None
+        with open(args.table, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else "malformed CSV"
+        raise UserError(f"table '{args.table}' is not a readable CSV ({why}); save it as UTF-8 CSV with a header "
+                        "such as N,D,loss") from None
+    if not rows:
+        raise UserError(f"table '{args.table}' has no data rows; give a header such as N,D,loss and one row per run")
+    try:
+        table = {k.strip(): [float(r[k]) for r in rows] for k in rows[0]}
+    except (AttributeError, TypeError, ValueError):
+        raise UserError(f"table '{args.table}' has a non-numeric, missing or extra cell; make every row's cells "
+                        "numbers under the header") from None
     fit = laws.fit_table(table, args.law, n_boot=args.bootstrap)
-    print(f"{args.law} on {len(rows)} rows (95% bootstrap intervals, {len(fit.samples)} refits):")
+    intervals = f"95% bootstrap intervals, {len(fit.samples)} refits" if len(fit.samples) else "no bootstrap intervals"
+    print(f"{args.law} on {len(rows)} rows ({intervals}):")
     for name, value in fit.params.items():
-        print(f"  {name} = {value:.6g} [{fit.ci[name][0]:.6g}, {fit.ci[name][1]:.6g}]")
+        low, high = fit.ci[name]
+        print(f"  {name} = {value:.6g}" + (f" [{low:.6g}, {high:.6g}]" if len(fit.samples) else ""))
     if args.law == "chinchilla" and args.compute:
         alloc = laws.chinchilla_optimal(fit.params, args.compute)
         print(f"  compute-optimal at C = {args.compute:.3g}: N = {float(alloc.n):.4g}, D = {float(alloc.d):.4g} "
@@ -199,11 +344,14 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from scaling_jax.scaling.plots import write_report
+    from scaling_jax.scaling.plots import check_report_paths, write_report
 
     if args.overrides:
         raise UserError(f"report takes no config overrides (got {' '.join(args.overrides)})")
+    _flag(args, "target_flops", float, 0, above=True, hint="training FLOPs such as 1e21")
+    check_report_paths(args.paths)  # every input checked before anything is written
     out = args.out or os.path.join(args.paths[0], "report")
+    _writable_out(out, None if args.out else args.paths[0])
     print(f"report: {write_report(args.paths, out, args.target_flops)}")
     return 0
 
@@ -214,16 +362,29 @@ def _add_process_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--process-id", type=int, help="multi-process: this process's index")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse prints its usage block before an error; ours is the one ``error:`` line every command gives."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scaling-jax", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="scaling-jax", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for user errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train (or resume) a model as a config describes")
-    train.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    train = sub.add_parser("train", help="train a model as a config describes, or resume a run directory")
+    train.add_argument("config", help="YAML config (e.g. configs/quickstart.yaml), or a run directory to resume")
     train.add_argument("overrides", nargs="*", help="dotted overrides such as model.layers=4 train.steps=200")
     _add_process_flags(train)
     train.set_defaults(func=_train)
+
+    resume = sub.add_parser("resume", help="resume a run directory where it stopped (the run trains in place)")
+    resume.add_argument("config", metavar="RUN_DIR", help="run directory of an earlier `train`")
+    resume.add_argument("overrides", nargs="*", help="dotted overrides such as train.steps=2000")
+    _add_process_flags(resume)
+    resume.set_defaults(func=_resume)
 
     cont = sub.add_parser("continue", help="start a new stage (UL2R, finetuning) from a parent checkpoint")
     cont.add_argument("--from", dest="source", required=True, metavar="RUN_DIR_OR_CHECKPOINT",
@@ -236,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="parameter count, FLOPs/token and memory per device of a config or run")
     info.add_argument("config", help="YAML config or run directory")
     info.add_argument("overrides", nargs="*")
-    info.add_argument("--devices", type=int, default=0, help="device count to plan for (default: this machine's)")
+    info.add_argument("--devices", default=0, help="device count to plan for (default 0: this machine's)")
     info.set_defaults(func=_info)
 
     convert = sub.add_parser("convert", help="import a Hugging Face Llama checkpoint as a run, or export a run to one")
@@ -246,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", metavar="RUN_DIR", help="--from-hf: run directory to create")
     convert.add_argument("--tokenizer", help="--from-hf: tokenizer file or spec when HF_DIR has none")
     convert.add_argument("--checkpoint", metavar="RUN_DIR", help="--to-hf: run directory to export")
-    convert.add_argument("--step", type=int, help="--to-hf: checkpoint step (default: latest)")
+    convert.add_argument("--step", help="--to-hf: checkpoint step >= 0 (default: latest)")
     convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                          help="--to-hf: weight dtype (default: the run's model.param_dtype)")
     convert.add_argument("overrides", nargs="*", help="--from-hf: dotted overrides such as data.source=... ")
@@ -258,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(default: data.source of --config)")
     tok_train.add_argument("--output", required=True, help="tokenizer file to write: NAME.json (tokenizers) "
                                                            "or NAME.model (sentencepiece)")
-    tok_train.add_argument("--vocab-size", type=int, default=32000, help="ids in all, reserved specials included")
+    tok_train.add_argument("--vocab-size", default=32000, help="ids in all, reserved specials included (>= 378)")
     tok_train.add_argument("--kind", choices=("bpe", "unigram"), default="bpe")
     tok_train.add_argument("--library", choices=("tokenizers", "sentencepiece"), default="",
                            help="default: tokenizers for bpe, sentencepiece for unigram")
@@ -270,9 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep = data.add_parser("prepare", help="tokenize a source once into ArrayRecord shards with a manifest")
     prep.add_argument("--output", required=True, help="directory to create (train on it with data.source=DIR)")
     prep.add_argument("--config", help="YAML config whose data section names source, format and tokenizer")
-    prep.add_argument("--chunk-tokens", type=int, default=8192, help="tokens per record")
-    prep.add_argument("--chunks-per-shard", type=int, default=4096, help="records per ArrayRecord file")
-    prep.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    prep.add_argument("--chunk-tokens", default=8192, help="tokens per record (>= 1)")
+    prep.add_argument("--chunks-per-shard", default=4096, help="records per ArrayRecord file (>= 1)")
+    prep.add_argument("--overwrite", action="store_true", help="replace an output directory an earlier prepare wrote")
     prep.add_argument("overrides", nargs="*", help="dotted data overrides such as data.source=... data.tokenizer=...")
     prep.set_defaults(func=_data_prepare)
     ev = sub.add_parser("eval", help="score checkpoints on BIG-bench-style tasks; PassUntil and its scaling law")
@@ -280,14 +441,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run directory (repeat or comma-separate several to fit the task law over a series)")
     ev.add_argument("--tasks", required=True, help="comma-separated task.json paths and generators (navigate, "
                     "date_arith, arithmetic, code_completion; difficulty as NAME:key=value, e.g. arithmetic:digits=3)")
-    ev.add_argument("--shots", type=int, default=0, help="k-shot examples drawn from each task (not scored)")
+    ev.add_argument("--shots", default=0, help="k-shot examples (>= 0) drawn from each task (not scored)")
     ev.add_argument("--passuntil", action="store_true", help="also estimate PassUntil PU per instance and task")
-    ev.add_argument("--passes", type=int, default=2, help="PassUntil: sample until this many passes")
-    ev.add_argument("--max-samples", type=int, default=64, help="PassUntil: samples per instance at most")
-    ev.add_argument("--num-examples", type=int, default=100, help="examples per generated task")
-    ev.add_argument("--max-examples", type=int, default=0, help="score at most this many examples per task (0: all)")
-    ev.add_argument("--predict-n", type=float, default=None, help="series: predict PU at this N (default: largest)")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--passes", help="PassUntil: sample until this many passes (>= 1, default 2)")
+    ev.add_argument("--max-samples", help="PassUntil: samples per instance at most (>= --passes, default 64)")
+    ev.add_argument("--num-examples", default=100, help="examples per generated task (>= 1)")
+    ev.add_argument("--max-examples", default=0, help="score at most this many examples per task (0: all)")
+    ev.add_argument("--predict-n", help="PassUntil series: predict PU at this N > 0 (default: the largest run's)")
+    ev.add_argument("--seed", default=0, help="sampling and few-shot seed (>= 0)")
     ev.add_argument("--out", help="output directory (default: FIRST_RUN_DIR/eval)")
     ev.set_defaults(func=_eval)
 
@@ -303,25 +464,29 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="fit a scaling law to a CSV table (yours or published numbers)")
     fit.add_argument("table", help="CSV with a header: N, D, C and/or loss columns")
     fit.add_argument("--law", required=True, help="kaplan_n | kaplan_d | kaplan_c | offset_n | kaplan_nd | chinchilla")
-    fit.add_argument("--compute", type=float, default=None, help="chinchilla: compute-optimal N, D at this C")
-    fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits for the intervals")
+    fit.add_argument("--compute", help="chinchilla: compute-optimal N, D at this C (FLOPs > 0)")
+    fit.add_argument("--bootstrap", default=200, help="bootstrap refits for the intervals (0: none)")
     fit.set_defaults(func=_fit)
 
     rep = sub.add_parser("report", help="loss vs tokens/FLOPs/wall-clock plots, scaling fits and a Markdown table")
     rep.add_argument("paths", nargs="+", help="sweep directories (manifest.json) and/or run directories")
     rep.add_argument("--out", help="output directory (default: FIRST_PATH/report)")
-    rep.add_argument("--target-flops", type=float, default=None,
-                     help="extrapolate the fitted L(C) to this compute (default: 10x the largest run)")
+    rep.add_argument("--target-flops", help="extrapolate the fitted L(C) to this compute > 0 (default: 10x the "
+                     "largest run)")
     rep.set_defaults(func=_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    unknown = [a for a in extra if "=" not in a or a.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        unknown = [a for a in extra if "=" not in a or a.startswith("-")]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     args.overrides = list(getattr(args, "overrides", [])) + extra  # key=value after an --option
     try:
         return args.func(args)
@@ -331,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted without saving; a rerun resumes from the newest checkpoint", file=sys.stderr)
         return 130
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import yaml
 
 from scaling_jax import paths
 from scaling_jax.errors import ConfigError
+from scaling_jax.series import apply_series
 
 
 @dataclass
@@ -40,7 +42,10 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"
-    remat: bool = False  # recompute each block's activations in the backward pass
+    # What the backward pass recomputes instead of saving: none | full | minimal | save_dots | save_qkv_proj |
+    # offload (names as MaxText's remat_policy; older configs' true / false mean full / none)
+    remat: str = "none"
+    scan_layers: bool = True  # blocks stacked on a `layers` axis and scanned: compile time flat in depth
 
 
 @dataclass
@@ -66,7 +71,9 @@ class DataConfig:
     shuffle_seed: int = 0
     num_threads: int = 1  # grain read threads
     prefetch: int = 8  # batches prefetched by grain
-    malformed_lines: str = "error"  # a jsonl line that is not UTF-8 JSON with the text field: error | skip (counted)
+    # A jsonl line that is not UTF-8 JSON with the text field, or a 64 KiB piece of a text file that is not UTF-8:
+    # error (names file and byte offset) | skip (counted in a warning)
+    malformed_lines: str = "error"
     # Instruction mixture (finetuning); non-empty replaces data.source:
     # [{source: FILE.jsonl | generated:TASK, rate: 1.0, template: zero_shot | few_shot | cot, shots: 3}, ...]
     instructions: list = field(default_factory=list)
@@ -118,7 +125,9 @@ class TrainConfig:
 
     steps: int = 1000
     seed: int = 0
-    run_dir: str = "runs/default"
+    run_dir: str = "runs/default"  # a new or empty directory, or an earlier run's (resumed); gs://... on a pod
+    # A local run_dir that every host mounts from one shared filesystem (NFS, Filestore): allows several processes
+    shared_filesystem: bool = False
     eval_every: int = 200  # 0: only at the end
     eval_batches: int = 8
     checkpoint_every: int = 200  # 0: only at the end
@@ -174,6 +183,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.mlp": ("geglu", "swiglu"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "minimal", "save_dots", "save_qkv_proj", "offload"),
     "data.format": ("auto", "text", "jsonl", "parquet"),
     "optimizer.schedule": ("cosine", "wsd", "constant"),
     "objective.name": ("causal", "mtp", "ul2", "finetune"),
@@ -182,6 +192,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.nan_policy": ("halt", "skip_batch", "rollback"),
     "data.malformed_lines": ("error", "skip"),
 }
+
+# Values older configs wrote for fields whose type has changed since (read as their new meaning).
+LEGACY_VALUES: dict[str, dict[bool, str]] = {"model.remat": {True: "full", False: "none"}}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -262,6 +275,8 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
         if dataclasses.is_dataclass(typ):
             kwargs[key] = _build(typ, value, f"{where}.")
         else:
+            if isinstance(value, bool) and where in LEGACY_VALUES:  # a field that used to be a bool
+                value = LEGACY_VALUES[where][value]
             kwargs[key] = _coerce(value, typ, where)
             allowed = CHOICES.get(where)
             if allowed and kwargs[key] not in allowed:
@@ -272,8 +287,6 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
 def config_from_dict(raw: dict) -> Config:
     """Build and validate a Config from a plain nested dict (YAML contents + overrides)."""
     config = _build(Config, raw, "")
-    from scaling_jax.model.family import apply_series  # pure Python; no JAX import
-
     apply_series(config.model, explicit=set((raw.get("model") or {}).keys()))
     if config.model.vocab_size == 0:
         from scaling_jax.data.tokenizer import build_tokenizer
@@ -291,6 +304,7 @@ def _check_vocab_holds_tokenizer(config: Config) -> None:
     checkpoints lack the reserved ids until a continuation extends the vocabulary."""
     from scaling_jax.data.tokenizer import build_tokenizer
 
+    _check_vocab_size(config.model)
     tok = build_tokenizer(config.data.tokenizer)
     text_ids = [i for i, n in enumerate(tok.token_byte_lengths()) if n > 0]
     needed = max([tok.pad_id, tok.bos_id, tok.eos_id, *text_ids[-1:]]) + 1
@@ -350,8 +364,85 @@ def _positive(config: Config, *fields_: str) -> None:
     for dotted in fields_:
         section, name = dotted.split(".")
         value = getattr(getattr(config, section), name)
-        if value <= 0:
+        if not value > 0:  # (NaN fails every comparison: test what must hold)
             raise ConfigError(f"{dotted} must be > 0, got {value}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{dotted} must be a finite number > 0, got {value}")
+
+
+def _check(dotted: str, value: Any, ok: bool, rule: str, fix: str = "") -> None:
+    """``optimizer.b2=1.5 must be in [0, 1)`` (plus ``; fix``) unless ``ok``."""
+    shown = repr(value) if isinstance(value, str) else value
+    raise_it = not ok or (isinstance(value, float) and not math.isfinite(value))
+    if raise_it:
+        raise ConfigError(f"{dotted}={shown} must be {rule}" + (f"; {fix}" if fix else ""))
+
+
+def _check_ranges(config: Config) -> None:
+    """Single-field ranges (types were checked while building): every number and name that has a wrong value."""
+    m, d, o, t, s = config.model, config.data, config.optimizer, config.train, config.stage
+    for name in ("rope_theta", "norm_eps", "init_std"):
+        _check(f"model.{name}", getattr(m, name), getattr(m, name) > 0, "> 0")
+    _check_vocab_size(m)
+    _check_data(d, "data.")
+    for i, module in enumerate(d.seqio_modules):
+        _check(f"data.seqio_modules[{i}]", module, isinstance(module, str) and bool(module.strip()),
+               "a module name such as my_tasks.registry")
+    _check("optimizer.b1", o.b1, 0.0 <= o.b1 < 1.0, "in [0, 1)")
+    _check("optimizer.b2", o.b2, 0.0 <= o.b2 < 1.0, "in [0, 1)")
+    _check("optimizer.eps", o.eps, o.eps > 0, "> 0", "AdamW divides by sqrt(v) + eps; use e.g. 1e-8")
+    _check("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0", "0 disables it")
+    _check("optimizer.clip_norm", o.clip_norm, o.clip_norm >= 0, ">= 0", "0 disables clipping")
+    _check("train.seed", t.seed, t.seed >= 0, ">= 0")
+    _check("train.peak_flops_per_device", t.peak_flops_per_device, t.peak_flops_per_device >= 0, ">= 0",
+           "0 looks it up by device kind")
+    _check("stage.name", s.name, bool(s.name.strip()) and "/" not in s.name and "\\" not in s.name,
+           "a non-empty label without slashes", "e.g. ul2r or finetune")
+    if sum(getattr(config.mesh, a) == -1 for a in ("data", "fsdp", "tensor")) > 1:
+        raise ConfigError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1 (fill the remaining devices); "
+                          "give the others sizes")
+
+
+def _check_vocab_size(m: ModelConfig) -> None:
+    _check("model.vocab_size", m.vocab_size, m.vocab_size > 0, "> 0",
+           "give the tokenizer's size, or 0 to take it from data.tokenizer")
+
+
+def _check_data(d: DataConfig, prefix: str) -> None:
+    """Ranges of the data fields (``prefix``: ``data.`` or ``data.mixture[i].`` for a mixture entry)."""
+    for name in ("source", "text_field", "source_split", "seqio_feature"):
+        value = getattr(d, name)
+        _check(f"{prefix}{name}", value, bool(value.strip()), "non-empty",
+               "set data.source=stdlib, a file, a directory, a glob or hf:NAME" if name == "source" else "")
+    _check(f"{prefix}max_docs", d.max_docs, d.max_docs >= 0, ">= 0", "0 reads every document")
+    _check(f"{prefix}shuffle_seed", d.shuffle_seed, d.shuffle_seed >= 0, ">= 0")
+    _check(f"{prefix}num_threads", d.num_threads, d.num_threads >= 1, ">= 1")
+    _check(f"{prefix}prefetch", d.prefetch, d.prefetch >= 0, ">= 0", "0 disables prefetching")
+
+
+def _check_data_lists(config: Config) -> None:
+    """Values in ``data.mixture`` and ``data.instructions`` entries, checked now rather than when the data is read.
+
+    Only values are checked here (a mixture entry's data fields by type, choice and range, every rate finite):
+    the entries' shape and keys are the data layer's (``sources.source_components``, ``instructions``), which
+    this layer may not import."""
+    hints = typing.get_type_hints(DataConfig)
+    for list_name in ("mixture", "instructions"):
+        for i, entry in enumerate(getattr(config.data, list_name)):
+            if not isinstance(entry, dict):
+                continue
+            where = f"data.{list_name}[{i}]"
+            rate = entry.get("rate", 1.0)
+            if isinstance(rate, (int, float)) and not isinstance(rate, bool):
+                _check(f"{where}.rate", rate, rate > 0, "a finite number > 0 (a relative sampling rate)")
+            if list_name == "mixture":
+                fields_ = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in entry.items()
+                           if k in hints and k not in ("mixture", "instructions")}
+                for key, value in fields_.items():
+                    allowed = CHOICES.get(f"data.{key}")
+                    if allowed and value not in allowed:
+                        raise ConfigError(f"{where}.{key}={value!r} is not one of {', '.join(allowed)}")
+                _check_data(dataclasses.replace(config.data, mixture=[], **fields_), f"{where}.")
 
 
 def validate(config: Config) -> None:
@@ -361,6 +452,7 @@ def validate(config: Config) -> None:
               "model.max_seq_len", "data.seq_len", "data.batch_size", "train.steps", "optimizer.lr",
               "train.eval_batches", "train.keep_checkpoints", "train.max_rollbacks",
               "train.preemption_grace_s")
+    _check_ranges(config)
     kv = m.kv_heads or m.heads
     if m.kv_heads < 0 or m.heads % kv:
         raise ConfigError(f"model.kv_heads={m.kv_heads} must divide model.heads={m.heads} "
@@ -392,17 +484,29 @@ def validate(config: Config) -> None:
     for rule in config.mesh.rules:
         if not (isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str)):
             raise ConfigError(f"mesh.rules entry {rule!r} must be [logical_axis, mesh_axis_or_list_or_null]")
+        target = rule[1]
+        if not (target is None or isinstance(target, str)
+                or (isinstance(target, list) and all(isinstance(a, str) for a in target))):
+            raise ConfigError(f"mesh.rules entry {rule!r} must map to a mesh axis name, a list of names or null")
+    _check_data_lists(config)
 
 
 def _validate_stage(config: Config) -> None:
     """Budget and parent-only stage options make sense only for a continuation (``scaling-jax continue``)."""
     b, s = config.budget, config.stage
     given = [f"budget.{k}" for k in ("fraction", "tokens", "steps") if getattr(b, k)]
-    if b.fraction < 0 or b.tokens < 0 or b.steps < 0:
-        raise ConfigError("budget.fraction, budget.tokens and budget.steps must be >= 0")
+    _check("budget.fraction", b.fraction, 0 <= b.fraction <= 1, "in [0, 1] (a share of the parent's training "
+           "FLOPs)", "for a longer stage give budget.tokens or budget.steps")
+    for name in ("tokens", "steps"):
+        _check(f"budget.{name}", getattr(b, name), getattr(b, name) >= 0, ">= 0", "0 leaves it unset")
     if len(given) > 1:
         raise ConfigError(f"{' and '.join(given)} are both set; give the stage budget one way")
-    if not s.parent:
+    if s.parent:
+        parent = s.parent.rstrip("/")
+        _check("stage.parent", s.parent, paths.basename(paths.dirname(parent)) == "checkpoints"
+               and paths.basename(parent).isdigit(), "RUN_DIR/checkpoints/STEP",
+               "start a stage with `scaling-jax continue --from RUN_DIR`, which sets it")
+    else:
         used = given + [f"stage.{k}" for k in ("lr_from_parent", "extend_vocab") if getattr(s, k)]
         used += ["stage.optimizer_state=continue"] if s.optimizer_state == "continue" else []
         if used:

@@ -1,6 +1,6 @@
 """The package's imports flow one way, function-level imports included (DESIGN.md):
 
-errors, paths -> config -> run_dir -> parallel -> data -> model -> objectives -> train -> eval -> scaling
+errors, paths, series -> config -> run_dir -> parallel -> data -> model -> objectives -> train -> eval -> scaling
 -> interop -> info -> cli
 
 A module may import only from its own layer or layers to its left, and no set of modules may import
@@ -11,7 +11,7 @@ import ast
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "scaling_jax"
-ORDER = ["errors", "paths", "config", "run_dir", "parallel", "data", "model", "objectives", "train", "eval",
+ORDER = ["errors", "paths", "series", "config", "run_dir", "parallel", "data", "model", "objectives", "train", "eval",
          "scaling", "interop", "info", "cli"]
 
 

@@ -11,8 +11,9 @@ running count of bos.
 
 ``manifest.json`` records the tokenizer (kind, fingerprint, vocab size; the tokenizer itself is
 saved under ``tokenizer/``), the source, the split rule, per-shard chunk/token/document counts
-and the byte counts behind the unigram bits/byte baseline. Writing goes to ``DIR.tmp`` and is
-renamed at the end, so an interrupted prepare never leaves a directory that looks complete.
+and the byte counts behind the unigram bits/byte baseline. Writing goes to a hidden temporary directory
+beside DIR and is renamed at the end, so an interrupted prepare never leaves a directory that looks
+complete.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -146,9 +148,9 @@ def prepare(cfg: DataConfig, tokenizer: Tokenizer, output: str, chunk_tokens: in
                         "prepare each text source of a mixture separately and mix the prepared directories")
     if chunk_tokens < 1 or chunks_per_shard < 1:
         raise DataError("--chunk-tokens and --chunks-per-shard must be positive")
-    tmp = f"{output.rstrip('/')}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(output.rstrip('/'))}-")  # never a user's
     try:
         manifest = _write(cfg, tokenizer, tmp, chunk_tokens, chunks_per_shard, log)
     except BaseException:

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
@@ -396,14 +397,23 @@ def train_tokenizer(texts: Iterable[str], output: str, vocab_size: int, kind: st
     if vocab_size < specials + 256 + 16:
         raise ConfigError(f"--vocab-size {vocab_size} is too small: {specials} ids are reserved and the 256 "
                           f"bytes need their own; use at least {specials + 272}")
+    if os.path.exists(output):
+        raise DataError(f"--output '{output}' already exists; name a new file (runs may use the old tokenizer, so "
+                        "it is never replaced)")
     out_dir = os.path.dirname(os.path.abspath(output))
     os.makedirs(out_dir, exist_ok=True)
-    tmp = f"{output}.tmp"
-    if library == "tokenizers":
-        _train_hf(texts, tmp, vocab_size)
-    else:
-        _train_sentencepiece(texts, tmp, vocab_size, kind, max_sentences)
-    os.replace(tmp, output)  # no half-written tokenizer on failure
+    # a private temporary name: no half-written tokenizer on failure, and no user file named OUTPUT.tmp touched
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix=os.path.basename(output))
+    os.close(fd)
+    try:
+        if library == "tokenizers":
+            _train_hf(texts, tmp, vocab_size)
+        else:
+            _train_sentencepiece(texts, tmp, vocab_size, kind, max_sentences)
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return HFTokenizer(output) if library == "tokenizers" else SentencePieceTokenizer(output)
 
 

@@ -499,5 +499,6 @@ def fit_table(table: dict[str, Sequence[float]], law: str, **kwargs) -> Fit:
     cols = {k.strip().lower(): v for k, v in table.items()}
     missing = [c for c in needed if c not in cols]
     if missing:
-        raise DataError(f"law {law} needs columns {', '.join(needed)}; the table lacks {', '.join(missing)}")
+        raise DataError(f"law {law} needs columns {', '.join(needed)}; the table lacks {', '.join(missing)} "
+                        f"(its columns: {', '.join(table) or 'none'})")
     return fitter(*(cols[c] for c in needed), **kwargs)

@@ -45,8 +45,37 @@ class RunRecord:
 
 
 def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f"line {e.lineno}" if isinstance(e, json.JSONDecodeError) else f"byte {e.start}: not UTF-8"
+        raise DataError(f"'{path}' is not valid JSON ({where}); restore it or rerun the command that wrote "
+                        "it") from None
+    if not isinstance(data, dict):
+        raise DataError(f"'{path}' holds a JSON {type(data).__name__}, not an object; restore it or rerun the "
+                        "command that wrote it")
+    return data
+
+
+MANIFEST_FIELDS = ("run_id", "objective", "size", "status", "run_dir", "n", "tokens", "flops")
+
+
+def _manifest_runs(path: str) -> list[dict]:
+    """The ``runs`` of a sweep manifest, each with the fields a report reads (else one line naming the file)."""
+    runs = _read_json(path).get("runs")
+    if not isinstance(runs, list):
+        raise DataError(f"'{path}' has no list of runs; rerun the sweep to rewrite it")
+    for i, e in enumerate(runs):
+        missing = [k for k in MANIFEST_FIELDS if not isinstance(e, dict) or k not in e]
+        if missing:
+            raise DataError(f"'{path}' run {i} lacks {', '.join(missing)}; rerun the sweep to rewrite it")
+        try:
+            float(e["n"]), float(e["tokens"]), float(e["flops"])
+        except (TypeError, ValueError):
+            raise DataError(f"'{path}' run {i} ({e['run_id']}) has a non-numeric n, tokens or flops; rerun the "
+                            "sweep to rewrite it") from None
+    return runs
 
 
 def run_curve(rows: list[dict]) -> list[dict]:
@@ -57,7 +86,10 @@ def run_curve(rows: list[dict]) -> list[dict]:
 
 def _load_run_dir(run_dir: str, run_id: str, objective: str, size: str, status: str) -> RunRecord:
     path = os.path.join(run_dir, METRICS_FILE)
-    rows = read_metrics(path) if os.path.isfile(path) else []
+    try:
+        rows = read_metrics(path) if os.path.isfile(path) else []
+    except ValueError as e:  # a damaged line other than a torn last one
+        raise DataError(f"{str(e).splitlines()[0]}; repair or delete that line to report the run") from None
     summary = _read_json(os.path.join(run_dir, "summary.json")) if os.path.isfile(
         os.path.join(run_dir, "summary.json")) else {}
     curve = run_curve(rows)
@@ -69,12 +101,20 @@ def _load_run_dir(run_dir: str, run_id: str, objective: str, size: str, status: 
                      summary.get("val_bpb", last.get("val_bpb")), status, curve, rows)
 
 
+def check_report_paths(paths: list[str]) -> None:
+    """Every path is a sweep directory or a run directory (cheap: checked before any output is written)."""
+    for path in paths:
+        if not (os.path.isfile(os.path.join(path, MANIFEST)) or os.path.isfile(os.path.join(path, METRICS_FILE))):
+            raise DataError(f"'{path}' is neither a sweep directory ({MANIFEST}) nor a run directory "
+                            f"({METRICS_FILE}); pass the directories `sweep` or `train` wrote")
+
+
 def load_runs(paths: list[str]) -> list[RunRecord]:
     """Runs of every sweep directory (manifest order) and every single run directory given."""
     records = []
     for path in paths:
         if os.path.isfile(os.path.join(path, MANIFEST)):
-            for e in _read_json(os.path.join(path, MANIFEST))["runs"]:
+            for e in _manifest_runs(os.path.join(path, MANIFEST)):
                 rec = _load_run_dir(e["run_dir"], e["run_id"], e["objective"], e["size"], e["status"])
                 rec.n, rec.tokens, rec.flops = float(e["n"]), float(e["tokens"]), float(e["flops"])
                 if e["status"] != "done":  # an unfinished run's last eval is not its final loss
@@ -83,17 +123,23 @@ def load_runs(paths: list[str]) -> list[RunRecord]:
         elif os.path.isfile(os.path.join(path, METRICS_FILE)):
             config = {}
             if os.path.isfile(os.path.join(path, "config.yaml")):
-                with open(os.path.join(path, "config.yaml")) as f:
-                    config = yaml.safe_load(f) or {}
+                try:
+                    with open(os.path.join(path, "config.yaml"), encoding="utf-8") as f:
+                        config = yaml.safe_load(f) or {}
+                except (UnicodeDecodeError, yaml.YAMLError):
+                    raise DataError(f"'{os.path.join(path, 'config.yaml')}' is not valid YAML; restore the run's "
+                                    "config") from None
+                config = config if isinstance(config, dict) else {}
             summary_path = os.path.join(path, "summary.json")
             done = os.path.isfile(summary_path) and not _read_json(summary_path).get("preempted", False)
-            objective = (config.get("objective") or {}).get("name", "?")
-            size = (config.get("model") or {}).get("series", "custom")
+            objective = config.get("objective") or {}
+            objective = objective.get("name", "?") if isinstance(objective, dict) else str(objective)
+            model = config.get("model")
+            size = model.get("series", "custom") if isinstance(model, dict) else "custom"
             records.append(_load_run_dir(path, os.path.basename(os.path.normpath(path)), objective, size,
                                          "done" if done else "interrupted"))
         else:
-            raise DataError(f"'{path}' is neither a sweep directory ({MANIFEST}) nor a run directory "
-                            f"({METRICS_FILE}); pass the directories `sweep` or `train` wrote")
+            check_report_paths([path])  # raises: names what a path must hold
     if not records:
         raise DataError("no runs found in " + ", ".join(paths))
     return records

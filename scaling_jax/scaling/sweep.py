@@ -101,6 +101,9 @@ def _objectives(raw: Any, path: str) -> dict[str, dict[str, Any]]:
         raise _fail(path, "objectives must be a list of names (causal, mtp, ul2) or a mapping label -> overrides")
     out = {}
     for label, overrides in raw.items():
+        if not isinstance(overrides, (dict, type(None))):
+            raise _fail(path, f"objective '{label}' must map to dotted overrides such as {{objective.heads: 4}}, "
+                              f"got {overrides!r}")
         overrides = dict(overrides or {})
         if "objective" not in overrides and "objective.name" not in overrides:
             overrides["objective.name"] = label
@@ -117,11 +120,11 @@ def _budgets(raw: Any, path: str) -> list[tuple[str, float]]:
             raise _fail(path, f"budget {entry!r} must have exactly one of {', '.join(BUDGET_KINDS)}")
         kind, value = next(iter(entry.items()))
         try:
-            value = float(value)
+            value = float(value) if not isinstance(value, bool) else math.nan
         except (TypeError, ValueError):
-            raise _fail(path, f"budget {kind}={value!r} must be a number") from None
-        if value <= 0:
-            raise _fail(path, f"budget {kind}={value} must be > 0")
+            value = math.nan
+        if not (value > 0 and math.isfinite(value)):
+            raise _fail(path, f"budget {kind}={entry[kind]!r} must be > 0 (a finite number)")
         out.append((kind, value))
     return out
 
@@ -145,6 +148,22 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> SweepSpec:
     for key in ("objectives", "sizes", "budgets"):
         if key not in raw:
             raise _fail(path, f"missing '{key}'")
+    for key, kinds, what in (("name", (str, int, float), "a string"), ("base", str, "a config file path"),
+                             ("out_dir", str, "a directory path"), ("overrides", dict, "a mapping of dotted overrides"),
+                             ("sizes", list, "a list")):
+        if raw.get(key) is not None and (isinstance(raw[key], bool) or not isinstance(raw[key], kinds)):
+            raise _fail(path, f"{key} must be {what}, got {raw[key]!r}")
+    numbers = {}
+    for key, kind, default, low in (("warmup_fraction", float, 0.05, 0.0), ("evals_per_run", int, 4, 1),
+                                    ("checkpoints_per_run", int, 2, 1)):
+        value = raw.get(key, default)
+        try:  # (YAML 1.1 reads 1e-3 as a string)
+            number = math.nan if isinstance(value, bool) else float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number) or number < low or (kind is int and number != int(number)):
+            raise _fail(path, f"{key}={value!r} must be {'a number in [0, 1)' if kind is float else 'an integer >= 1'}")
+        numbers[key] = kind(number)
     name = str(raw.get("name") or os.path.splitext(os.path.basename(path))[0])
     base = raw.get("base") or None
     if base and not os.path.isabs(base) and not os.path.isfile(base):
@@ -155,10 +174,7 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> SweepSpec:
     spec = SweepSpec(name=name, path=path, base=base, overrides=common,
                      out_dir=str(raw.get("out_dir") or os.path.join("runs", "sweeps", name)),
                      objectives=_objectives(raw["objectives"], path), sizes=expand_sizes(raw["sizes"] or [], path),
-                     budgets=_budgets(raw["budgets"], path),
-                     warmup_fraction=float(raw.get("warmup_fraction", 0.05)),
-                     evals_per_run=int(raw.get("evals_per_run", 4)),
-                     checkpoints_per_run=int(raw.get("checkpoints_per_run", 2)))
+                     budgets=_budgets(raw["budgets"], path), **numbers)
     if not 0.0 <= spec.warmup_fraction < 1.0:
         raise _fail(path, f"warmup_fraction={spec.warmup_fraction} must be in [0, 1)")
     if spec.evals_per_run < 1 or spec.checkpoints_per_run < 1:

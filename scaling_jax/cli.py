@@ -439,16 +439,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="score checkpoints on BIG-bench-style tasks; PassUntil and its scaling law")
     ev.add_argument("--checkpoint", action="append", required=True, metavar="RUN_DIR",
                     help="run directory (repeat or comma-separate several to fit the task law over a series)")
-    ev.add_argument("--tasks", required=True, help="comma-separated task.json paths and generators (navigate, "
-                    "date_arith, arithmetic, code_completion; difficulty as NAME:key=value, e.g. arithmetic:digits=3)")
-    ev.add_argument("--shots", default=0, help="k-shot examples (>= 0) drawn from each task (not scored)")
+    ev.add_argument("--tasks", required=True, help="comma-separated task.json paths, bigbench:NAME (e.g. "
+                    "bigbench:navigate, from BIGBENCH_DIR or an installed bigbench), bigbench-lite, and generators "
+                    "(navigate, date_arith, arithmetic, code_completion; difficulty as NAME:key=value)")
+    ev.add_argument("--shots", default=0, help="k shots (>= 0) for each example, drawn from the other examples; "
+                    "every example is scored (BIG-bench's protocol)")
     ev.add_argument("--passuntil", action="store_true", help="also estimate PassUntil PU per instance and task")
     ev.add_argument("--passes", help="PassUntil: sample until this many passes (>= 1, default 2)")
     ev.add_argument("--max-samples", help="PassUntil: samples per instance at most (>= --passes, default 64)")
     ev.add_argument("--num-examples", default=100, help="examples per generated task (>= 1)")
     ev.add_argument("--max-examples", default=0, help="score at most this many examples per task (0: all)")
     ev.add_argument("--predict-n", help="PassUntil series: predict PU at this N > 0 (default: the largest run's)")
-    ev.add_argument("--seed", default=0, help="sampling and few-shot seed (>= 0)")
+    ev.add_argument("--seed", default=42, help="sampling, shot and choice-order seed (>= 0; 42 is BIG-bench's own)")
     ev.add_argument("--out", help="output directory (default: FIRST_RUN_DIR/eval)")
     ev.set_defaults(func=_eval)
 

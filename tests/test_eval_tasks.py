@@ -22,9 +22,9 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "bigbench_mixed_ta
 class ControlledLM:
     """Answers and choice likelihoods fixed per question, so every score is known in advance."""
 
-    answers = {"What is the capital of France?": "Paris\nQ: and then more text",  # right once the stop applies
+    answers = {"What is the capital of France?": "Paris\nQ: and then more text",  # right: BIG-bench's default regex
                "What is two plus two?": "five",  # wrong
-               "What colour is a clear daytime sky?": " blue ",  # right after stripping
+               "What colour is a clear daytime sky?": " blue ",  # wrong: BIG-bench keeps whitespace
                "Which number is even?": "8",  # right
                "Which of these is an animal?": "elephant",  # right (target from target_scores, as in BIG-bench)
                "Which of these is a fruit?": "banana"}  # wrong
@@ -50,9 +50,10 @@ def test_a_mixed_bigbench_task_is_scored_against_a_controlled_model():
     assert task.examples[2].extra == {"comment": "unknown fields are kept"}
     lm = ControlledLM()
     score = score_task(task, lm)
-    assert score.metrics["exact_str_match"] == pytest.approx(4 / 6)
-    assert score.metrics["multiple_choice_grade"] == pytest.approx(1 / 3)
-    assert score.metrics["multiple_choice_grade_normalized"] == pytest.approx(2 / 3)
+    assert score.metrics["exact_str_match"] == pytest.approx(3 / 6)
+    assert score.metrics["multiple_choice_grade"] == pytest.approx(1 / 3)  # summed log-likelihoods, as BIG-bench
+    assert score.metrics["normalized_aggregate_score"] == pytest.approx(50.0)  # preferred: exact_str_match on [0, 1]
+    assert score.details()["preferred_score"] == "exact_str_match"
     assert all(p.startswith("Answer each question.\n\nQ: ") and p.endswith("\nA: ") for p in lm.prompts)
 
 
@@ -62,23 +63,20 @@ def test_target_scores_without_target_give_the_best_choices_as_targets():
     assert task.examples[5].targets == ["8"] and task.examples[5].choices == ["8", "7", "9"]
 
 
-def test_prompts_follow_bigbench_formatting_and_shots_are_reproducible_and_not_scored():
+def test_prompts_follow_bigbench_formatting_and_every_example_is_scored_with_its_own_shots():
     task = load_task(FIXTURE)
     zero = build_prompts(task, 0, seed=0)
     mc = zero[3]
     assert mc.prompt == ("Answer each question.\n" + "\nQ: Which of these is an animal?"
-                         + "".join(f"\n  choice: {c}" for c in mc.choices) + "\nA: ")
-    assert sorted(mc.choices) == ["cup", "elephant"]
+                         + "".join(f"\n  choice: {c}" for c in mc.shown_choices) + "\nA: ")
+    assert sorted(mc.shown_choices) == ["cup", "elephant"] and mc.choices == ["elephant", "cup"]
     a, b = build_prompts(task, 2, seed=3), build_prompts(task, 2, seed=3)
     assert [p.prompt for p in a] == [p.prompt for p in b]
-    assert len(a) == len(task.examples) - 2
-    shots = set(range(len(task.examples))) - {p.index for p in a}
-    assert len(shots) == 2
-    for i in shots:  # each shot appears answered in the context of every scored prompt
-        shot = task.examples[i]
-        assert all(f"Q: {shot.input}" in p.prompt and shot.targets[0] in p.prompt for p in a)
-    assert build_prompts(task, 2, seed=4)[0].prompt != a[0].prompt or {p.index for p in build_prompts(task, 2, 4)} \
-        != {p.index for p in a}
+    assert sorted(p.index for p in a) == list(range(len(task.examples)))  # no example is spent as a shot
+    for p in a:  # two other examples, answered, precede the query
+        others = [e for e in task.examples if e is not p.example and f"Q: {e.input}" in p.prompt]
+        assert len(others) == 2 and p.prompt.count(f"Q: {p.example.input}") == 1
+    assert [p.prompt for p in build_prompts(task, 2, seed=4)] != [p.prompt for p in a]
 
 
 @pytest.mark.parametrize("mutate, field", [
@@ -87,7 +85,9 @@ def test_prompts_follow_bigbench_formatting_and_shots_are_reproducible_and_not_s
     (lambda d: d["examples"][3].update(target_scores={"a": "yes"}), "examples[3].target_scores"),
     (lambda d: d.update(examples=[]), "examples"),
     (lambda d: d.update(example_input_prefix=5), "example_input_prefix"),
-    (lambda d: d.update(metrics=["bleu"]), "metrics"),
+    (lambda d: d.update(metrics=["accuracy"]), "metrics"),
+    (lambda d: d.update(preferred_score="rouge"), "preferred_score"),
+    (lambda d: d.update(output_regex="(a)(b)"), "output_regex"),
 ])
 def test_malformed_task_files_name_the_file_and_field(tmp_path, mutate, field):
     with open(FIXTURE) as f:
@@ -188,7 +188,7 @@ def test_eval_cli_scores_a_trained_checkpoint_on_generated_and_file_tasks(tiny_c
     results = json.load(open(os.path.join(out, "results.json")))["runs"][0]
     assert set(results["tasks"]) == {"arithmetic_digits1", "mixed_fixture"}
     pu = results["tasks"]["arithmetic_digits1"]["passuntil"]
-    assert len(pu["instances"]) == 3 and 0 < pu["pu"] <= 1
+    assert len(pu["instances"]) == 4 and 0 < pu["pu"] <= 1  # BIG-bench's k-shot scores every example
     assert "multiple_choice_grade" in results["tasks"]["mixed_fixture"]["metrics"]
     assert os.path.isfile(os.path.join(out, "results.md")) and os.path.isfile(os.path.join(out, "tasks",
                                                                                               "arithmetic_digits1.json"))

@@ -1,5 +1,6 @@
-"""Scoring formulas: pass@k against the combinatorial definition, BIG-bench post-processing and
-normalisation, and multiple-choice grades from summed vs length-normalised log-likelihoods."""
+"""Scoring formulas: pass@k against the combinatorial definition, BIG-bench post-processing and the
+optional (non-BIG-bench) normalisation, and multiple-choice grades with BIG-bench's tie-break.
+The BIG-bench rules one by one are in test_bigbench.py."""
 
 import itertools
 import math
@@ -9,7 +10,6 @@ import pytest
 
 from scaling_jax.eval.scoring import (
     Normalization,
-    choice_scores,
     exact_match,
     multiple_choice_grade,
     pass_at_k,
@@ -48,7 +48,8 @@ def test_bigbench_postprocessing_keeps_the_stop_string_and_takes_the_first_regex
 
 
 def test_exact_match_normalisation_options():
-    assert exact_match("  Paris \n", ["Paris"])  # strip is on by default
+    assert not exact_match("  Paris \n", ["Paris"])  # BIG-bench keeps whitespace
+    assert exact_match("  Paris \n", ["Paris"], Normalization(strip=True))  # opt-in
     assert not exact_match("paris", ["Paris"])
     assert exact_match("paris", ["Paris"], Normalization(lowercase=True))
     assert exact_match("Paris!", ["Paris"], Normalization(remove_punctuation=True))
@@ -59,12 +60,9 @@ def test_exact_match_normalisation_options():
     assert exact_match("4.\nQ: next", ["4."], Normalization(stop_string="."))
 
 
-def test_multiple_choice_summed_vs_length_normalised():
-    logprobs = [np.full(8, -0.3), np.full(3, -0.5)]  # "elephant" (right) vs "cup"
-    scores = choice_scores(logprobs)
-    np.testing.assert_allclose(scores.summed, [-2.4, -1.5])
-    np.testing.assert_allclose(scores.normalized, [-0.3, -0.5])
+def test_multiple_choice_grade_takes_the_best_choice_with_partial_credit_and_hashed_ties():
     targets = {"elephant": 1.0, "cup": 0.0}
-    assert multiple_choice_grade(scores.summed, ["elephant", "cup"], targets) == 0.0
-    assert multiple_choice_grade(scores.normalized, ["elephant", "cup"], targets) == 1.0
-    assert multiple_choice_grade(np.array([0.0, -1.0]), ["a", "b"], {"a": 0.5, "b": 1.0}) == 0.5  # partial credit
+    assert multiple_choice_grade([-2.4, -1.5], ["elephant", "cup"], targets) == 0.0  # summed log-likelihoods
+    assert multiple_choice_grade([0.0, -1.0], ["a", "b"], {"a": 0.5, "b": 1.0}) == 0.5  # partial credit
+    grades = {multiple_choice_grade(np.full(2, -float(k)), ["a", "b"], {"a": 1.0, "b": 0.0}) for k in range(1, 12)}
+    assert grades == {0.0, 1.0}  # a tie is not always won by the first choice

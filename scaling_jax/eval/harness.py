@@ -18,7 +18,7 @@ import numpy as np
 from scaling_jax import paths
 from scaling_jax.errors import CheckpointError
 from scaling_jax.eval import passuntil as pu_lib
-from scaling_jax.eval.scoring import LanguageModel, make_checker, score_task, stop_sequences
+from scaling_jax.eval.scoring import LanguageModel, make_checker, passing_text, score_task, stop_sequences
 from scaling_jax.eval.tasks import Task, build_prompts, load_task, task_from_dict
 
 
@@ -32,6 +32,15 @@ class LoadedRun:
     objective: str
 
 
+def check_run_dir(run_dir: str) -> None:
+    """A run directory has ``config.yaml`` and ``checkpoints/`` (cheap: checked before any output is written)."""
+    from scaling_jax.train.checkpoint import CHECKPOINT_DIR
+
+    if not paths.exists(paths.join(run_dir, "config.yaml")) or not paths.isdir(paths.join(run_dir, CHECKPOINT_DIR)):
+        raise CheckpointError(f"--checkpoint '{run_dir}' is not a run directory (needs config.yaml and "
+                              f"{CHECKPOINT_DIR}/); pass the train.run_dir of a finished run")
+
+
 def load_run(run_dir: str, step: int | None = None) -> LoadedRun:
     """The model of a run directory, ready for decoding (latest checkpoint unless ``step`` is given)."""
     from flax import nnx
@@ -41,14 +50,11 @@ def load_run(run_dir: str, step: int | None = None) -> LoadedRun:
     from scaling_jax.model.decode import CachedLM
     from scaling_jax.model.family import param_counts
     from scaling_jax.objectives.base import build_objective
-    from scaling_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
+    from scaling_jax.train.checkpoint import Checkpointer
     from scaling_jax.train.state import abstract_model
 
-    saved = paths.join(run_dir, "config.yaml")
-    if not paths.exists(saved) or not paths.isdir(paths.join(run_dir, CHECKPOINT_DIR)):
-        raise CheckpointError(f"--checkpoint '{run_dir}' is not a run directory (needs config.yaml and "
-                              f"{CHECKPOINT_DIR}/); pass the train.run_dir of a finished run")
-    config = load_config(saved)
+    check_run_dir(run_dir)
+    config = load_config(paths.join(run_dir, "config.yaml"))
     tokenizer = build_tokenizer(config.data.tokenizer)
     objective = build_objective(config.objective, tokenizer)
     graphdef, shapes, _ = abstract_model(config.model, objective.build_model)
@@ -69,11 +75,16 @@ def load_run(run_dir: str, step: int | None = None) -> LoadedRun:
 
 
 def resolve_tasks(specs: list[str], num_examples: int = 100, seed: int = 0, save_dir: str | None = None) -> list[Task]:
-    """Task files as given, generator specs (``arithmetic:digits=3``) generated and saved next to the results."""
+    """Task files as given, BIG-bench tasks by name (``bigbench:navigate``, ``bigbench-lite``), generator specs
+    (``arithmetic:digits=3``) generated and saved next to the results."""
+    from scaling_jax.eval.bigbench import is_bigbench_spec, resolve_bigbench
     from scaling_jax.eval.generators import generate_task, write_task
 
     tasks = []
     for spec in specs:
+        if is_bigbench_spec(spec):
+            tasks.extend(resolve_bigbench(spec))
+            continue
         if spec.endswith(".json") or os.path.isfile(spec):
             tasks.append(load_task(spec))
             continue
@@ -105,7 +116,7 @@ def passuntil_task(task: Task, lm: LanguageModel, options: PassUntilOptions, sho
     stop = stop_sequences(task)
     prompted = [p for p in build_prompts(task, shots, seed, max_examples) if p.example.targets]
     # The exact text a passing sample produces before generation stops: the target, then the stop string.
-    logprobs = lm.loglikelihood([p.prompt for p in prompted], [p.example.targets[0] + stop[0] for p in prompted])
+    logprobs = lm.loglikelihood([p.prompt for p in prompted], [passing_text(task, p.example) for p in prompted])
     instances = []
     for i, p in enumerate(prompted):
         calls = [0]
@@ -133,7 +144,7 @@ def evaluate(run: LoadedRun, tasks: list[Task], shots: int = 0, seed: int = 0, m
     for task in tasks:
         score = score_task(task, run.lm, shots, seed, max_examples, max_new_tokens)
         entry = {"source": task.source, "examples": score.num_examples, "metrics": score.metrics,
-                 "records": score.records}
+                 "records": score.records, **score.details()}
         if passuntil is not None and task.generative:
             instances, agg = passuntil_task(task, run.lm, passuntil, shots, seed, max_examples)
             entry["passuntil"] = {**agg.as_dict(), "options": asdict(passuntil),

@@ -21,6 +21,7 @@ from jax.sharding import AbstractMesh, Mesh
 
 from scaling_jax.config import Config
 from scaling_jax.errors import ConfigError
+from scaling_jax.model.remat import policy_name
 from scaling_jax.objectives.base import Objective, build_objective
 from scaling_jax.parallel.mesh import MESH_AXES, mesh_shape
 from scaling_jax.parallel.sharding import logical_to_spec, rules_from_config
@@ -28,7 +29,8 @@ from scaling_jax.train.state import abstract_model
 
 GIB = 2**30
 WARN_FRACTION = 0.9
-FIXES = "use a smaller model.series, more devices / mesh.fsdp, model.remat=true, or a smaller data.batch_size"
+FIXES = ("use a smaller model.series, more devices / mesh.fsdp, model.remat=full (or minimal), or a smaller "
+         "data.batch_size")
 
 
 def _gib(b: float) -> str:
@@ -74,19 +76,34 @@ def sharded_param_bytes(config: Config, num_devices: int, objective: Objective |
     return total
 
 
+def remat_saved_per_token(m, seq_len: int, tensor: int) -> float:
+    """Elements per token one layer keeps for the backward pass under remat policy ``m.remat`` (not ``none``):
+    its input (the scan carry), plus what the policy saves on the device (``offload`` keeps its on the host)."""
+    kv = m.kv_heads or m.heads
+    qkv = (m.heads + 2 * kv) * m.head_dim / tensor
+    projections = qkv + 2 * m.d_model + 2 * m.d_ff / tensor  # + attention out and MLP down (d), gate and up (d_ff)
+    saved = {"full": 0.0, "offload": 0.0, "save_qkv_proj": qkv, "minimal": projections,
+             "save_dots": projections + m.heads * (seq_len + m.head_dim) / tensor}  # + QK^T scores and PV
+    return m.d_model + saved[policy_name(m.remat)]
+
+
 def activation_bytes(config: Config, num_devices: int) -> float:
-    """Rough saved-activation bytes per device (Korthikanti et al. 2022, no sequence parallelism):
-    per layer S*B*d*(34 + 5*heads*S/d) bytes at 16-bit, scaled to the compute dtype, plus logits."""
+    """Rough saved-activation bytes per device. Without remat, Korthikanti et al. 2022 (no sequence
+    parallelism): per layer S*B*d*(34 + 5*heads*S/d) bytes at 16-bit, scaled to the compute dtype. With a
+    remat policy each layer keeps what ``remat_saved_per_token`` says, and the backward pass holds one
+    layer's full set while it recomputes that layer. Plus float32 logits and their gradient."""
     m, d = config.model, config.data
     data, fsdp, tensor = mesh_shape(config.mesh, num_devices)
     local_batch = d.batch_size / (data * fsdp)
     width = np.dtype(m.dtype).itemsize / 2
-    if m.remat:
-        per_layer = d.seq_len * local_batch * m.d_model * 2 * width
+    full_layer = d.seq_len * local_batch * m.d_model * (34 + 5 * m.heads * d.seq_len / m.d_model) * width / tensor
+    if policy_name(m.remat) == "none":
+        layers = m.layers * full_layer
     else:
-        per_layer = d.seq_len * local_batch * m.d_model * (34 + 5 * m.heads * d.seq_len / m.d_model) * width / tensor
+        saved = d.seq_len * local_batch * remat_saved_per_token(m, d.seq_len, tensor) * 2 * width
+        layers = m.layers * saved + full_layer
     logits = 2 * 4 * local_batch * d.seq_len * m.vocab_size / tensor
-    return m.layers * per_layer + logits
+    return layers + logits
 
 
 def memory_per_device(config: Config, num_devices: int, objective: Objective | None = None) -> dict:
@@ -126,7 +143,8 @@ def check_estimate(estimate: dict, budget: float, where: str) -> str | None:
     detail = (f"~{_gib(need)} per device (params+grads+AdamW {_gib(estimate['params_grads_optimizer'])}, "
               f"activations ~{_gib(estimate['activations_estimate'])})")
     if need > budget:
-        raise ConfigError(f"model needs {detail} but {where}; {FIXES}")
+        raise ConfigError(f"model needs {detail} but {where}; {FIXES} (the estimate is analytic: "
+                          "train.check_memory=false skips it if you know the step fits)")
     if need > WARN_FRACTION * budget:
         return f"warning: model needs {detail}, {need / budget:.0%} of what {where}; it may not fit"
     return None
@@ -139,7 +157,7 @@ def local_devices(mesh: Mesh) -> list[jax.Device]:
 def preflight(config: Config, mesh: Mesh, objective: Objective | None = None) -> None:
     """Refuse a config whose estimate exceeds this process's device memory (before data and compilation)."""
     budget = device_budget(local_devices(mesh))
-    if budget is None:
+    if budget is None or not config.train.check_memory:
         return
     warning = check_estimate(memory_per_device(config, mesh.devices.size, objective), *budget)
     if warning and jax.process_index() == 0:

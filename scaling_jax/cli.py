@@ -90,6 +90,7 @@ def _info(args: argparse.Namespace) -> int:
 
     from scaling_jax import paths
     from scaling_jax.config import load_config
+    from scaling_jax.data.tokenizer import resolved_config
     from scaling_jax.info import describe, format_lineage, format_report, read_lineage
 
     path = args.config
@@ -100,7 +101,7 @@ def _info(args: argparse.Namespace) -> int:
             raise UserError(f"'{path}' is a directory without config.yaml; pass a config file or a run directory")
         path = saved
     devices = _flag(args, "devices", int, 0, hint="0 plans for this machine's devices")
-    config = load_config(path, args.overrides)
+    config = resolved_config(load_config(path, args.overrides))
     devices = devices or jax.device_count()
     print(format_report(config, describe(config, devices)))
     lineage = read_lineage(args.config) if run_dir else None

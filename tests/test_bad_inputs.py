@@ -142,7 +142,7 @@ CONFIG_CASES = [  # (id, overrides, fragments of the error line)
     ("rope-theta-zero", ["model.rope_theta=0"], ["model.rope_theta=0.0 must be > 0"]),
     ("norm-eps-negative", ["model.norm_eps=-1e-6"], ["model.norm_eps=-1e-06 must be > 0"]),
     ("init-std-zero", ["model.init_std=0"], ["model.init_std=0.0 must be > 0"]),
-    ("negative-vocab-size", ["model.vocab_size=-5"], ["model.vocab_size=-5 must be > 0", "or 0 to take it"]),
+    ("negative-vocab-size", ["model.vocab_size=-5"], ["model.vocab_size=-5 must be >= 0", "or 0 to take it"]),
     ("negative-max-docs", ["data.max_docs=-1"], ["data.max_docs=-1 must be >= 0", "0 reads every document"]),
     ("no-read-threads", ["data.num_threads=0"], ["data.num_threads=0 must be >= 1"]),
     ("negative-prefetch", ["data.prefetch=-1"], ["data.prefetch=-1 must be >= 0"]),

@@ -58,3 +58,17 @@ def test_shipped_defaults_yaml_matches_the_dataclasses():
     with open("configs/defaults.yaml") as f:
         shipped = yaml.safe_load(f)
     assert shipped == to_dict(Config())
+
+
+def test_parsing_a_config_builds_no_tokenizer_and_imports_nothing_heavy():
+    """Byte vocabularies are known from the spec; any other tokenizer is read only where it is built."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from scaling_jax.config import load_config; "
+            "c = load_config(None, ['data.tokenizer=seqio:no_such_task', 'data.source=seqio:no_such_task']); "
+            "b = load_config(None, ['data.tokenizer=byte:512']); "
+            "print(c.model.vocab_size, b.model.vocab_size, "
+            "sorted(m for m in ('tensorflow', 'seqio', 'jax', 'sentencepiece', 'tokenizers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[:2] == ["0", "512"] and out[2:] == ["[]"]

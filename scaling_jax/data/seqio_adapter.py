@@ -24,7 +24,7 @@ import numpy as np
 
 from scaling_jax.config import DataConfig
 from scaling_jax.data.sources import is_validation
-from scaling_jax.data.tokenizer import ReservedIds, Tokenizer, sentencepiece_bytes, sentinel_piece
+from scaling_jax.data.vocab import ReservedIds, Tokenizer, sentencepiece_bytes, sentinel_piece, write_saved_info
 from scaling_jax.errors import ConfigError, DataError
 
 
@@ -93,8 +93,6 @@ class VocabularyTokenizer(ReservedIds):
         return self._lengths(lambda i: len(self.vocab.decode([i]).encode("utf-8")))
 
     def save(self, directory: str) -> str:
-        from scaling_jax.data.tokenizer import write_saved_info
-
         write_saved_info(directory, self, self.spec)
         return self.spec
 

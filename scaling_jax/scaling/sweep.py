@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from scaling_jax.config import Config, load_config, to_dict
+from scaling_jax.data.tokenizer import resolved_config
 from scaling_jax.errors import ConfigError
 
 MANIFEST = "manifest.json"
@@ -212,7 +213,7 @@ def plan(spec: SweepSpec, objectives: list[str] | None = None, sizes: list[str] 
             if sizes and size_label not in sizes:
                 continue
             dotted = {**spec.overrides, **obj_overrides, **{f"model.{k}": v for k, v in model.items()}}
-            probe = load_config(spec.base, {**dotted, "train.steps": 1, "optimizer.warmup_steps": 0})
+            probe = resolved_config(load_config(spec.base, {**dotted, "train.steps": 1, "optimizer.warmup_steps": 0}))
             base_counts, counts, fpt = _size_and_cost(probe)
             tokens_per_step = probe.data.batch_size * probe.data.seq_len
             for kind, value in spec.budgets:
@@ -227,6 +228,7 @@ def plan(spec: SweepSpec, objectives: list[str] | None = None, sizes: list[str] 
                        "train.checkpoint_every": math.ceil(steps / spec.checkpoints_per_run),
                        "train.run_dir": os.path.join(spec.out_dir, run_id)}
                 config = load_config(spec.base, run)
+                config.model.vocab_size = probe.model.vocab_size  # as the trainer will resolve it
                 runs.append(PlannedRun(run_id, obj_label, size_label, label, config, counts.non_embedding,
                                        base_counts.non_embedding, counts.total, steps * tokens_per_step,
                                        steps * tokens_per_step * fpt, steps))

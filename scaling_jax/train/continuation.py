@@ -39,7 +39,7 @@ import yaml
 from scaling_jax import paths
 from scaling_jax.config import Config, load_config, parse_overrides, to_dict
 from scaling_jax.data import pipeline
-from scaling_jax.data.tokenizer import Tokenizer, build_tokenizer
+from scaling_jax.data.tokenizer import Tokenizer, build_tokenizer, resolve_vocab
 from scaling_jax.errors import CheckpointError, ConfigError
 from scaling_jax.model.family import flops_per_token
 from scaling_jax.objectives.base import Objective, build_objective
@@ -268,6 +268,7 @@ def child_config(source: str, stage_path: str, overrides: list[str] | dict | Non
 
     config = load_config(None, items)
     tokenizer = build_tokenizer(config.data.tokenizer)
+    resolve_vocab(config.model, tokenizer, config.data.tokenizer)
     grows = config.model.vocab_size < tokenizer.vocab_size and "model.vocab_size" not in chosen
     if config.stage.extend_vocab and grows:
         notes.append(f"vocabulary {config.model.vocab_size} -> {tokenizer.vocab_size} rows (new rows = embedding mean)")

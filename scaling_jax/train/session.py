@@ -19,7 +19,7 @@ from scaling_jax import paths
 from scaling_jax.config import Config
 from scaling_jax.data import pipeline, sources
 from scaling_jax.data.instructions import InstructionData
-from scaling_jax.data.tokenizer import build_tokenizer, read_saved_info
+from scaling_jax.data.tokenizer import build_tokenizer, read_saved_info, resolve_vocab
 from scaling_jax.errors import CheckpointError, ConfigError
 from scaling_jax.objectives.base import build_objective
 from scaling_jax.objectives.causal import CausalLM
@@ -150,6 +150,7 @@ def build_session(config: Config, tokenizer=None, preflight: bool = True) -> Ses
     (``info``, AOT compiles) does not build a session at all."""
     t, d = config.train, config.data
     tokenizer = tokenizer or build_tokenizer(d.tokenizer, d.seqio_modules)
+    resolve_vocab(config.model, tokenizer, d.tokenizer)
     objective = build_objective(config.objective, tokenizer)
     mesh = build_mesh(config.mesh)
     rules = rules_from_config(config.mesh.rules)

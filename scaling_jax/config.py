@@ -141,6 +141,9 @@ class TrainConfig:
     # count it) | rollback (restore the last checkpoint, skip the data from it through the bad batch)
     nan_policy: str = "halt"
     max_rollbacks: int = 3  # rollback: halt after this many rollbacks to the same checkpoint
+    # Refuse a model whose analytic per-device memory estimate exceeds the device's memory, before data loads and
+    # the step compiles (false: skip the estimate; XLA still refuses a step that cannot fit when it compiles)
+    check_memory: bool = True
     preemption_grace_s: float = 30.0  # SIGTERM: a checkpoint must be committed within this; warn if it took longer
     # Gradient noise scale (McCandlish et al.): each step's gradient is taken as two half-batches (same FLOPs) and
     # noise_grad_sq_small/big, noise_batch_small/big, noise_b_simple are logged; needs an even data.batch_size
@@ -288,30 +291,39 @@ def config_from_dict(raw: dict) -> Config:
     """Build and validate a Config from a plain nested dict (YAML contents + overrides)."""
     config = _build(Config, raw, "")
     apply_series(config.model, explicit=set((raw.get("model") or {}).keys()))
-    if config.model.vocab_size == 0:
-        from scaling_jax.data.tokenizer import build_tokenizer
-
-        config.model.vocab_size = build_tokenizer(config.data.tokenizer, config.data.seqio_modules).vocab_size
-    elif not config.data.tokenizer.startswith("seqio:"):
-        _check_vocab_holds_tokenizer(config)
+    byte = byte_vocab(config.data.tokenizer)
+    if byte is not None:  # other tokenizers are read where they are built (``data.tokenizer.resolve_vocab``)
+        if config.model.vocab_size == 0:
+            config.model.vocab_size = byte
+        check_vocab_holds(config.model.vocab_size, BYTE_TEXT_IDS, byte, config.data.tokenizer)
     validate(config)
     return config
 
 
-def _check_vocab_holds_tokenizer(config: Config) -> None:
+BYTE_VOCAB = 384  # the byte tokenizer's default size: pad/bos/eos, 256 bytes, 3 UL2 mode tokens, 122 sentinels
+BYTE_TEXT_IDS = 259  # pad/bos/eos and the 256 byte ids: what every row of byte-level data may hold
+
+
+def byte_vocab(spec: str) -> int | None:
+    """The vocabulary size of a ``byte`` / ``byte:VOCAB`` tokenizer spec (None for any other kind of tokenizer).
+
+    Known without building anything, so parsing a config reads no tokenizer file and imports nothing."""
+    kind, _, arg = str(spec).partition(":")
+    if kind != "byte":
+        return None
+    try:
+        return int(arg) if arg else BYTE_VOCAB
+    except ValueError:
+        raise ConfigError(f"data.tokenizer='{spec}': write 'byte' or 'byte:VOCAB_SIZE'") from None
+
+
+def check_vocab_holds(vocab_size: int, needed: int, tokenizer_size: int, spec: str) -> None:
     """An explicit model.vocab_size must hold every id the data produces: text ids and pad/bos/eos (ids past
     the embedding would be clamped silently). A smaller one than the tokenizer's is legal: imported
     checkpoints lack the reserved ids until a continuation extends the vocabulary."""
-    from scaling_jax.data.tokenizer import build_tokenizer
-
-    _check_vocab_size(config.model)
-    tok = build_tokenizer(config.data.tokenizer)
-    text_ids = [i for i, n in enumerate(tok.token_byte_lengths()) if n > 0]
-    needed = max([tok.pad_id, tok.bos_id, tok.eos_id, *text_ids[-1:]]) + 1
-    if config.model.vocab_size < needed:  # (UL2's sentinels are checked where a vocabulary can be extended)
-        raise ConfigError(f"model.vocab_size={config.model.vocab_size} cannot hold the {needed} text and "
-                          f"pad/bos/eos ids of "
-                          f"data.tokenizer='{config.data.tokenizer}'; set model.vocab_size={tok.vocab_size} "
+    if 0 < vocab_size < needed:  # (UL2's sentinels are checked where a vocabulary can be extended)
+        raise ConfigError(f"model.vocab_size={vocab_size} cannot hold the {needed} text and pad/bos/eos ids of "
+                          f"data.tokenizer='{spec}'; set model.vocab_size={tokenizer_size} "
                           "or 0 (take it from the tokenizer)")
 
 
@@ -404,7 +416,7 @@ def _check_ranges(config: Config) -> None:
 
 
 def _check_vocab_size(m: ModelConfig) -> None:
-    _check("model.vocab_size", m.vocab_size, m.vocab_size > 0, "> 0",
+    _check("model.vocab_size", m.vocab_size, m.vocab_size >= 0, ">= 0",
            "give the tokenizer's size, or 0 to take it from data.tokenizer")
 
 

@@ -39,9 +39,10 @@ def _reference_greedy(model, prompt: list[int], steps: int) -> list[int]:
     return seq[len(prompt):]
 
 
-@pytest.mark.parametrize("kind", ["decoder", "mtp"])
-def test_cached_greedy_equals_argmax_of_full_forward_passes(tiny_config, tok, kind):
-    config = tiny_config("model.layers=3")
+@pytest.mark.parametrize("kind, scan", [("decoder", True), ("mtp", True), ("decoder", False), ("mtp", False)])
+def test_cached_greedy_equals_argmax_of_full_forward_passes(tiny_config, tok, kind, scan):
+    """Both block layouts: the stacked cache scanned with the stacked blocks, and one cache per listed block."""
+    config = tiny_config("model.layers=3", f"model.scan_layers={str(scan).lower()}")
     model = Decoder(config.model, nnx.Rngs(1)) if kind == "decoder" else MultiTokenModel(config.model, 3, nnx.Rngs(1))
     lm = CachedLM(model, tok)
     prompts = [lm.encode_prompt(p) for p in PROMPTS]  # different lengths: rows are left-padded together
@@ -67,7 +68,7 @@ def test_speculative_decoding_accepts_every_draft_when_the_heads_agree_with_gree
     to the current token, so greedy repeats the last token and every head drafts that same token: a call
     then emits all n tokens."""
     model = MultiTokenModel(tiny_config("model.layers=3").model, 4, nnx.Rngs(5))
-    for block in list(model.trunk.blocks) + list(model.heads):
+    for block in [model.trunk.layers] + list(model.heads):  # the stacked trunk blocks zero all layers at once
         block.attn.wo[...] = jnp.zeros_like(block.attn.wo[...])
         block.mlp.w_down[...] = jnp.zeros_like(block.mlp.w_down[...])
     lm = CachedLM(model, tok)

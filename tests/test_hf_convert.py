@@ -9,6 +9,7 @@ installed, transformers itself loads our export and reproduces our logits. No te
 unless it says so.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -64,10 +65,13 @@ def _random_params(cfg: ModelConfig, seed: int) -> dict:
 # ----------------------------------------------------------------------------- import
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_imported_hf_llama_reproduces_transformers_logits(variant):
+@pytest.mark.parametrize("variant, scan", [(v, s) for v in VARIANTS for s in (True, False)])
+def test_imported_hf_llama_reproduces_transformers_logits(variant, scan):
+    """Into either layout: HF's per-layer tensors stacked on `layers` (scanned) or a list of blocks."""
     path, cfg, ref = _fixture(variant)
+    cfg = dataclasses.replace(cfg, scan_layers=scan)
     params = hc.params_from_hf(hc.load_hf_tensors(path), cfg)
+    assert ("layers" in params) == scan and ("blocks" in params) != scan
     logits = _our_logits(params, cfg, ref["input_ids"])
     np.testing.assert_allclose(logits, ref["logits"], **TOL)
     assert np.abs(ref["logits"]).max() > 1.0  # the comparison is not between near-zero numbers
@@ -88,9 +92,8 @@ def test_wrong_rope_layout_would_be_caught():
     params = hc.params_from_hf(hc.load_hf_tensors(path), cfg)
     hd = cfg.head_dim
     interleave = np.stack([np.arange(hd // 2), np.arange(hd // 2) + hd // 2], axis=1).reshape(-1)
-    for block in params["blocks"].values():
-        for name in ("wq", "wk"):
-            block["attn"][name] = block["attn"][name][..., interleave]
+    for name in ("wq", "wk"):  # every layer at once: the blocks are stacked on `layers`
+        params["layers"]["attn"][name] = params["layers"]["attn"][name][..., interleave]
     err = np.abs(_our_logits(params, cfg, ref["input_ids"]) - ref["logits"]).max()
     assert err > 1e-2
 
@@ -98,9 +101,10 @@ def test_wrong_rope_layout_would_be_caught():
 # ----------------------------------------------------------------------------- export
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_export_writes_back_the_identical_hf_tensors_and_config(tmp_path, variant):
+@pytest.mark.parametrize("variant, scan", [("gqa", True), ("tied", True), ("gqa", False)])
+def test_export_writes_back_the_identical_hf_tensors_and_config(tmp_path, variant, scan):
     path, cfg, _ = _fixture(variant)
+    cfg = dataclasses.replace(cfg, scan_layers=scan)
     original = hc.load_hf_tensors(path)
     params = hc.params_from_hf(original, cfg)
     shards = hc.save_hf_tensors(hc.hf_from_params(params, cfg), str(tmp_path), max_shard_bytes=40_000)
@@ -144,6 +148,11 @@ def test_mtp_export_is_trunk_plus_first_head():
               "heads": {0: block("h1"), 1: block("h2")}}
     out = hc.decoder_params(params, cfg)
     assert out["blocks"] == {0: block(0), 1: block(1), 2: block("h1")} and out["embedding"] == "E"
+    stacked = {"trunk": {"embedding": "E", "final_norm": "N", "layers": {"w": np.array([[0.0], [1.0]])}},
+               "heads": {0: {"w": np.array([5.0])}, 1: {"w": np.array([6.0])}}}
+    out = hc.decoder_params(stacked, cfg)  # a scanned trunk: head 1's block becomes the last stacked layer
+    assert set(out) == {"embedding", "final_norm", "layers"}
+    np.testing.assert_array_equal(out["layers"]["w"], [[0.0], [1.0], [5.0]])
 
 
 def test_vocab_resize_keeps_existing_rows_and_appends_means():

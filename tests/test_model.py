@@ -7,9 +7,10 @@ import pytest
 from flax import nnx
 
 from scaling_jax.config import load_config
-from scaling_jax.model.family import flops_per_token, param_counts, passuntil_shape
+from scaling_jax.model.family import flops_per_token, param_counts
 from scaling_jax.model.layers import attention_mask, rope
 from scaling_jax.model.transformer import Decoder
+from scaling_jax.series import passuntil_shape
 
 
 @pytest.mark.parametrize("overrides", [

@@ -8,6 +8,7 @@ from flax import nnx
 
 from scaling_jax.errors import ConfigError
 from scaling_jax.model.family import flops_per_token, param_counts
+from scaling_jax.model.transformer import to_layout
 from scaling_jax.objectives.causal import CausalLM, shift_rows
 from scaling_jax.objectives.multi_token import MultiTokenPrediction, prepare_rows, target_keys
 from scaling_jax.parallel.mesh import build_mesh
@@ -79,21 +80,25 @@ def test_memory_efficient_gradients_equal_plain_autodiff(tiny_config):
     assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(g_e["heads"]))
 
 
-def test_one_head_is_exactly_the_causal_model(tiny_config):
-    """Same weights (trunk blocks + head block = the causal blocks), untied unembedding: same loss and gradients."""
-    config, objective, graphdef, params, batch = _setup(tiny_config, "objective.heads=1", "model.tie_embeddings=false")
+@pytest.mark.parametrize("scan", [True, False])
+def test_one_head_is_exactly_the_causal_model(tiny_config, scan):
+    """Same weights (trunk blocks + head block = the causal blocks), untied unembedding: same loss and gradients,
+    with the trunk's blocks stacked and scanned or a list."""
+    config, objective, graphdef, params, batch = _setup(tiny_config, "objective.heads=1", "model.tie_embeddings=false",
+                                                        f"model.scan_layers={str(scan).lower()}")
     causal = CausalLM(config.objective)
     c_graphdef, c_state = nnx.split(causal.build_model(config.model, nnx.Rngs(1)))
-    trunk, head = params["trunk"], params["heads"][0]
-    c_params = {**trunk, "blocks": {**trunk["blocks"], len(trunk["blocks"]): head}}
+    trunk, head = to_layout(params["trunk"], scan_layers=False), params["heads"][0]
+    c_params = to_layout({**trunk, "blocks": {**trunk["blocks"], len(trunk["blocks"]): head}}, scan)
     assert jax.tree.structure(c_params) == jax.tree.structure(nnx.to_pure_dict(c_state))
     (loss_c, m_c), g_c = jax.jit(lambda p, b: causal.value_and_grad(c_graphdef, p, b))(c_params, batch)
     (loss_m, m_m), g_m = jax.jit(lambda p, b: objective.value_and_grad(graphdef, p, b))(params, batch)
     assert float(loss_m) == pytest.approx(float(loss_c), rel=1e-6)
     for key in ("loss", "accuracy", "nll_sum", "tokens"):
         assert float(m_m[key]) == pytest.approx(float(m_c[key]), rel=1e-6)
+    g_c = to_layout(g_c, scan_layers=False)
     blocks = g_c["blocks"]
-    mapped = {"trunk": {**g_c, "blocks": {i: blocks[i] for i in range(len(blocks) - 1)}},
+    mapped = {"trunk": to_layout({**g_c, "blocks": {i: blocks[i] for i in range(len(blocks) - 1)}}, scan),
               "heads": {0: blocks[len(blocks) - 1]}}
     _assert_trees_close(g_m, mapped)
 

@@ -54,13 +54,14 @@ def test_parameters_are_sharded_as_the_rules_say(tiny_config):
     _, _, state = _loss_and_grads(tiny_config(), (2, 2, 2))
     p = state.params
     assert p["embedding"].sharding.spec == P("tensor", "fsdp")  # (vocab, embed)
-    assert p["blocks"][0]["attn"]["wq"].sharding.spec == P("fsdp", "tensor", None)  # (embed, heads, kv)
-    assert p["blocks"][0]["mlp"]["w_down"].sharding.spec == P("tensor", "fsdp")  # (mlp, embed)
-    assert p["blocks"][1]["attn_norm"]["scale"].sharding.spec == P("fsdp")
+    # scanned blocks: the leading `layers` axis stays whole (the rules map it to None)
+    assert p["layers"]["attn"]["wq"].sharding.spec == P(None, "fsdp", "tensor", None)  # (layers, embed, heads, kv)
+    assert p["layers"]["mlp"]["w_down"].sharding.spec == P(None, "tensor", "fsdp")  # (layers, mlp, embed)
+    assert p["layers"]["attn_norm"]["scale"].sharding.spec == P(None, "fsdp")
     # each device holds a quarter of a (fsdp x tensor)-sharded matrix
-    w = p["blocks"][0]["mlp"]["w_up"]
+    w = p["layers"]["mlp"]["w_up"]
     assert w.addressable_shards[0].data.size == w.size // 4
-    mu = state.opt_state[1][0].mu["blocks"][0]["mlp"]["w_up"]
+    mu = state.opt_state[1][0].mu["layers"]["mlp"]["w_up"]
     assert mu.sharding.spec == w.sharding.spec  # AdamW moments follow their parameter
 
 

@@ -3,6 +3,8 @@ sequences, teacher-forced log-likelihoods, and self-speculative decoding with mu
 
 Works on the plain ``Decoder`` and on ``MultiTokenModel`` (trunk + per-head blocks); for the latter,
 plain decoding uses head 1 (the next-token head), so its output is the model's greedy continuation.
+The trunk's cache has the layout of its blocks: stacked on a leading ``layers`` axis and scanned with
+them (``model.scan_layers``), or one pair per block.
 
 Batches of prompts are left-padded into one block of ``P`` slots, so every row writes its next
 token into the same cache slot (one ``dynamic_update_slice``), while per-row positions and a
@@ -25,7 +27,9 @@ from flax import nnx
 from scaling_jax.model.layers import Block
 from scaling_jax.model.transformer import Decoder
 
-Cache = list  # one (keys, values) pair per block, each [batch, max_len, kv_heads, head_dim]
+# {"trunk": the decoder's own cache (transformer.KVCache), "heads": [one (keys, values) pair per MTP head]};
+# each array [(layers,) batch, max_len, kv_heads, head_dim]
+Cache = dict
 
 
 @dataclass(frozen=True)
@@ -48,27 +52,25 @@ class SamplingConfig:
 # ----------------------------------------------------------------------------- model structure
 
 
-def model_parts(model: nnx.Module) -> tuple[Decoder, list[Block], list[Block]]:
-    """(decoder with embedding/norm/unembedding, trunk blocks, head blocks); heads are empty for a plain decoder."""
+def model_parts(model: nnx.Module) -> tuple[Decoder, list[Block]]:
+    """(decoder with embedding, blocks, norm and unembedding; head blocks), heads empty for a plain decoder."""
     if isinstance(model, Decoder):
-        return model, list(model.blocks), []
+        return model, []
     trunk, heads = getattr(model, "trunk", None), getattr(model, "heads", None)
     if isinstance(trunk, Decoder) and heads is not None:
-        return trunk, list(trunk.blocks), list(heads)
+        return trunk, list(heads)
     raise TypeError(f"cannot decode with {type(model).__name__}: expected a Decoder or a trunk + heads model")
 
 
 def num_heads(model: nnx.Module) -> int:
-    return max(1, len(model_parts(model)[2]))
+    return max(1, len(model_parts(model)[1]))
 
 
 def init_cache(model: nnx.Module, batch: int, max_len: int) -> Cache:
-    decoder, trunk, heads = model_parts(model)
-    cache = []
-    for block in trunk + heads:
-        _, kv, hd = block.attn.wk.shape
-        cache.append((jnp.zeros((batch, max_len, kv, hd), decoder.dtype),) * 2)
-    return cache
+    decoder, heads = model_parts(model)
+    return {"trunk": decoder.init_cache(batch, max_len),
+            "heads": [(jnp.zeros((batch, max_len, *block.attn.wk.shape[1:]), decoder.dtype),) * 2
+                      for block in heads]}
 
 
 def chunk_mask(key_valid: jax.Array, index: jax.Array, chunk: int) -> jax.Array:
@@ -89,24 +91,21 @@ def forward_cached(model: nnx.Module, tokens: jax.Array, positions: jax.Array, k
     ``all_heads=False`` runs (and caches) only the next-token head; ``True`` runs every MTP head
     (self-speculative decoding needs them all, and their caches must then stay current).
     """
-    decoder, trunk, heads = model_parts(model)
+    decoder, heads = model_parts(model)
     mask = chunk_mask(key_valid, index, tokens.shape[1])
-    x = decoder.embed(tokens)
-    new_cache = list(cache)
-    for i, block in enumerate(trunk):
-        x, new_cache[i] = block.cached(x, positions, mask, cache[i], index)
+    x, trunk_cache = decoder.run_blocks_cached(decoder.embed(tokens), positions, mask, cache["trunk"], index)
     if not heads:
-        return decoder.logits(decoder.final_norm(x))[None], new_cache
-    logits = []
+        return decoder.logits(decoder.final_norm(x))[None], {"trunk": trunk_cache, "heads": []}
+    logits, head_cache = [], list(cache["heads"])
     for j, block in enumerate(heads if all_heads else heads[:1]):
-        h, new_cache[len(trunk) + j] = block.cached(x, positions, mask, cache[len(trunk) + j], index)
+        h, head_cache[j] = block.cached(x, positions, mask, cache["heads"][j], index)
         logits.append(decoder.logits(decoder.final_norm(h)))
-    return jnp.stack(logits), new_cache
+    return jnp.stack(logits), {"trunk": trunk_cache, "heads": head_cache}
 
 
 def full_logits(model: nnx.Module, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """Next-token (head 1) float32 logits of a whole sequence without a cache, as in training."""
-    decoder, _, heads = model_parts(model)
+    decoder, heads = model_parts(model)
     if not heads:
         return decoder.logits(decoder(tokens, positions, segment_ids))
     z = model.trunk_hidden(tokens, positions, segment_ids)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from scaling_jax.config import ModelConfig
 from scaling_jax.parallel.sharding import constrain
@@ -88,9 +89,10 @@ class Attention(nnx.Module):
     def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Rotated queries and keys and the values of ``x``."""
         dtype = x.dtype
-        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype))
-        k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dtype))
-        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype))
+        # Named for the remat policies that save or offload projections (model.remat, see model/remat.py)
+        q = checkpoint_name(jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype)), "query_proj")
+        k = checkpoint_name(jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dtype)), "key_proj")
+        v = checkpoint_name(jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype)), "value_proj")
         q = constrain(rope(q, positions, self.rope_theta), ("batch", "length", "heads", "kv"))
         k = constrain(rope(k, positions, self.rope_theta), ("batch", "length", "kv_heads", "kv"))
         return q, k, constrain(v, ("batch", "length", "kv_heads", "kv"))
@@ -98,7 +100,7 @@ class Attention(nnx.Module):
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
         out = jax.nn.dot_product_attention(q, k, v, mask=mask)
         out = constrain(out, ("batch", "length", "heads", "kv"))
-        return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(q.dtype))
+        return checkpoint_name(jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(q.dtype)), "out_proj")
 
     def cached(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: tuple[jax.Array, jax.Array],
                index: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -125,9 +127,10 @@ class GatedMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
-        gate = self.activation(x @ self.w_gate[...].astype(dtype))
-        hidden = constrain(gate * (x @ self.w_up[...].astype(dtype)), ("batch", "length", "mlp"))
-        return hidden @ self.w_down[...].astype(dtype)
+        gate = self.activation(checkpoint_name(x @ self.w_gate[...].astype(dtype), "mlpwi_0"))
+        up = checkpoint_name(x @ self.w_up[...].astype(dtype), "mlpwi_1")
+        hidden = constrain(gate * up, ("batch", "length", "mlp"))
+        return checkpoint_name(hidden @ self.w_down[...].astype(dtype), "mlpwo")
 
 
 class Block(nnx.Module):

@@ -3,7 +3,9 @@
 A shared trunk (the first ``model.layers - 1`` decoder blocks) feeds ``n = objective.heads``
 independent heads, one transformer block each; head i (1-based) predicts token t+i. The final
 RMSNorm and the (tied or separate) unembedding are shared by all heads, so with n=1 the model is
-exactly the causal decoder of ``model.layers`` blocks.
+exactly the causal decoder of ``model.layers`` blocks. The trunk's blocks are stacked and scanned as
+``model.scan_layers`` says; the few head blocks stay a list (they are already scanned over in the
+memory-efficient gradient below).
 
 Batch layout (every field ``[batch, seq_len]``, so the trainer shards them like causal LM's):
 ``inputs, segment_ids, positions`` as in causal LM; head 1's targets are ``targets`` / ``loss_mask``
@@ -32,12 +34,9 @@ from flax import nnx
 from scaling_jax.config import ModelConfig, ObjectiveConfig
 from scaling_jax.errors import ConfigError
 from scaling_jax.model.layers import Block, attention_mask
-from scaling_jax.model.transformer import Decoder
+from scaling_jax.model.transformer import Decoder, block_key
 from scaling_jax.objectives.base import Batch, Metrics, ObjectiveBase, masked_cross_entropy
 from scaling_jax.objectives.causal import shift_rows
-
-TRUNK_KEYS = ("embedding", "blocks")  # what the trunk's backward differentiates
-
 
 # ----------------------------------------------------------------------------- config
 
@@ -155,7 +154,8 @@ def memory_efficient_value_and_grad(graphdef: nnx.GraphDef, params: dict, batch:
     Python loop ordered by ``optimization_barrier`` compiled to the naive path's peak on XLA:CPU,
     which removes the barriers before scheduling.) The body is compiled once, whatever n.
     """
-    trunk_p = {k: params["trunk"][k] for k in TRUNK_KEYS}
+    blocks = block_key(params["trunk"])  # stacked `layers` or a `blocks` list
+    trunk_p = {k: params["trunk"][k] for k in ("embedding", blocks)}  # what the trunk's backward differentiates
     tied = "unembedding" not in params["trunk"]
     shared_p = {k: params["trunk"][k] for k in ("embedding" if tied else "unembedding", "final_norm")}
 
@@ -189,7 +189,7 @@ def memory_efficient_value_and_grad(graphdef: nnx.GraphDef, params: dict, batch:
     (dz, shared_grads), (stacked_grads, stacked_metrics) = jax.lax.scan(body, init, xs)
     (trunk_grads,) = trunk_vjp(dz.astype(z.dtype))
     embedding_grad = trunk_grads["embedding"] + shared_grads["embedding"] if tied else trunk_grads["embedding"]
-    grads_trunk = {**shared_grads, "blocks": trunk_grads["blocks"], "embedding": embedding_grad}
+    grads_trunk = {**shared_grads, blocks: trunk_grads[blocks], "embedding": embedding_grad}
     head_grads = {i: jax.tree.map(lambda g, i=i: g[i], stacked_grads) for i in range(n)}
     loss, metrics = combine_heads([{k: v[i] for k, v in stacked_metrics.items()} for i in range(n)], weights)
     return (loss, metrics), {"trunk": grads_trunk, "heads": head_grads}

@@ -95,6 +95,11 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _ACTIVE.pop()
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh of the innermost ``activation_sharding`` (the devices a step is traced for), if any."""
+    return _ACTIVE[-1][0] if _ACTIVE else None
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Sharding constraint from logical names; a no-op outside ``activation_sharding``."""
     if not _ACTIVE:

@@ -55,8 +55,9 @@ def _as_tree(state: TrainState) -> dict:
 
 
 def model_signature(model_cfg: dict) -> dict:
-    """The model fields a checkpoint's parameters depend on (their shapes and dtypes)."""
-    return {k: model_cfg[k] for k in MODEL_SIGNATURE_FIELDS}
+    """The model fields a checkpoint's parameters depend on (their shapes and dtypes, and the tree's layout:
+    checkpoints saved before ``scan_layers`` existed hold a ``blocks/0/...`` list)."""
+    return {**{k: model_cfg[k] for k in MODEL_SIGNATURE_FIELDS}, "scan_layers": model_cfg.get("scan_layers", False)}
 
 
 # ----------------------------------------------------------------------------- integrity

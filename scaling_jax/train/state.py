@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from scaling_jax.config import ModelConfig, OptimizerConfig
-from scaling_jax.model.transformer import Decoder
+from scaling_jax.model.transformer import LAYERS, Decoder
 from scaling_jax.parallel.sharding import Rules, named_sharding, replicated
 
 
@@ -51,8 +51,13 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params: dict) -> dict:
-    """Weight decay on matrices only: norms (and biases, if a model has them) are 1-D."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Weight decay on matrices only: norms (and biases, if a model has them) are 1-D per layer (scanned
+    blocks under ``layers`` carry one more, leading, axis)."""
+    def is_matrix(path, p) -> bool:
+        stacked = any(getattr(k, "key", None) == LAYERS for k in path)
+        return p.ndim - stacked >= 2
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

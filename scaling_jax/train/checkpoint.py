@@ -198,16 +198,17 @@ class Checkpointer:
             kept = "left in place"
         _warn(f"checkpoint {where} is damaged ({problem}); {kept}")
 
-    def _newest_intact(self, below: int | None = None) -> int | None:
-        """Newest step (below ``below``) that passes ``damage``; damaged newer ones are set aside. With no
-        intact step nothing is moved: the user decides what to do with the only copies there are."""
+    def _newest_intact(self, below: int | None = None, move: bool = True) -> int | None:
+        """Newest step (below ``below``) that passes ``damage``; damaged newer ones are reported and, with
+        ``move`` (and the run's lock), set aside. With no intact step nothing is moved: the user decides what
+        to do with the only copies there are."""
         steps = [s for s in self._finished_steps() if below is None or s < below]
         problems = {}
         for step in steps:
             problem = damage(self._step_dir(step))
             if problem is None:
                 for bad, why in problems.items():
-                    self._set_aside(bad, why)
+                    self._set_aside(bad, why, move)
                 return step
             problems[step] = problem
         for bad, why in problems.items():
@@ -221,9 +222,12 @@ class Checkpointer:
         """Whether ``step`` carries a digest, i.e. whether ``damage`` could check its every byte."""
         return paths.exists(paths.join(self._step_dir(step), DIGEST_FILE))
 
-    def latest_step(self) -> int | None:
-        """The newest intact checkpoint (damaged newer ones are reported and skipped), None if there is none."""
-        return self._newest_intact()
+    def latest_step(self, set_aside_damaged: bool = False) -> int | None:
+        """The newest intact checkpoint (damaged newer ones are reported and skipped), None if there is none.
+
+        A read: only with ``set_aside_damaged`` (the trainer, holding the run's lock) are damaged newer steps
+        moved to ``DAMAGED_DIR``, so new saves cannot collide with them."""
+        return self._newest_intact(move=set_aside_damaged)
 
     def save(self, step: int, state: TrainState, data_iter: grain.DatasetIterator, meta: dict) -> None:
         """Asynchronous when configured; the previous save is finished (and digested) first."""

@@ -163,7 +163,7 @@ class Trainer:
     def _begin(self, start: Callable[[Session], StageStart] | None) -> None:
         """The run's own latest checkpoint if it has one, else ``start`` (fresh weights or a parent's)."""
         config, session, checkpointer = self.config, self.session, self.checkpointer
-        latest = checkpointer.latest_step()
+        latest = checkpointer.latest_step(set_aside_damaged=True)
         self.resumed = latest is not None
         self.wall_offset = 0.0
         if latest is None:
@@ -282,7 +282,7 @@ class Trainer:
         """Restore the newest checkpoint and skip the data from it through the bad batch."""
         s, checkpointer = self.session, self.checkpointer
         checkpointer.wait()
-        target = self.nonfinite.rollback_target(checkpointer.latest_step())
+        target = self.nonfinite.rollback_target(checkpointer.latest_step(set_aside_damaged=True))
         self.state, _ = checkpointer.restore(target, s.abstract, s.state_sharding, self.data_iter)
         self.step = self.saved = int(jax.device_get(self.state.step))
         resumed = pipeline.position(self.data_iter, self.step)

@@ -147,3 +147,14 @@ def test_checkpoint_meta_of_an_older_checkpoint_gets_its_missing_fields():
     assert meta.stage_record == {"stage": "pretrain"}
     again = run_dirs.CheckpointMeta.from_json(meta.to_json())
     assert again == meta
+
+
+def test_a_trainer_run_directly_releases_its_lock(trained, tmp_path):
+    from scaling_jax.train.lock import holds_run_lock
+    from scaling_jax.train.loop import Trainer
+
+    copy = str(_copy(trained, tmp_path / "run"))
+    trainer = Trainer(load_config(os.path.join(copy, "config.yaml"), [f"train.run_dir={copy}", "train.steps=2"]))
+    assert holds_run_lock(copy)
+    trainer.run()
+    assert not holds_run_lock(copy)

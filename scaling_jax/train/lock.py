@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import functools
 import json
 import os
 import socket
 import sys
 import time
-from collections.abc import Callable
 
 from scaling_jax import paths
 from scaling_jax.errors import CheckpointError
@@ -158,17 +156,3 @@ def holds_run_lock(run_dir: str) -> bool:
     """True if this process holds ``run_dir``'s lock (only the writer may move damaged checkpoints aside)."""
     lock = _held.get(_key(run_dir))
     return lock is not None and lock._fd is not None
-
-
-def releases_run_lock(fn: Callable) -> Callable:
-    """Decorate ``fn(config, ...)``: whatever it does, the lock on ``config.train.run_dir`` is released when it
-    returns or raises, so a run that failed on bad input does not keep its directory locked in a notebook."""
-
-    @functools.wraps(fn)
-    def wrapper(config, *args, **kwargs):
-        try:
-            return fn(config, *args, **kwargs)
-        finally:
-            release_run_lock(config.train.run_dir)
-
-    return wrapper

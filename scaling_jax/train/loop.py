@@ -298,7 +298,20 @@ class Trainer:
     # ------------------------------------------------------------------------- the loop
 
     def run(self) -> dict:
-        """Train to ``train.steps`` (or a stop request), then write the summary."""
+        """Train to ``train.steps`` (or a stop request), then write the summary.
+
+        The run's lock, taken when the Trainer was built, is released when this returns or raises (or by
+        ``discard_if_untrained`` when building failed), so ``Trainer(config).run()`` never leaves it held."""
+        try:
+            return self._run()
+        except BaseException:
+            self.discard_if_untrained()  # while the lock is still held: nobody else's files can be there yet
+            raise
+        finally:
+            release_run_lock(self.t.run_dir)
+
+    def _run(self) -> dict:
+        """The loop itself: steps, periodic eval and checkpoints, a checkpoint on a stop request."""
         t, s = self.t, self.session
         self.announce()
         preemption = StopRequest().install()  # SIGTERM; on several processes JAX's preemption sync point
@@ -384,13 +397,7 @@ def train(config: Config, start: Callable[[Session], StageStart] | None = None) 
 
     A run directory with a checkpoint always resumes from its own latest one. Otherwise ``start``
     (default: ``default_start(config)``) makes the initial state, e.g. a parent's for a continuation.
-    The run directory's lock is held from the Trainer's start until this returns or raises.
+    The run directory's lock is held from the Trainer's start until this returns or raises; a fresh run that
+    fails before its first step leaves nothing behind.
     """
-    trainer = Trainer(config, start)
-    try:
-        summary = trainer.run()
-    except BaseException:
-        trainer.discard_if_untrained()
-        raise
-    release_run_lock(config.train.run_dir)
-    return summary
+    return Trainer(config, start).run()

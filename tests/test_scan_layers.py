@@ -1,0 +1,197 @@
+"""Scanned layers and remat policies (issue 17): the same weights give the same loss and gradients whatever the
+layout (stacked + ``lax.scan`` or a block list) and whatever ``model.remat`` saves; the scanned program does not
+grow with depth; old configs' values still read; the memory estimate follows the policy."""
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from scaling_jax.config import load_config, to_dict
+from scaling_jax.errors import ConfigError
+from scaling_jax.model import remat
+from scaling_jax.model.transformer import Decoder, to_layout
+from scaling_jax.objectives.base import masked_cross_entropy
+from scaling_jax.objectives.causal import CausalLM
+from scaling_jax.objectives.multi_token import MultiTokenPrediction
+from scaling_jax.parallel.mesh import build_mesh
+from scaling_jax.parallel.sharding import rules_from_config
+from scaling_jax.train.checkpoint import model_signature
+from scaling_jax.train.memory import activation_bytes
+from scaling_jax.train.state import abstract_model, decay_mask, init_state, make_optimizer, state_layout
+from scaling_jax.train.step import batch_shardings, jit_train_step, make_train_step, to_global
+
+SMALL = ["model.layers=3", "model.d_model=32", "model.heads=4", "model.kv_heads=2", "model.head_dim=8",
+         "model.d_ff=64", "data.seq_len=16", "data.batch_size=4", "optimizer.warmup_steps=0",
+         "optimizer.schedule=constant"]
+
+
+def _rows(batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Packed rows: three documents per row, the last row ending in padding (segment 0)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, 250, size=(batch, seq_len + 1)).astype(np.int32)
+    seg = np.ones((batch, seq_len + 1), np.int32)
+    for r in range(batch):
+        cuts = np.sort(rng.choice(np.arange(1, seq_len + 1), size=2, replace=False))
+        seg[r] += (np.arange(seq_len + 1)[:, None] >= cuts[None]).sum(-1)
+    seg[-1, -3:] = 0
+    return {"tokens": tokens, "segment_ids": seg}
+
+
+def _prefix_lm_loss(model, batch):
+    """UL2's loss: the first half of every row attends bidirectionally."""
+    hidden = model(batch["inputs"], batch["positions"], batch["segment_ids"], bidirectional=batch["bidirectional"])
+    metrics = masked_cross_entropy(model.logits(hidden), batch["targets"], batch["loss_mask"])
+    return metrics["loss"], metrics
+
+
+def _value_and_grad(config, objective, kind, params):
+    graphdef, _, _ = abstract_model(config.model, objective.build_model)
+    batch = {k: jnp.asarray(v) for k, v in objective.prepare(_rows(4, 16)).items()}
+    if kind == "prefix_lm":
+        batch["bidirectional"] = jnp.broadcast_to(jnp.arange(16) < 8, (4, 16)) & (batch["segment_ids"] != 0)
+        fn = jax.value_and_grad(lambda p: _prefix_lm_loss(nnx.merge(graphdef, p), batch), has_aux=True)
+        return jax.jit(fn)(params)
+    return jax.jit(lambda p: objective.value_and_grad(graphdef, p, batch))(params)
+
+
+def _assert_close(a, b, rtol=1e-5, atol=1e-6):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+def _objective(config, kind):
+    return MultiTokenPrediction(config.objective) if kind == "mtp" else CausalLM(config.objective)
+
+
+@pytest.mark.parametrize("kind", ["causal", "prefix_lm", "mtp"])
+def test_scanned_and_unscanned_layers_give_the_same_loss_and_gradients(tiny_config, kind):
+    """GQA, packed segments with padding; prefix-LM bidirectional rows; mtp's trunk + head-by-head backward."""
+    extra = ["objective=mtp", "objective.heads=2"] if kind == "mtp" else []
+    scanned = tiny_config(*SMALL, *extra)
+    listed = tiny_config(*SMALL, *extra, "model.scan_layers=false")
+    objective = _objective(scanned, kind)
+    params = nnx.to_pure_dict(nnx.split(objective.build_model(scanned.model, nnx.Rngs(3)))[1])
+    assert "layers" in (params.get("trunk") or params)
+    (loss_s, m_s), g_s = _value_and_grad(scanned, objective, kind, params)
+    (loss_l, m_l), g_l = _value_and_grad(listed, _objective(listed, kind), kind, to_layout(params, False))
+    assert float(loss_s) == pytest.approx(float(loss_l), rel=1e-6)
+    _assert_close(m_s, m_l)
+    _assert_close(g_s, to_layout(g_l, True))
+    assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(g_s))
+
+
+@pytest.mark.parametrize("policy", [p for p in remat.REMAT_POLICIES if p != "none"])
+def test_every_remat_policy_gives_the_gradients_of_none(tiny_config, policy):
+    base = tiny_config(*SMALL)
+    objective = CausalLM(base.objective)
+    params = nnx.to_pure_dict(nnx.split(objective.build_model(base.model, nnx.Rngs(4)))[1])
+    (loss_n, _), g_n = _value_and_grad(base, objective, "causal", params)
+    (loss_p, _), g_p = _value_and_grad(tiny_config(*SMALL, f"model.remat={policy}"), objective, "causal", params)
+    assert float(loss_p) == pytest.approx(float(loss_n), rel=1e-6)
+    _assert_close(g_p, g_n)
+
+
+def test_remat_on_the_unscanned_layout_and_mtp_heads(tiny_config):
+    """``apply_block`` (block list, mtp heads) under a named-activation policy."""
+    config = tiny_config(*SMALL, "objective=mtp", "model.scan_layers=false")
+    objective = MultiTokenPrediction(config.objective)
+    params = nnx.to_pure_dict(nnx.split(objective.build_model(config.model, nnx.Rngs(5)))[1])
+    (loss_n, _), g_n = _value_and_grad(config, objective, "mtp", params)
+    rematted = tiny_config(*SMALL, "objective=mtp", "model.scan_layers=false", "model.remat=save_qkv_proj")
+    (loss_p, _), g_p = _value_and_grad(rematted, objective, "mtp", params)
+    assert float(loss_p) == pytest.approx(float(loss_n), rel=1e-6)
+    _assert_close(g_p, g_n)
+
+
+def test_a_sharded_train_step_is_the_same_in_both_layouts(tiny_config):
+    """One AdamW step (weight decay skips the stacked norm scales too) on a 2x2x2 mesh, remat on."""
+    results = {}
+    for scan in (True, False):
+        config = tiny_config(*SMALL, "data.batch_size=8", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+                             "model.remat=minimal", f"model.scan_layers={str(scan).lower()}")
+        mesh, rules = build_mesh(config.mesh, jax.devices()[:8]), rules_from_config([])
+        objective = CausalLM(config.objective)
+        tx, schedule = make_optimizer(config.optimizer, 10)
+        layout = state_layout(config.model, tx, 0, objective.build_model, mesh, rules)
+        if scan:
+            state = jax.jit(partial(init_state, config.model, tx, 0), out_shardings=layout.state_sharding)()
+            start = jax.device_get(state.params)
+        else:  # the scanned run's initial weights, unstacked, with fresh moments
+            params = jax.device_put(to_layout(start, False), layout.params_sharding)
+            state = layout.abstract.replace(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                                            rng=jax.random.key_data(jax.random.key(0)))
+        batch = objective.prepare(_rows(8, 16))
+        bsh = batch_shardings(mesh, rules, batch)
+        step = jit_train_step(make_train_step(layout.graphdef, objective, tx, schedule, mesh, rules),
+                              layout.state_sharding, bsh, mesh)
+        state, metrics = step(state, to_global(batch, bsh))
+        results[scan] = jax.device_get((state.params, metrics))
+    _assert_close(results[True][0], to_layout(results[False][0], True), rtol=1e-5, atol=1e-6)
+    _assert_close(results[True][1], results[False][1])
+
+
+def test_weight_decay_mask_sees_through_the_layers_axis():
+    params = {"layers": {"attn_norm": {"scale": np.ones((3, 8))}, "mlp": {"w_up": np.ones((3, 8, 16))}},
+              "blocks": {0: {"attn_norm": {"scale": np.ones(8)}}}, "embedding": np.ones((10, 8))}
+    assert decay_mask(params) == {"layers": {"attn_norm": {"scale": False}, "mlp": {"w_up": True}},
+                                  "blocks": {0: {"attn_norm": {"scale": False}}}, "embedding": True}
+
+
+def _lowered_size(config) -> int:
+    objective = CausalLM(config.objective)
+    graphdef, shapes, _ = abstract_model(config.model)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in objective.prepare(_rows(4, 16)).items()}
+    fn = jax.jit(lambda p, b: objective.value_and_grad(graphdef, p, b))
+    return len(fn.lower(shapes, batch).as_text())
+
+
+def test_the_scanned_program_does_not_grow_with_depth(tiny_config):
+    """One layer body whatever the depth (compile time then stays flat: scripts/bench_compile.py measures it)."""
+    scanned = [_lowered_size(tiny_config(*SMALL, f"model.layers={n}")) for n in (2, 8)]
+    listed = [_lowered_size(tiny_config(*SMALL, f"model.layers={n}", "model.scan_layers=false")) for n in (2, 8)]
+    assert scanned[1] < 1.05 * scanned[0]
+    assert listed[1] > 2 * listed[0]
+
+
+def test_old_configs_read_as_before():
+    assert load_config(None, ["model.remat=true"]).model.remat == "full"
+    assert load_config(None, ["model.remat=false"]).model.remat == "none"
+    assert load_config(None, []).model.scan_layers is True
+    with pytest.raises(ConfigError, match="model.remat='most' is not one of none, full"):
+        load_config(None, ["model.remat=most"])
+    saved = to_dict(load_config(None, []))["model"]
+    del saved["scan_layers"]  # a run written before scan_layers existed holds a `blocks/0/...` list
+    assert model_signature(saved)["scan_layers"] is False
+
+
+def test_offload_is_refused_where_the_platform_has_no_host_memory():
+    class Device:
+        platform, device_kind = "metal", "Apple M9"
+
+        def addressable_memories(self):
+            return [type("Memory", (), {"kind": "device"})()]
+
+    with pytest.raises(ConfigError, match="metal platform"):
+        remat.checkpoint_policy("offload", Device())
+    assert remat.supports_offload(jax.devices()[0])  # the CPU backend has pinned_host (the policy test ran it)
+
+
+def test_memory_estimate_follows_the_remat_policy(tiny_config):
+    config = tiny_config(*SMALL, "data.seq_len=64")
+    by_policy = {p: activation_bytes(dataclasses.replace(config, model=dataclasses.replace(config.model, remat=p)), 1)
+                 for p in remat.REMAT_POLICIES}
+    order = ["none", "save_dots", "minimal", "save_qkv_proj", "full"]
+    assert all(by_policy[a] > by_policy[b] for a, b in zip(order, order[1:], strict=False))
+    assert by_policy["offload"] == by_policy["full"]  # offloaded activations live in host memory
+    assert by_policy["full"] == activation_bytes(tiny_config(*SMALL, "data.seq_len=64", "model.remat=true"), 1)
+
+
+def test_decoder_refuses_an_unknown_policy_built_by_hand(tiny_config):
+    cfg = dataclasses.replace(tiny_config(*SMALL).model, remat="sometimes")
+    with pytest.raises(ConfigError, match="model.remat"):
+        Decoder(cfg, nnx.Rngs(0))

@@ -38,7 +38,7 @@ def _run_config(args: argparse.Namespace, resume: bool = False):
     if resume and override:
         raise UserError(f"resume trains in '{run}' itself; drop {override[0]} (or use `scaling-jax train "
                         f"{config_file} {override[0]}` to start a new run from this run's config)")
-    return load_config(config_file, ([] if override else [f"train.run_dir={run}"]) + args.overrides)
+    return load_config(config_file, ([] if override else [f"train.run_dir={run}"]) + args.overrides, saved_run=True)
 
 
 def _stop_note(summary: dict, run_dir: str) -> str:
@@ -101,7 +101,7 @@ def _info(args: argparse.Namespace) -> int:
             raise UserError(f"'{path}' is a directory without config.yaml; pass a config file or a run directory")
         path = saved
     devices = _flag(args, "devices", int, 0, hint="0 plans for this machine's devices")
-    config = resolved_config(load_config(path, args.overrides))
+    config = resolved_config(load_config(path, args.overrides, saved_run=bool(run_dir)))
     devices = devices or jax.device_count()
     print(format_report(config, describe(config, devices)))
     lineage = read_lineage(args.config) if run_dir else None

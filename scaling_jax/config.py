@@ -198,6 +198,19 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 # Values older configs wrote for fields whose type has changed since (read as their new meaning).
 LEGACY_VALUES: dict[str, dict[bool, str]] = {"model.remat": {True: "full", False: "none"}}
+# Fields whose default changed after runs were saved without them: a saved run's config (config.yaml, a
+# checkpoint's meta) that lacks one was trained with the value here, not with today's default.
+SAVED_RUN_DEFAULTS: dict[str, Any] = {"model.scan_layers": False}
+
+
+def fill_saved_run_defaults(raw: dict) -> dict:
+    """A saved run's raw config with the fields it predates set to what it was trained with (in place)."""
+    for dotted, value in SAVED_RUN_DEFAULTS.items():
+        section, name = dotted.split(".")
+        node = raw.get(section)
+        if isinstance(node, dict) and name not in node:
+            node[name] = value
+    return raw
 
 
 # ----------------------------------------------------------------------------- reading
@@ -327,8 +340,11 @@ def check_vocab_holds(vocab_size: int, needed: int, tokenizer_size: int, spec: s
                           "or 0 (take it from the tokenizer)")
 
 
-def load_config(path: str | None, overrides: list[str] | dict | None = None) -> Config:
-    """Read a YAML file (or nothing: all defaults) and apply dotted overrides."""
+def load_config(path: str | None, overrides: list[str] | dict | None = None, saved_run: bool = False) -> Config:
+    """Read a YAML file (or nothing: all defaults) and apply dotted overrides.
+
+    ``saved_run``: the file is a run's own ``config.yaml``, so fields it predates take the values it was
+    trained with (``SAVED_RUN_DEFAULTS``), not today's defaults."""
     raw: dict = {}
     if path:
         if not (paths.exists(path) if paths.is_remote(path) else os.path.isfile(path)):
@@ -341,6 +357,8 @@ def load_config(path: str | None, overrides: list[str] | dict | None = None) -> 
             raise ConfigError(f"config file '{path}' is not valid YAML{where}; fix its syntax") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections (model:, data:, ...)")
+        if saved_run:
+            fill_saved_run_defaults(raw)
     items = overrides if isinstance(overrides, dict) else parse_overrides(overrides or [])
     for key, value in items.items():
         _apply_override(raw, key, value)

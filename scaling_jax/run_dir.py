@@ -15,6 +15,7 @@ leaves no half-made run directory behind (``discard_fresh``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -23,6 +24,7 @@ import time
 from typing import NamedTuple
 
 from scaling_jax import paths
+from scaling_jax.config import fill_saved_run_defaults
 from scaling_jax.errors import CheckpointError
 
 MARKER = "scaling_jax_run.json"
@@ -161,6 +163,7 @@ class CheckpointMeta:
     def from_json(cls, raw: dict) -> CheckpointMeta:
         known = {f.name for f in dataclasses.fields(cls)}
         filled = {"total_step": raw.get("step", 0), "version": 0, **{k: v for k, v in raw.items() if k in known}}
+        filled["config"] = fill_saved_run_defaults(copy.deepcopy(filled.get("config", {})))
         return cls(**filled)
 
     @property

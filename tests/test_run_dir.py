@@ -158,3 +158,19 @@ def test_a_trainer_run_directly_releases_its_lock(trained, tmp_path):
     assert holds_run_lock(copy)
     trainer.run()
     assert not holds_run_lock(copy)
+
+
+def test_a_run_saved_before_scanned_layers_resumes_in_its_own_layout(tmp_path, capsys):
+    import yaml
+
+    run = tmp_path / "old"
+    assert main(["train", QUICKSTART, *TINY, f"train.run_dir={run}", "model.scan_layers=false"]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["model"]["scan_layers"]  # as config.yaml was written before the field existed
+    saved["model"]["remat"] = False  # and remat was a bool
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert main(["train", str(run), "train.steps=2"]) == 0
+    assert "resuming at step 1" in capsys.readouterr().out
+    meta = run_dirs.CheckpointMeta.from_json({"config": {"model": {"layers": 2}}, "tokenizer": "t", "step": 1,
+                                              "tokens": 1, "flops": 1.0})
+    assert meta.config["model"]["scan_layers"] is False  # a checkpoint's meta from before the field

@@ -30,6 +30,7 @@ class LoadedRun:
     n_params: int  # non-embedding parameters (Kaplan's N), the x-axis of the task law
     total_params: int
     objective: str
+    flops: float | None = None  # training compute up to this checkpoint, all stages (None: not recorded)
 
 
 def check_run_dir(run_dir: str) -> None:
@@ -54,7 +55,7 @@ def load_run(run_dir: str, step: int | None = None) -> LoadedRun:
     from scaling_jax.train.state import abstract_model
 
     check_run_dir(run_dir)
-    config = load_config(paths.join(run_dir, "config.yaml"))
+    config = load_config(paths.join(run_dir, "config.yaml"), saved_run=True)
     tokenizer = build_tokenizer(config.data.tokenizer)
     objective = build_objective(config.objective, tokenizer)
     graphdef, shapes, _ = abstract_model(config.model, objective.build_model)
@@ -66,12 +67,30 @@ def load_run(run_dir: str, step: int | None = None) -> LoadedRun:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = {"params": jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)}
         params = checkpointer.restore_partial(step, target)["params"]
+        flops = _training_flops(checkpointer, run_dir, int(step))
     finally:
         checkpointer.close()
     counts = param_counts(config.model, **objective.size_extras())
     model = nnx.merge(graphdef, params)
     return LoadedRun(CachedLM(model, tokenizer), paths.absolute(run_dir), int(step), counts.non_embedding,
-                     counts.total, objective.name)
+                     counts.total, objective.name, flops)
+
+
+def _training_flops(checkpointer, run_dir: str, step: int) -> float | None:
+    """Training FLOPs up to ``step`` (every stage): the checkpoint's meta, else ``summary.json``'s
+    ``total_flops`` when the summary is of that step; None when neither says (0 counts as unknown: imports)."""
+    from scaling_jax.run_dir import SUMMARY_FILE, CheckpointMeta
+
+    flops = None
+    try:
+        flops = float(CheckpointMeta.from_json(checkpointer.read_meta(step)).flops)
+    except Exception:  # an older or foreign checkpoint without a readable meta: try the summary
+        try:
+            summary = json.loads(paths.read_text(paths.join(run_dir, SUMMARY_FILE)))
+            flops = float(summary["total_flops"]) if summary.get("step") == step else None
+        except Exception:
+            flops = None
+    return flops if flops and flops > 0 else None
 
 
 def resolve_tasks(specs: list[str], num_examples: int = 100, seed: int = 0, save_dir: str | None = None) -> list[Task]:
@@ -140,7 +159,8 @@ def evaluate(run: LoadedRun, tasks: list[Task], shots: int = 0, seed: int = 0, m
              passuntil: PassUntilOptions | None = None, max_new_tokens: int = 48) -> dict:
     """Scores (and PassUntil) of one model on every task, as a JSON-ready dict."""
     out: dict = {"run_dir": run.run_dir, "step": run.step, "n_params": run.n_params,
-                 "total_params": run.total_params, "objective": run.objective, "shots": shots, "tasks": {}}
+                 "total_params": run.total_params, "flops": run.flops, "objective": run.objective, "shots": shots,
+                 "tasks": {}}
     for task in tasks:
         score = score_task(task, run.lm, shots, seed, max_examples, max_new_tokens)
         entry = {"source": task.source, "examples": score.num_examples, "metrics": score.metrics,
@@ -163,6 +183,8 @@ def fit_series(results: list[dict], task: str, predict_n: float | None = None, h
     if len(rows) - holdout < 2:
         return {}
     fit_rows = rows[:len(rows) - holdout]
+    if len({r["n_params"] for r in fit_rows}) < 2:  # one size (a run given twice, checkpoints of one run): no law
+        return {}
     n = np.array([r["n_params"] for r in fit_rows], np.float64)
     pus = [r["tasks"][task]["passuntil"] for r in fit_rows]
     law = pu_lib.fit_task_law(n, [p["pu"] for p in pus], [p["se"] for p in pus])
@@ -233,16 +255,21 @@ def plot_passuntil(results: list[dict], fits: dict[str, dict], out_dir: str) -> 
 
 
 def write_report(results: list[dict], out_dir: str, predict_n: float | None = None) -> dict:
-    """``results.json`` (everything, per instance), ``results.md`` (the table) and PassUntil plots."""
+    """``results.json`` (everything, per instance, and the plots' paths relative to ``out_dir``), ``results.md``
+    (the table), PassUntil plots and, for a series of two or more runs, one emergence plot per task."""
+    from scaling_jax.eval.emergence import plot_emergence
+
     os.makedirs(out_dir, exist_ok=True)
     tasks = sorted({t for r in results for t in r["tasks"]})
     fits = {t: fit_series(results, t, predict_n) for t in tasks} if len(results) > 1 else {}
+    emergence = plot_emergence(results, out_dir) if len(results) > 1 else {}
+    plots = plot_passuntil(results, fits, out_dir) + [e["plot"] for e in emergence.values()]
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"runs": results, "fits": fits}, f, indent=1, default=float)
+        json.dump({"runs": results, "fits": fits, "plots": [os.path.relpath(p, out_dir) for p in plots]}, f,
+                  indent=1, default=float)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(markdown_table(results, fits))
-    plots = plot_passuntil(results, fits, out_dir)
-    return {"fits": fits, "plots": plots, "markdown": os.path.join(out_dir, "results.md")}
+    return {"fits": fits, "plots": plots, "emergence": emergence, "markdown": os.path.join(out_dir, "results.md")}
 
 
 def run_eval(checkpoints: list[str], task_specs: list[str], shots: int = 0, out_dir: str | None = None,

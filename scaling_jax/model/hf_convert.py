@@ -429,7 +429,7 @@ def export_hf(run_dir: str, out_dir: str, step: int | None = None, dtype: str | 
         raise CheckpointError(f"--checkpoint '{run_dir}' has no config.yaml; pass a run directory")
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise CheckpointError(f"--to-hf '{out_dir}' exists and is not an empty directory; choose a new one")
-    config = load_config(saved)
+    config = load_config(saved, saved_run=True)
     m = config.model
     dtype = dtype or m.param_dtype
     if dtype not in ("float32", "bfloat16", "float16"):

@@ -32,7 +32,8 @@ from scaling_jax.errors import ConfigError
 MANIFEST = "manifest.json"
 # Fields that change how a run is watched, not what it computes: a rerun may change them freely.
 COSMETIC = {"train.progress", "train.tensorboard", "train.plot", "train.async_checkpointing",
-            "train.keep_checkpoints", "train.peak_flops_per_device", "train.eval_every", "train.checkpoint_every"}
+            "train.keep_checkpoints", "train.peak_flops_per_device", "train.eval_every", "train.checkpoint_every",
+            "train.check_memory", "train.shared_filesystem", "model.remat"}  # how a run is done, not what it computes
 BUDGET_KINDS = ("tokens_per_param", "tokens", "flops")
 SPEC_KEYS = ("name", "base", "overrides", "out_dir", "objectives", "sizes", "budgets", "warmup_fraction",
              "evals_per_run", "checkpoints_per_run")
@@ -263,8 +264,7 @@ def run_status(run: PlannedRun) -> str:
     run_dir = run.config.train.run_dir
     saved_path = os.path.join(run_dir, "config.yaml")
     if os.path.isfile(saved_path):
-        with open(saved_path) as f:
-            saved = _normalised(yaml.safe_load(f))
+        saved = _normalised(to_dict(load_config(saved_path, saved_run=True)))
         current = _normalised(to_dict(run.config))
         diff = sorted(f"{s}.{k}" for s in current for k in current[s]
                       if isinstance(current[s], dict) and f"{s}.{k}" not in COSMETIC

@@ -111,7 +111,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from scaling_jax.model import hf_convert
+    from scaling_jax.interop import hf_runs
 
     _flag(args, "step", int, 0)
     way, other = ("--from-hf", ("checkpoint", "step", "dtype")) if args.from_hf else ("--to-hf", ("out", "tokenizer"))
@@ -121,7 +121,7 @@ def _convert(args: argparse.Namespace) -> int:
     if args.from_hf:
         if not args.out:
             raise UserError("convert --from-hf needs --out RUN_DIR (the run directory to write)")
-        config = hf_convert.import_hf(args.from_hf, args.out, args.overrides, args.tokenizer)
+        config = hf_runs.import_hf(args.from_hf, args.out, args.overrides, args.tokenizer)
         m = config.model
         print(f"imported {args.from_hf}: {m.layers} layers, d_model {m.d_model}, {m.heads} heads "
               f"({m.kv_heads or m.heads} kv), {m.mlp}, vocab {m.vocab_size}; step-0 checkpoint in {args.out} "
@@ -131,7 +131,7 @@ def _convert(args: argparse.Namespace) -> int:
         raise UserError("convert --to-hf needs --checkpoint RUN_DIR (the run to export)")
     if args.overrides:
         raise UserError(f"convert --to-hf takes no config overrides (got {' '.join(args.overrides)})")
-    out = hf_convert.export_hf(args.checkpoint, args.to_hf, args.step, args.dtype)
+    out = hf_runs.export_hf(args.checkpoint, args.to_hf, args.step, args.dtype)
     print(f"exported {args.checkpoint} to {out} (Hugging Face LlamaForCausalLM, safetensors)")
     return 0
 

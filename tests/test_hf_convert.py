@@ -22,7 +22,8 @@ from flax import nnx
 
 from scaling_jax.config import ModelConfig, load_config
 from scaling_jax.errors import CheckpointError, ConfigError
-from scaling_jax.model import hf_convert as hc
+from scaling_jax.interop import hf_runs
+from scaling_jax.interop import hf_weights as hc
 from scaling_jax.model.transformer import Decoder
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf_llama")
@@ -209,7 +210,7 @@ def test_imported_run_trains_from_the_hf_weights_and_exports_them_back(tmp_path)
 
     path, _, ref = _fixture("gqa")  # vocab 384 = the byte tokenizer's, so it trains on the embedded corpus
     run = str(tmp_path / "run")
-    config = hc.import_hf(path, run, TRAIN_TINY, tokenizer="byte")
+    config = hf_runs.import_hf(path, run, TRAIN_TINY, tokenizer="byte")
     assert config.model.vocab_size == 384 and config.data.tokenizer == "byte:384"
     summary = train(load_config(os.path.join(run, "config.yaml")))
     assert summary["step"] == 1 and np.isfinite(summary["val_loss"])
@@ -217,7 +218,7 @@ def test_imported_run_trains_from_the_hf_weights_and_exports_them_back(tmp_path)
     assert [r["stage"] for r in lineage] == ["hf-import", "pretrain"] and lineage[1]["steps"] == 1
     assert lineage[1]["parent"] == os.path.abspath(path)
     out = tmp_path / "hf"
-    hc.export_hf(run, str(out))
+    hf_runs.export_hf(run, str(out))
     original = hc.load_hf_tensors(path)
     back = hc.load_hf_tensors(str(out))
     assert sorted(back) == sorted(original)
@@ -228,19 +229,19 @@ def test_imported_run_trains_from_the_hf_weights_and_exports_them_back(tmp_path)
     cfg = ModelConfig(**hc.model_fields_from_hf(exported))
     np.testing.assert_allclose(_our_logits(hc.params_from_hf(back, cfg), cfg, ref["input_ids"]), ref["logits"], **TOL)
     with pytest.raises(CheckpointError, match="not an empty directory"):
-        hc.export_hf(run, str(out))
+        hf_runs.export_hf(run, str(out))
     with pytest.raises(CheckpointError, match="already holds a run"):
-        hc.import_hf(path, run, TRAIN_TINY, tokenizer="byte")
+        hf_runs.import_hf(path, run, TRAIN_TINY, tokenizer="byte")
 
 
 def test_import_refuses_shape_overrides_and_missing_tokenizer(tmp_path):
     path = os.path.join(FIXTURES, "gqa")
     with pytest.raises(ConfigError, match="model.layers=4 contradicts"):
-        hc.import_hf(path, str(tmp_path / "a"), ["model.layers=4"], tokenizer="byte")
+        hf_runs.import_hf(path, str(tmp_path / "a"), ["model.layers=4"], tokenizer="byte")
     with pytest.raises(ConfigError, match="no tokenizer.json or tokenizer.model; pass --tokenizer"):
-        hc.import_hf(path, str(tmp_path / "b"))
+        hf_runs.import_hf(path, str(tmp_path / "b"))
     with pytest.raises(ConfigError, match="model.vocab_size=256 must be an integer >= 384"):
-        hc.import_hf(path, str(tmp_path / "c"), ["model.vocab_size=256"], tokenizer="byte")
+        hf_runs.import_hf(path, str(tmp_path / "c"), ["model.vocab_size=256"], tokenizer="byte")
     assert not os.listdir(tmp_path)  # nothing half-written
 
 
@@ -250,7 +251,7 @@ def test_failed_import_removes_the_run_dir_it_created(tmp_path):
     config = json.loads((hf_dir / "config.json").read_text())
     (hf_dir / "config.json").write_text(json.dumps(config | {"intermediate_size": 65}))
     with pytest.raises(CheckpointError, match="mlp.gate_proj.weight' has shape"):
-        hc.import_hf(str(hf_dir), str(tmp_path / "run"), ["data.seq_len=32"], tokenizer="byte")
+        hf_runs.import_hf(str(hf_dir), str(tmp_path / "run"), ["data.seq_len=32"], tokenizer="byte")
     assert not (tmp_path / "run").exists()
 
 
@@ -264,7 +265,7 @@ def test_import_copies_the_hf_tokenizer_into_the_run_and_grows_the_vocab(tmp_pat
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.save(str(hf_dir / "tokenizer.json"))
     run = tmp_path / "run"
-    config = hc.import_hf(str(hf_dir), str(run), ["data.seq_len=32"])
+    config = hf_runs.import_hf(str(hf_dir), str(run), ["data.seq_len=32"])
     assert config.data.tokenizer.startswith(str(run / "tokenizer"))
     assert config.model.vocab_size > 300 and config.model.vocab_size % 128 == 0
     from scaling_jax.data.tokenizer import build_tokenizer

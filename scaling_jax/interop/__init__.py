@@ -1,0 +1,1 @@
+"""Other frameworks' checkpoints: weight mappings and the run directories written from them."""

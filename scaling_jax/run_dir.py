@@ -81,17 +81,22 @@ class Claim(NamedTuple):
 
 
 def claim(path: str, field: str = "train.run_dir") -> Claim:
-    """Make ``path`` this run's directory (created if missing, proven writable, marked).
+    """Make ``path`` usable as this run's directory (created if missing, proven writable); ``mark`` it once
+    the writer holds its lock.
 
     Refuses (see ``check_claimable``) before anything is written.
     """
     fresh = check_claimable(path, field)
     created = not paths.exists(path)
     paths.prepare_dir(path, field)
-    marker = paths.join(path, MARKER)
-    if fresh or not paths.exists(marker):
-        paths.write_text(marker, json.dumps({"format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
     return Claim(fresh, created)
+
+
+def mark(path: str) -> None:
+    """Write the marker that makes ``path`` a run (runs from before markers get one on their next start)."""
+    marker = paths.join(path, MARKER)
+    if not paths.exists(marker):
+        paths.write_text(marker, json.dumps({"format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
 
 
 def discard_fresh(path: str, claimed: Claim) -> None:

@@ -90,6 +90,7 @@ def import_hf(hf_dir: str, run_dir: str, overrides: list[str] | None = None, tok
     if not run_dirs.check_claimable(run_dir, "--out"):
         raise CheckpointError(f"--out '{run_dir}' already holds a run; choose a new or empty run directory")
     claimed = run_dirs.claim(run_dir, "--out")
+    run_dirs.mark(run_dir)
     try:
         return _write_imported_run(hf_dir, hf, run_dir, fields, user, source_tok)
     except BaseException:

@@ -112,6 +112,7 @@ class Trainer:
         t, d = self.t, self.config.data
         if self.is_main:  # before anything else is written to the run dir
             acquire_run_lock(t.run_dir, self.files.local)
+            run_dir.mark(t.run_dir)
             self.files.pull()  # a resumed bucket run continues its own metrics
         tokenizer = build_tokenizer(d.tokenizer, d.seqio_modules)  # checked against the run's before data loads
         sync_run_tokenizer(self.files.local, tokenizer, d.tokenizer, paths.join(t.run_dir, CHECKPOINT_DIR))

@@ -10,6 +10,7 @@ import os
 import sys
 
 from scaling_jax.errors import UserError
+from scaling_jax.run_dir import CONFIG_FILE, EVAL_DIR, REPORT_DIR
 
 
 def _join_processes(args: argparse.Namespace) -> None:
@@ -96,7 +97,7 @@ def _info(args: argparse.Namespace) -> int:
     path = args.config
     run_dir = paths.isdir(path)  # a run directory, local or gs://
     if run_dir:
-        saved = paths.join(path, "config.yaml")
+        saved = paths.join(path, CONFIG_FILE)
         if not paths.exists(saved):
             raise UserError(f"'{path}' is a directory without config.yaml; pass a config file or a run directory")
         path = saved
@@ -270,7 +271,7 @@ def _eval(args: argparse.Namespace) -> int:
         options = PassUntilOptions(passes=passes, max_samples=max_samples or defaults.max_samples)
     for ckpt in checkpoints:  # every input checked before anything is written or loaded
         check_run_dir(ckpt)
-    out_dir = args.out or os.path.join(checkpoints[0], "eval")
+    out_dir = args.out or os.path.join(checkpoints[0], EVAL_DIR)
     _writable_out(out_dir, None if args.out else checkpoints[0])
     out = run_eval(checkpoints, tasks, args.shots, out_dir, args.seed, args.num_examples, args.max_examples,
                    options, args.predict_n)
@@ -351,7 +352,7 @@ def _report(args: argparse.Namespace) -> int:
         raise UserError(f"report takes no config overrides (got {' '.join(args.overrides)})")
     _flag(args, "target_flops", float, 0, above=True, hint="training FLOPs such as 1e21")
     check_report_paths(args.paths)  # every input checked before anything is written
-    out = args.out or os.path.join(args.paths[0], "report")
+    out = args.out or os.path.join(args.paths[0], REPORT_DIR)
     _writable_out(out, None if args.out else args.paths[0])
     print(f"report: {write_report(args.paths, out, args.target_flops)}")
     return 0

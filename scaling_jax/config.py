@@ -533,8 +533,7 @@ def _validate_stage(config: Config) -> None:
         raise ConfigError(f"{' and '.join(given)} are both set; give the stage budget one way")
     if s.parent:
         parent = s.parent.rstrip("/")
-        _check("stage.parent", s.parent, paths.basename(paths.dirname(parent)) == "checkpoints"
-               and paths.basename(parent).isdigit(), "RUN_DIR/checkpoints/STEP",
+        _check("stage.parent", s.parent, paths.basename(parent).isdigit(), "a checkpoint directory RUN_DIR/.../STEP",
                "start a stage with `scaling-jax continue --from RUN_DIR`, which sets it")
     else:
         used = given + [f"stage.{k}" for k in ("lr_from_parent", "extend_vocab") if getattr(s, k)]

@@ -14,6 +14,7 @@ from scaling_jax.config import Config
 from scaling_jax.model.family import attention_flops_per_token, flops_per_token, param_counts
 from scaling_jax.objectives.base import build_objective
 from scaling_jax.parallel.mesh import MESH_AXES, mesh_shape
+from scaling_jax.run_dir import LINEAGE_FILE
 from scaling_jax.train.memory import activation_bytes, memory_per_device, sharded_param_bytes  # noqa: F401 (re-export)
 
 
@@ -57,7 +58,7 @@ def format_report(config: Config, info: dict) -> str:
 
 def read_lineage(run_dir: str) -> list[dict] | None:
     """The stages a run descends from (``lineage.json``, written with every checkpoint), or None."""
-    path = paths.join(run_dir, "lineage.json")
+    path = paths.join(run_dir, LINEAGE_FILE)
     if not paths.exists(path):
         return None
     return json.loads(paths.read_text(path))

@@ -173,8 +173,7 @@ class RunMirror:
     directly) and the lock file of the trainer that holds this mirror.
     """
 
-    def __init__(self, run_dir: str, cache_root: str | None = None,
-                 skip: tuple[str, ...] = ("checkpoints", "checkpoints-damaged", ".lock")):
+    def __init__(self, run_dir: str, skip: tuple[str, ...], cache_root: str | None = None):
         self.remote = run_dir if is_remote(run_dir) else None
         self.skip = set(skip)
         self._pushed: dict[str, str] = {}

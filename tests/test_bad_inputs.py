@@ -173,7 +173,7 @@ CONFIG_CASES = [  # (id, overrides, fragments of the error line)
     ("budget-fraction-over-one", ["budget.fraction=5"], ["budget.fraction=5.0 must be in [0, 1]", "budget.tokens"]),
     ("budget-negative-steps", ["budget.steps=-1"], ["budget.steps=-1 must be >= 0"]),
     ("stage-parent-not-a-checkpoint", ["stage.parent={u}", "budget.steps=1"],
-     ["must be RUN_DIR/checkpoints/STEP", "scaling-jax continue --from RUN_DIR"]),
+     ["must be a checkpoint directory RUN_DIR/.../STEP", "scaling-jax continue --from RUN_DIR"]),
     ("stage-name-with-a-slash", ["stage.name=a/b"], ["stage.name='a/b' must be a non-empty label without slashes"]),
     # objective fields, checked when the objective is built (before any data is read)
     ("mtp-without-heads", ["objective=mtp", "objective.heads=0"], ["objective.heads=0 must be an integer >= 1"]),

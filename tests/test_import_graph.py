@@ -76,3 +76,16 @@ def test_no_import_cycles():
         if start not in done:
             visit(start, [start], done)
     assert cycles == []
+
+
+def test_each_run_directory_name_is_spelled_in_run_dir_py_only():
+    """Readers and writers of a run directory share its names through ``run_dir.py`` (one place to change)."""
+    import re
+
+    from scaling_jax import run_dir
+
+    names = [run_dir.CONFIG_FILE, run_dir.METRICS_FILE, run_dir.SUMMARY_FILE, run_dir.LINEAGE_FILE, run_dir.MARKER,
+             run_dir.CHECKPOINT_DIR, run_dir.DAMAGED_DIR, run_dir.LOCK_FILE, run_dir.TENSORBOARD_DIR]
+    spelled = {name: sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                            if re.search(rf"[\"']{re.escape(name)}[\"']", p.read_text())) for name in names}
+    assert spelled == {name: ["run_dir.py"] for name in names}

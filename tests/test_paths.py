@@ -10,6 +10,7 @@ import pytest
 
 from scaling_jax import paths
 from scaling_jax.errors import CheckpointError
+from scaling_jax.run_dir import MIRROR_SKIP
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ def test_file_as_run_dir_is_one_line_error(tmp_path):
 
 
 def test_mirror_pushes_only_changed_files_skips_checkpoints_and_pulls_them_back(tmp_path, bucket):
-    mirror = paths.RunMirror(bucket, cache_root=str(tmp_path / "cache"))
+    mirror = paths.RunMirror(bucket, MIRROR_SKIP, cache_root=str(tmp_path / "cache"))
     assert mirror.local.startswith(str(tmp_path / "cache"))
     with open(os.path.join(mirror.local, "metrics.jsonl"), "a") as f:
         f.write('{"step": 1}\n')
@@ -70,7 +71,7 @@ def test_mirror_pushes_only_changed_files_skips_checkpoints_and_pulls_them_back(
     assert mirror.push() == ["metrics.jsonl"]
     assert "checkpoints" not in paths.listdir(bucket)
 
-    resumed = paths.RunMirror(bucket, cache_root=str(tmp_path / "other-host"))
+    resumed = paths.RunMirror(bucket, MIRROR_SKIP, cache_root=str(tmp_path / "other-host"))
     assert sorted(resumed.pull()) == ["metrics.jsonl", "plots/loss.png"]
     with open(os.path.join(resumed.local, "metrics.jsonl")) as f:
         assert f.read() == '{"step": 1}\n{"step": 2}\n'
@@ -78,7 +79,7 @@ def test_mirror_pushes_only_changed_files_skips_checkpoints_and_pulls_them_back(
 
 
 def test_a_local_run_dir_is_its_own_mirror(tmp_path):
-    mirror = paths.RunMirror(str(tmp_path))
+    mirror = paths.RunMirror(str(tmp_path), MIRROR_SKIP)
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     assert mirror.local == str(tmp_path) and mirror.push() == [] and mirror.pull() == []
 
@@ -93,10 +94,10 @@ def test_gs_without_gcsfs_names_the_extra_to_install(monkeypatch):
 
 
 def test_pull_makes_the_mirror_an_exact_copy_and_keeps_the_lock(tmp_path, bucket):
-    writer = paths.RunMirror(bucket, cache_root=str(tmp_path / "a"))
+    writer = paths.RunMirror(bucket, MIRROR_SKIP, cache_root=str(tmp_path / "a"))
     (open(os.path.join(writer.local, "metrics.jsonl"), "w")).close()
     writer.push()
-    stale = paths.RunMirror(bucket, cache_root=str(tmp_path / "b"))
+    stale = paths.RunMirror(bucket, MIRROR_SKIP, cache_root=str(tmp_path / "b"))
     for name in ("old-run.png", ".lock"):  # left by an earlier run that used this cache; the lock is the trainer's
         with open(os.path.join(stale.local, name), "w") as f:
             f.write("x")

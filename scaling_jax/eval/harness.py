@@ -20,6 +20,7 @@ from scaling_jax.errors import CheckpointError
 from scaling_jax.eval import passuntil as pu_lib
 from scaling_jax.eval.scoring import LanguageModel, make_checker, passing_text, score_task, stop_sequences
 from scaling_jax.eval.tasks import Task, build_prompts, load_task, task_from_dict
+from scaling_jax.run_dir import CONFIG_FILE, EVAL_DIR
 
 
 @dataclass
@@ -37,7 +38,7 @@ def check_run_dir(run_dir: str) -> None:
     """A run directory has ``config.yaml`` and ``checkpoints/`` (cheap: checked before any output is written)."""
     from scaling_jax.train.checkpoint import CHECKPOINT_DIR
 
-    if not paths.exists(paths.join(run_dir, "config.yaml")) or not paths.isdir(paths.join(run_dir, CHECKPOINT_DIR)):
+    if not paths.exists(paths.join(run_dir, CONFIG_FILE)) or not paths.isdir(paths.join(run_dir, CHECKPOINT_DIR)):
         raise CheckpointError(f"--checkpoint '{run_dir}' is not a run directory (needs config.yaml and "
                               f"{CHECKPOINT_DIR}/); pass the train.run_dir of a finished run")
 
@@ -55,7 +56,7 @@ def load_run(run_dir: str, step: int | None = None) -> LoadedRun:
     from scaling_jax.train.state import abstract_model
 
     check_run_dir(run_dir)
-    config = load_config(paths.join(run_dir, "config.yaml"), saved_run=True)
+    config = load_config(paths.join(run_dir, CONFIG_FILE), saved_run=True)
     tokenizer = build_tokenizer(config.data.tokenizer)
     objective = build_objective(config.objective, tokenizer)
     graphdef, shapes, _ = abstract_model(config.model, objective.build_model)
@@ -276,7 +277,7 @@ def run_eval(checkpoints: list[str], task_specs: list[str], shots: int = 0, out_
              seed: int = 0, num_examples: int = 100, max_examples: int = 0,
              passuntil: PassUntilOptions | None = None, predict_n: float | None = None) -> dict:
     """The ``scaling-jax eval`` command: every checkpoint on every task, then the report."""
-    out_dir = out_dir or os.path.join(checkpoints[0], "eval")
+    out_dir = out_dir or os.path.join(checkpoints[0], EVAL_DIR)
     tasks = resolve_tasks(task_specs, num_examples, seed, out_dir)
     results = []
     max_new = passuntil.max_new_tokens if passuntil else 48

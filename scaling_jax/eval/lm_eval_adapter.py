@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scaling_jax.errors import CheckpointError, DataError, UserError
+from scaling_jax.run_dir import CONFIG_FILE
 
 try:
     from lm_eval.api.model import LM
@@ -158,7 +159,7 @@ class ScalingJaxLM(LM):
         self.run = load_run(run_dir, step)
         self.lm = self.run.lm
         self.tokenizer = self.lm.tokenizer
-        self.max_length = max_length or load_config(join(run_dir, "config.yaml")).data.seq_len
+        self.max_length = max_length or load_config(join(run_dir, CONFIG_FILE)).data.seq_len
         logger.info("scaling_jax: %s step %d (%s non-embedding parameters), max_length %d, batch %d", self.run.run_dir,
                     self.run.step, f"{self.run.n_params:,}", self.max_length, self.batch_size)
         self._scorer = _Scorer(self.lm, self.batch_size)

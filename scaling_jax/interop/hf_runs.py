@@ -39,7 +39,7 @@ from scaling_jax.interop.hf_weights import (
 from scaling_jax.objectives.base import build_objective
 from scaling_jax.parallel.mesh import build_mesh
 from scaling_jax.parallel.sharding import replicated, rules_from_config
-from scaling_jax.run_dir import CheckpointMeta
+from scaling_jax.run_dir import CONFIG_FILE, LINEAGE_FILE, CheckpointMeta
 from scaling_jax.train.checkpoint import Checkpointer
 from scaling_jax.train.loop import write_json
 from scaling_jax.train.state import TrainState, abstract_model, make_optimizer, state_layout
@@ -99,8 +99,7 @@ def import_hf(hf_dir: str, run_dir: str, overrides: list[str] | None = None, tok
 
 
 def _write_imported_run(hf_dir: str, hf: dict, run_dir: str, fields: dict, user: dict, source_tok) -> Config:
-
-    spec = source_tok.save(os.path.abspath(os.path.join(run_dir, "tokenizer")))  # the run carries its tokenizer
+    spec = source_tok.save(os.path.abspath(os.path.join(run_dir, run_dirs.TOKENIZER_DIR)))  # the run carries it
     settings = {f"model.{k}": v for k, v in fields.items()} | {"data.tokenizer": spec, "train.run_dir": run_dir}
     config = load_config(None, settings | user)
     params = params_from_hf(load_hf_tensors(hf_dir), _hf_shape(config.model, hf), config.model.param_dtype,
@@ -116,8 +115,8 @@ def _write_imported_run(hf_dir: str, hf: dict, run_dir: str, fields: dict, user:
         checkpointer.wait()
     finally:
         checkpointer.close()
-    save_config(config, os.path.join(run_dir, "config.yaml"))  # last: a run dir with config.yaml is complete
-    write_json(os.path.join(run_dir, "lineage.json"), lineage)
+    save_config(config, os.path.join(run_dir, CONFIG_FILE))  # last: a run dir with config.yaml is complete
+    write_json(os.path.join(run_dir, LINEAGE_FILE), lineage)
     return config
 
 
@@ -128,7 +127,7 @@ def export_hf(run_dir: str, out_dir: str, step: int | None = None, dtype: str | 
     The directory appears complete or not at all (written beside it, then renamed).
     """
 
-    saved = os.path.join(run_dir, "config.yaml")
+    saved = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isfile(saved):
         raise CheckpointError(f"--checkpoint '{run_dir}' has no config.yaml; pass a run directory")
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):

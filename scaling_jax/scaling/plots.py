@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 
 from scaling_jax.errors import DataError
+from scaling_jax.run_dir import CONFIG_FILE, SUMMARY_FILE
 from scaling_jax.scaling import laws
 from scaling_jax.scaling import noise_scale as ns
 from scaling_jax.scaling.sweep import MANIFEST
@@ -90,8 +91,8 @@ def _load_run_dir(run_dir: str, run_id: str, objective: str, size: str, status: 
         rows = read_metrics(path) if os.path.isfile(path) else []
     except ValueError as e:  # a damaged line other than a torn last one
         raise DataError(f"{str(e).splitlines()[0]}; repair or delete that line to report the run") from None
-    summary = _read_json(os.path.join(run_dir, "summary.json")) if os.path.isfile(
-        os.path.join(run_dir, "summary.json")) else {}
+    summary = _read_json(os.path.join(run_dir, SUMMARY_FILE)) if os.path.isfile(
+        os.path.join(run_dir, SUMMARY_FILE)) else {}
     curve = run_curve(rows)
     last = curve[-1] if curve else {}
     return RunRecord(run_id, objective, size, float(summary.get("non_embedding_params", 0)),
@@ -122,15 +123,15 @@ def load_runs(paths: list[str]) -> list[RunRecord]:
                 records.append(rec)
         elif os.path.isfile(os.path.join(path, METRICS_FILE)):
             config = {}
-            if os.path.isfile(os.path.join(path, "config.yaml")):
+            if os.path.isfile(os.path.join(path, CONFIG_FILE)):
                 try:
-                    with open(os.path.join(path, "config.yaml"), encoding="utf-8") as f:
+                    with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
                         config = yaml.safe_load(f) or {}
                 except (UnicodeDecodeError, yaml.YAMLError):
-                    raise DataError(f"'{os.path.join(path, 'config.yaml')}' is not valid YAML; restore the run's "
+                    raise DataError(f"'{os.path.join(path, CONFIG_FILE)}' is not valid YAML; restore the run's "
                                     "config") from None
                 config = config if isinstance(config, dict) else {}
-            summary_path = os.path.join(path, "summary.json")
+            summary_path = os.path.join(path, SUMMARY_FILE)
             done = os.path.isfile(summary_path) and not _read_json(summary_path).get("preempted", False)
             objective = config.get("objective") or {}
             objective = objective.get("name", "?") if isinstance(objective, dict) else str(objective)

@@ -28,6 +28,7 @@ import yaml
 from scaling_jax.config import Config, load_config, to_dict
 from scaling_jax.data.tokenizer import resolved_config
 from scaling_jax.errors import ConfigError
+from scaling_jax.run_dir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 
 MANIFEST = "manifest.json"
 # Fields that change how a run is watched, not what it computes: a rerun may change them freely.
@@ -262,7 +263,7 @@ def run_status(run: PlannedRun) -> str:
     """done (summary of the full run), interrupted (started, unfinished) or pending; refuses a run directory
     made by a different config, which would otherwise be resumed with another schedule."""
     run_dir = run.config.train.run_dir
-    saved_path = os.path.join(run_dir, "config.yaml")
+    saved_path = os.path.join(run_dir, CONFIG_FILE)
     if os.path.isfile(saved_path):
         saved = _normalised(to_dict(load_config(saved_path, saved_run=True)))
         current = _normalised(to_dict(run.config))
@@ -272,7 +273,7 @@ def run_status(run: PlannedRun) -> str:
         if diff:
             raise ConfigError(f"run directory {run_dir} was made by a different config ({diff[0]} differs); "
                               "point the sweep's out_dir elsewhere or delete that run")
-    summary = _read_json(os.path.join(run_dir, "summary.json"))
+    summary = _read_json(os.path.join(run_dir, SUMMARY_FILE))
     if summary and summary.get("step") == run.steps and not summary.get("preempted"):
         return "done"
     return "interrupted" if os.path.isdir(run_dir) and os.listdir(run_dir) else "pending"
@@ -282,17 +283,17 @@ def final_validation(run_dir: str) -> dict:
     """Final validation loss/bpb from summary.json, else the last validation row of metrics.jsonl."""
     from scaling_jax.train.metrics import read_metrics
 
-    summary = _read_json(os.path.join(run_dir, "summary.json")) or {}
+    summary = _read_json(os.path.join(run_dir, SUMMARY_FILE)) or {}
     if "val_loss" in summary:
         return {k: summary[k] for k in ("val_loss", "val_bpb") if k in summary}
-    path = os.path.join(run_dir, "metrics.jsonl")
+    path = os.path.join(run_dir, METRICS_FILE)
     rows = [r for r in read_metrics(path) if "val_loss" in r] if os.path.isfile(path) else []
     return {k: rows[-1][k] for k in ("val_loss", "val_bpb") if k in rows[-1]} if rows else {}
 
 
 def manifest_entry(run: PlannedRun, status: str) -> dict:
     run_dir = run.config.train.run_dir
-    summary = _read_json(os.path.join(run_dir, "summary.json")) or {}
+    summary = _read_json(os.path.join(run_dir, SUMMARY_FILE)) or {}
     entry = {"run_id": run.run_id, "objective": run.objective, "size": run.size, "budget": run.budget,
              "run_dir": run_dir, "status": status, "n": run.n, "n_base": run.n_base, "params": run.params,
              "tokens": run.tokens, "flops": run.flops, "steps": run.steps,

@@ -33,12 +33,11 @@ import orbax.checkpoint as ocp
 
 from scaling_jax import paths
 from scaling_jax.errors import CheckpointError
+from scaling_jax.run_dir import CHECKPOINT_DIR, DAMAGED_DIR
 from scaling_jax.train.lock import holds_run_lock
 from scaling_jax.train.state import TrainState
 
-CHECKPOINT_DIR = "checkpoints"
 COMMIT_MARKER = "commit_success.txt"  # orbax's "this step is complete" file on object stores
-DAMAGED_DIR = "checkpoints-damaged"
 DIGEST_FILE = "scaling_jax_digest.json"
 ITEMS = ("state", "data", "meta")
 MODEL_SIGNATURE_FIELDS = ("layers", "d_model", "heads", "kv_heads", "head_dim", "d_ff", "mlp", "tie_embeddings",

@@ -100,7 +100,7 @@ class Trainer:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("scaling_jax: run directory claimed")
-        self.files = paths.RunMirror(t.run_dir)
+        self.files = paths.RunMirror(t.run_dir, run_dir.MIRROR_SKIP)
         self.logged_any = False  # a fresh run that fails before its first step leaves nothing behind
         try:
             self._build(start)
@@ -184,7 +184,7 @@ class Trainer:
             self.wall_offset, self.offset = float(meta.wall_time), meta.offset
             self.history, self.record = meta.lineage[:-1], meta.stage_record
         if self.is_main:
-            save_config(config, os.path.join(self.files.local, "config.yaml"))
+            save_config(config, os.path.join(self.files.local, run_dir.CONFIG_FILE))
 
     # ------------------------------------------------------------------------- bookkeeping
 
@@ -386,7 +386,7 @@ class Trainer:
         if self.last_eval:
             summary["val_step"] = self.last_eval["step"]  # after a stop: the last periodic eval, not the stop step
         if self.is_main:
-            write_json(os.path.join(self.files.local, "summary.json"), summary)
+            write_json(os.path.join(self.files.local, run_dir.SUMMARY_FILE), summary)
             if self.t.plot and not summary["preempted"]:
                 metrics_lib.plot_loss(self.files.local, self.session.data.baseline_bpb)
             self.files.push()

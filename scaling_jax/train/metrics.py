@@ -19,9 +19,8 @@ import numpy as np
 from tqdm import tqdm
 
 from scaling_jax import paths
+from scaling_jax.run_dir import METRICS_FILE, PLOTS_DIR, TENSORBOARD_DIR
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
 PLAIN_PROGRESS_INTERVAL_S = 10.0  # non-TTY progress: one line at most this often, so CI logs stay readable
 
 # Published vendor dense bf16 peaks, FLOP/s per device. Ordered most specific first: matching is by substring,
@@ -362,7 +361,7 @@ def plot_loss(run_dir: str, baseline_bpb: float | None = None) -> str:
     _plot_loss_panel(left, rows)
     _plot_bpb_panel(right, rows, baseline_bpb)
     fig.suptitle(f"run {os.path.basename(os.path.abspath(run_dir))}")
-    out_dir = os.path.join(run_dir, "plots")
+    out_dir = os.path.join(run_dir, PLOTS_DIR)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "loss.png")
     tmp = f"{path}.{os.getpid()}.tmp"

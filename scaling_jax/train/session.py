@@ -25,8 +25,8 @@ from scaling_jax.objectives.base import build_objective
 from scaling_jax.objectives.causal import CausalLM
 from scaling_jax.parallel.mesh import build_mesh
 from scaling_jax.parallel.sharding import requested_split, rules_from_config
+from scaling_jax.run_dir import CHECKPOINT_DIR, TOKENIZER_DIR
 from scaling_jax.train import memory
-from scaling_jax.train.checkpoint import CHECKPOINT_DIR
 from scaling_jax.train.state import TrainState, init_state, make_optimizer, state_layout
 from scaling_jax.train.step import batch_shardings, jit_train_step, make_eval_step, make_train_step
 
@@ -80,7 +80,6 @@ class DataBundle:
         return rows[0], rows[1], tuple(sources.byte_counts(t) for t in texts)
 
 
-RUN_TOKENIZER_DIR = "tokenizer"
 
 
 def sync_run_tokenizer(files_dir: str, tokenizer, spec: str, checkpoint_dir: str | None = None) -> None:
@@ -89,7 +88,7 @@ def sync_run_tokenizer(files_dir: str, tokenizer, spec: str, checkpoint_dir: str
     ``files_dir`` is where the run's files are written (a bucket run's local mirror); ``checkpoint_dir``
     (default ``files_dir/checkpoints``) is where its checkpoints are, which may be the bucket.
     """
-    directory = os.path.join(files_dir, RUN_TOKENIZER_DIR)
+    directory = os.path.join(files_dir, TOKENIZER_DIR)
     saved = read_saved_info(directory)
     if saved is not None and saved["fingerprint"] == tokenizer.fingerprint():
         return

@@ -51,16 +51,21 @@ def _wait_for_step(proc, run_dir, step, timeout=180):
     raise AssertionError(f"run did not reach step {step}")
 
 
+def _signal_after_step(run_dir, signum, *extra, step=3) -> tuple[int, str, str, int | None]:
+    """Train in a subprocess, send ``signum`` once step ``step`` is logged: (exit code, stdout, stderr, latest)."""
+    proc = subprocess.Popen(_command(run_dir, "train.steps=500", *extra), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_step(proc, run_dir, step)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err, Checkpointer(run_dir, 3).latest_step()
+
+
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_command(run_dir, "train.steps=500", "train.checkpoint_every=0"), env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_step(proc, run_dir, 3)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    saved = Checkpointer(run_dir, 3).latest_step()
+    code, out, err, saved = _signal_after_step(run_dir, signal.SIGTERM, "train.checkpoint_every=0")
+    assert code == 0, err
     assert saved is not None and 3 <= saved < 500
     assert "SIGTERM: saved checkpoint at step" in out
 

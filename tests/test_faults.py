@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_checkpoint import RUN, _command, _env, _losses, _wait_for_step
+from test_checkpoint import RUN, _command, _env, _losses, _signal_after_step, _wait_for_step
 
 from scaling_jax.cli import main
 from scaling_jax.config import load_config
@@ -413,14 +413,9 @@ def test_sigkill_at_five_random_points_gives_a_bitwise_identical_loss_trace(tmp_
 @pytest.mark.slow
 def test_sigterm_right_after_a_periodic_save_commits_once_and_reports_the_grace(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_command(run_dir, "train.steps=500", "train.checkpoint_every=1",
-                                     "train.preemption_grace_s=0.000001"),
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_step(proc, run_dir, 3)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    saved = Checkpointer(run_dir, 3).latest_step()
+    code, out, err, saved = _signal_after_step(run_dir, signal.SIGTERM, "train.checkpoint_every=1",
+                                               "train.preemption_grace_s=0.000001")
+    assert code == 0, err
     assert f"SIGTERM: saved checkpoint at step {saved}" in out
     assert "took longer than train.preemption_grace_s=1e-06 s" in out
     assert damage(str(run_dir / "checkpoints" / str(saved))) is None
@@ -430,21 +425,16 @@ def test_sigterm_right_after_a_periodic_save_commits_once_and_reports_the_grace(
 @pytest.mark.slow
 def test_ctrl_c_saves_like_sigterm_and_says_how_to_resume(tmp_path):
     run_dir = tmp_path / "run"
-    base = ["train.steps=500", "train.checkpoint_every=0", "train.eval_every=2"]
-    proc = subprocess.Popen(_command(run_dir, *base), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    _wait_for_step(proc, run_dir, 3)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    saved = Checkpointer(run_dir, 3).latest_step()
+    base = ["train.checkpoint_every=0", "train.eval_every=2"]
+    code, out, err, saved = _signal_after_step(run_dir, signal.SIGINT, *base)
+    assert code == 130, err
     assert saved is not None and 3 <= saved < 500
     assert "press Ctrl-C again to quit without saving" in err
     assert f"Ctrl-C: saved checkpoint at step {saved}" in out and f"resume with: scaling-jax train {run_dir}" in out
     last_eval = max(r["step"] for r in _rows(run_dir) if "val_loss" in r)
     assert f"validation at step {last_eval}:" in out  # the last periodic eval, named as such
     assert f"stopped by Ctrl-C at step {saved}, validation is from step {last_eval}" in out
-    resumed = subprocess.run(_command(run_dir, *base[1:], f"train.steps={saved + 1}"), env=_env(),
+    resumed = subprocess.run(_command(run_dir, *base, f"train.steps={saved + 1}"), env=_env(),
                              capture_output=True, text=True)
     assert resumed.returncode == 0 and f"resuming at step {saved}" in resumed.stdout, resumed.stderr
 

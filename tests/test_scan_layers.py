@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_multi_token import _rows
 
 from scaling_jax.config import load_config, to_dict
 from scaling_jax.errors import ConfigError
@@ -28,18 +29,6 @@ from scaling_jax.train.step import batch_shardings, jit_train_step, make_train_s
 SMALL = ["model.layers=3", "model.d_model=32", "model.heads=4", "model.kv_heads=2", "model.head_dim=8",
          "model.d_ff=64", "data.seq_len=16", "data.batch_size=4", "optimizer.warmup_steps=0",
          "optimizer.schedule=constant"]
-
-
-def _rows(batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Packed rows: three documents per row, the last row ending in padding (segment 0)."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(3, 250, size=(batch, seq_len + 1)).astype(np.int32)
-    seg = np.ones((batch, seq_len + 1), np.int32)
-    for r in range(batch):
-        cuts = np.sort(rng.choice(np.arange(1, seq_len + 1), size=2, replace=False))
-        seg[r] += (np.arange(seq_len + 1)[:, None] >= cuts[None]).sum(-1)
-    seg[-1, -3:] = 0
-    return {"tokens": tokens, "segment_ids": seg}
 
 
 def _prefix_lm_loss(model, batch):

@@ -1,5 +1,8 @@
 """KV-cache decoding: cached greedy == argmax of full forward passes, sampling filters, stop strings,
-teacher-forced log-probabilities, and self-speculative decoding == plain greedy."""
+teacher-forced log-probabilities, self-speculative decoding == plain greedy (each row advancing by its own
+acceptance), and every decoding step donating its state (the KV cache is updated in place)."""
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -8,11 +11,12 @@ import pytest
 from flax import nnx
 
 from scaling_jax.data.tokenizer import ByteTokenizer
-from scaling_jax.model.decode import CachedLM, SamplingConfig, full_logits, sample_logits, truncate_at_stop
+from scaling_jax.model.decode import CachedLM, SamplingConfig, full_logits, greedy, sample_logits, truncate_at_stop
 from scaling_jax.model.transformer import Decoder
 from scaling_jax.objectives.multi_token import MultiTokenModel
 
 PROMPTS = ["def f(x):\n    return", "import os", "class A:\n    pass\n\n\nclass B(A):"]
+PROMPTS_8 = PROMPTS + ["x = [1, 2, 3]", "for i in range(10):\n", "    if a:", "#", "print('hello')"]
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +57,74 @@ def test_cached_greedy_equals_argmax_of_full_forward_passes(tiny_config, tok, ki
         assert got == want
 
 
-def test_mtp_self_speculative_decoding_equals_plain_greedy(tiny_config, tok):
-    config = tiny_config("model.layers=3")
-    lm = CachedLM(MultiTokenModel(config.model, 4, nnx.Rngs(7)), tok)
-    prompts = [lm.encode_prompt(p) for p in PROMPTS]
+def _mixed_acceptance_model(config) -> MultiTokenModel:
+    """A random 3-head model whose draft heads are scaled up until their drafts are sometimes right and
+    sometimes wrong (an untrained model's heads all just repeat the current token), so rows accept different
+    numbers of drafts in the same call."""
+    model = MultiTokenModel(config.model, 3, nnx.Rngs(7))
+    for head in list(model.heads)[1:]:
+        head.mlp.w_down[...] = head.mlp.w_down[...] * 30.0
+    return model
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_self_speculative_decoding_equals_plain_greedy_at_batch_1_and_8(tiny_config, tok, scan):
+    """Left-padded prompts of 8 lengths, both cache layouts; each row advances by its own acceptance, so the
+    batch takes exactly as many calls as its slowest row alone, and its rows as many row-calls as alone."""
+    config = tiny_config("model.layers=3", f"model.scan_layers={str(scan).lower()}")
+    lm = CachedLM(_mixed_acceptance_model(config), tok)
+    prompts = [lm.encode_prompt(p) for p in PROMPTS_8]
     plain = lm.generate_ids(prompts, SamplingConfig(max_new_tokens=24))
     spec = lm.speculative_greedy_ids(prompts, 24)
     assert spec.tokens == plain.tokens
-    assert spec.forward_calls <= plain.forward_calls
+    assert 0 < min(spec.draft_acceptance) and max(spec.draft_acceptance) < 1, "rows should disagree"
+    alone = [lm.speculative_greedy_ids([p], 24) for p in prompts]
+    assert [a.tokens[0] for a in alone] == plain.tokens
+    assert min(a.forward_calls for a in alone) < max(a.forward_calls for a in alone)
+    assert spec.forward_calls == max(a.forward_calls for a in alone)
+    assert spec.row_calls == sum(a.row_calls for a in alone)
+    two_heads = lm.speculative_greedy_ids(prompts, 24, heads=2)  # draft with head 2 only
+    assert two_heads.tokens == plain.tokens and len(two_heads.draft_acceptance) == 1
+
+
+def test_speculative_decoding_stops_where_plain_decoding_stops(tiny_config, tok):
+    lm = CachedLM(_mixed_acceptance_model(tiny_config("model.layers=3")), tok)
+    prompts = [lm.encode_prompt(p) for p in PROMPTS_8[:5]]  # 5 rows: padded to 8, the padding rows start done
+    free = lm.generate_ids(prompts, SamplingConfig(max_new_tokens=20)).texts
+    stop = next(t[3:5] for t in free if len(t) >= 5 and t[3:5].strip())
+    plain = lm.generate_ids(prompts, SamplingConfig(max_new_tokens=20, stop=(stop,)))
+    spec = lm.speculative_greedy_ids(prompts, 20, stop=(stop,))
+    assert spec.texts == plain.texts and spec.tokens == plain.tokens
+    assert any(stop not in t and len(t) < len(f) for t, f in zip(spec.texts, free, strict=True))
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_decoding_steps_donate_their_state(tiny_config, tok, scan):
+    """The jitted plain and speculative steps take the whole decoding state (KV cache included) as a donated
+    argument: after a call the input buffers are gone (XLA reused them in place), and XLA reported none of them
+    unusable."""
+    config = tiny_config("model.layers=3", f"model.scan_layers={str(scan).lower()}")
+    lm = CachedLM(MultiTokenModel(config.model, 3, nnx.Rngs(0)), tok)
+    prompts = [lm.encode_prompt(p) for p in PROMPTS]
+    for heads in (1, 3):
+        state, key_valid, _ = lm._begin(prompts, 8, heads)
+        cache = jax.tree.leaves(state["cache"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "Some donated buffers were not usable" would fail here
+            if heads == 1:
+                new, _, _ = lm._plain_step(lm._leaves, state, key_valid, jax.random.key(0), 0.0, 0, 1.0)
+            else:
+                new, _, _ = lm._speculative_step(lm._leaves, state, key_valid)
+        assert all(x.is_deleted() for x in jax.tree.leaves(state))
+        assert len(cache) == len(jax.tree.leaves(new["cache"])) and all(x.is_deleted() for x in cache)
+        assert not any(x.is_deleted() for x in jax.tree.leaves(new))
+
+
+def test_greedy_is_argmax_first_of_ties():
+    logits = jnp.asarray([[0.0, 2.0, 2.0, 1.0], [3.0, -1.0, 3.0, 3.0], [-jnp.inf, -5.0, -jnp.inf, -5.0]])
+    assert greedy(logits).tolist() == jnp.argmax(logits, axis=-1).tolist() == [1, 0, 1]
+    random = jax.random.normal(jax.random.key(0), (4, 3, 384))
+    assert (greedy(random) == jnp.argmax(random, axis=-1)).all()
 
 
 def test_speculative_decoding_accepts_every_draft_when_the_heads_agree_with_greedy(tiny_config, tok):

@@ -12,7 +12,7 @@ acceptance rate (the fraction of row-calls in which its draft was accepted), and
 ``arithmetic`` task of ``--eval-examples`` examples (greedy generation and 4-way multiple choice) scored as
 ``scaling-jax eval`` scores it.
 
-    python scripts/bench_decode.py [--dir runs/bench_decode] [--heads 2,4] [--steps 480] [--batches 1,8]
+    python scripts/bench_decode.py [--dir runs/bench_decode] [--heads 2] [--steps 480] [--batches 1,8]
         [--prompts 8] [--new-tokens 128] [--repeats 3] [--eval-examples 1000]
 """
 
@@ -150,14 +150,14 @@ def eval_throughput(lm, n: int, seed: int = 0) -> None:
             self.seconds["loglikelihood"] += time.perf_counter() - start
             return out
 
-    task = task_from_dict(generate_task("arithmetic:digits=2", n, seed), "<arithmetic>", name="arithmetic")
+    task = task_from_dict(generate_task("arithmetic:digits=3", n, seed), "<arithmetic>", name="arithmetic")
     score_task(task, lm, max_examples=16, max_new_tokens=48)  # warm-up: compile
     timed = Timed()
     start = time.perf_counter()
     score = score_task(task, timed, max_new_tokens=48)
     total = time.perf_counter() - start
     gen, mc = timed.seconds["generate"], timed.seconds["loglikelihood"]
-    print(f"eval: arithmetic:digits=2, {score.num_examples} examples (greedy answer of up to 48 tokens + 4-way "
+    print(f"eval: arithmetic:digits=3, {score.num_examples} examples (greedy answer of up to 48 tokens + 4-way "
           f"multiple choice), {total:.1f} s = {score.num_examples / total:.1f} examples/s "
           f"(generation {gen:.1f} s = {score.num_examples / gen:.1f} ex/s, multiple choice {mc:.1f} s = "
           f"{score.num_examples / mc:.1f} ex/s); exact_str_match {score.metrics.get('exact_str_match', 0):.3f}, "
@@ -167,7 +167,7 @@ def eval_throughput(lm, n: int, seed: int = 0) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dir", default="runs/bench_decode", help="where the MTP runs are trained or reused")
-    parser.add_argument("--heads", default="2,4", help="MTP head counts, one model each")
+    parser.add_argument("--heads", default="2", help="MTP head counts, one model each (e.g. 2,4)")
     parser.add_argument("--steps", type=int, default=480, help="training steps of a model that is not there yet")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--prompts", type=int, default=8)

@@ -9,10 +9,10 @@ place), or one pair per block.
 
 Batches of prompts are left-padded into one block of ``P`` slots; per-row positions and a
 key-validity mask make padding invisible. Generated tokens go into slot ``P + count`` of their row:
-plain decoding advances every row together (one slot, one ``dynamic_update_slice``), speculative
-decoding advances each row by its own acceptance (one write offset per row). Each chunk attends over
-the whole fixed-size cache with a causal mask on slot indices, so stale keys beyond a row's length
-(from rejected drafts) are never seen and get overwritten before they could be.
+plain decoding advances every row together (one write slot), speculative decoding advances each row by
+its own acceptance (one write slot per row). Each chunk attends over the whole fixed-size cache with a
+causal mask on slot indices, so stale keys beyond a row's length (from rejected drafts) are never seen
+and get overwritten before they could be.
 
 Every decoding step is one jitted call that takes the whole decoding state (cache, last logits or
 drafts, output buffer, per-row counts and flags) and donates it, so the cache is updated in place
@@ -39,13 +39,13 @@ from scaling_jax.model.transformer import Decoder
 # else a list of pairs; "heads": [one (keys, values) pair per MTP head in use]}. Keys are
 # [(layers,) batch, kv_heads, max_len, head_dim] and values [(layers,) batch, kv_heads, head_dim, max_len]:
 # the layouts attention's two batched matmuls read with their contracted axis innermost, so XLA neither
-# transposes the cache on every call nor falls back to its slow generic dot (slot-major [batch, max_len, kv_heads,
-# head_dim] measured ~3x slower per speculative step at batch 8 on CPU).
+# transposes the cache on every call nor falls back to its generic dot (with the slot-major [batch, max_len,
+# kv_heads, head_dim] layout those transposed copies were ~25% of a batch-8 speculative step on CPU).
 Cache = dict
 
 # Chunks of up to this many queries attend one query at a time: XLA:CPU runs a one-query attention as a fast
-# matrix-vector product but a few-query one as a general batched matmul, which measured ~10x slower per query
-# at batch 8 (and every query then computes exactly as in plain one-token decoding).
+# matrix-vector product but a few-query one as a general batched matmul, ~6x slower per query at batch 8
+# (unrolling cut a batch-8 two-token step by ~20%), and each query then computes as in one-token decoding.
 UNROLL_QUERIES = 8
 
 
@@ -136,8 +136,8 @@ def write_kv(cache: jax.Array, new: jax.Array, index: jax.Array, values: bool, l
 
 
 def _take(x: jax.Array, at: jax.Array, axis: int = 1) -> jax.Array:
-    """Per row, the entry ``at[row]`` of ``axis`` (kept as a length-1 axis). A masked sum rather than a gather
-    (exact: every other term is zero), which XLA:CPU fuses into one cheap loop."""
+    """Per row, the entry ``at[row]`` of ``axis`` (kept as a length-1 axis): a masked sum (exact, every other
+    term is zero), which XLA fuses into a loop, rather than a gather."""
     shape = [1] * x.ndim
     shape[0], shape[axis] = -1, x.shape[axis]
     hit = jnp.reshape(jnp.arange(x.shape[axis]) == jnp.reshape(at, (-1, 1)), shape)

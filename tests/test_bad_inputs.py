@@ -67,6 +67,10 @@ def _make_user_files(root) -> None:
         "sweep_sizes_not_a_list.yaml": b"objectives: [causal]\nsizes: passuntil:1\nbudgets: [{tokens: 1000}]\n",
         "sweep_objective_not_a_mapping.yaml": b"objectives: {causal: 3}\nsizes: [passuntil:1]\n"
                                               b"budgets: [{tokens: 1000}]\n",
+        "sweep_repeated_seeds.yaml": b"objectives: [causal]\nsizes: [passuntil:1]\nbudgets: [{tokens: 1000}]\n"
+                                     b"seeds: [0, 1, 1]\n",
+        "sweep_negative_seed.yaml": b"objectives: [causal]\nsizes: [passuntil:1]\nbudgets: [{tokens: 1000}]\n"
+                                    b"seeds: [0, -2]\n",
         "torn_sweep/manifest.json": b'{"sweep": "x", "runs": [',
         "old_sweep/manifest.json": b'{"sweep": "x", "runs": [{"run_id": "a", "objective": "causal"}]}',
         "notes/todo.txt": b"my own notes\n",
@@ -320,6 +324,10 @@ FLAG_CASES = [  # (id, argv with {u}, fragments): numeric flags are checked by t
      ["sizes must be a list, got 'passuntil:1'"]),
     ("sweep-objective-not-a-mapping", ["sweep", "{u}/sweep_objective_not_a_mapping.yaml", "--dry-run"],
      ["objective 'causal' must map to dotted overrides"]),
+    ("sweep-seeds-repeated", ["sweep", "{u}/sweep_repeated_seeds.yaml", "--dry-run"],
+     ["seeds must be a non-empty list of distinct integers >= 0", "1 is listed twice"]),
+    ("sweep-seeds-negative", ["sweep", "{u}/sweep_negative_seed.yaml", "--dry-run"],
+     ["seeds must be a non-empty list of distinct integers >= 0", "-2 is not"]),
 ]
 
 

@@ -158,3 +158,39 @@ def test_fit_command_fits_a_published_style_csv_table(tmp_path, capsys):
     assert f"alpha = {direct.params['alpha']:.6g}" in out
     assert main(["fit", str(table), "--law", "chinchilla"]) == 2  # no D column: one-line error
     assert "lacks d" in capsys.readouterr().err
+
+
+def test_seed_stats_match_scipys_t_interval_of_the_mean():
+    from scipy import stats
+
+    for values in ([2.51, 2.47, 2.55], [3.0, 3.2], [1.9, 2.0, 2.05, 2.2, 1.95]):
+        v = np.array(values)
+        got = laws.seed_stats(v)
+        lo, hi = stats.t.interval(0.95, len(v) - 1, loc=np.mean(v), scale=stats.sem(v))
+        assert got.n == len(v) and got.mean == pytest.approx(np.mean(v))
+        assert got.interval == pytest.approx((lo, hi), rel=1e-12)
+        assert (got.min, got.max) == (v.min(), v.max())
+    # two seeds, closed form: half-width = t(0.975, 1) * |a - b| / 2 with t(0.975, 1) = 12.7062...
+    assert laws.seed_stats([3.0, 3.2]).half_width == pytest.approx(12.706204736 * 0.1, rel=1e-9)
+    assert laws.seed_stats([2.0, 2.2], level=0.5).half_width == pytest.approx(0.1, rel=1e-9)  # t(0.75, 1) = 1
+    one = laws.seed_stats([2.5])
+    assert one.n == 1 and one.mean == 2.5 and np.isnan(one.half_width)  # one seed: no interval is known
+    with pytest.raises(DataError, match="at least one finite value"):
+        laws.seed_stats([])
+
+
+def test_compute_frontier_of_seeded_points_keeps_every_seed_of_a_frontier_point():
+    rng = np.random.default_rng(7)
+    points, seeds = 20, 3
+    c = np.repeat(rng.uniform(1e15, 1e20, points), seeds)
+    loss = np.repeat(rng.uniform(2.0, 4.0, points), seeds) + rng.normal(0.0, 0.2, points * seeds)
+    groups = np.repeat([f"p{i}" for i in range(points)], seeds)
+    mean_c, mean_l = c[::seeds], loss.reshape(points, seeds).mean(axis=1)
+    brute = [g for g in range(points) if not np.any((mean_c < mean_c[g]) & (mean_l <= mean_l[g]))]
+    rows = laws.pareto_frontier(c, loss, groups=groups)
+    assert sorted(rows) == [g * seeds + s for g in brute for s in range(seeds)]
+    assert np.all(np.diff(c[rows]) >= 0)
+    # a row-wise frontier would keep a single (the luckiest) seed per compute instead
+    assert len(laws.pareto_frontier(c, loss)) < len(rows)
+    fit = laws.fit_compute_law(c, loss, n_boot=0, groups=groups)
+    assert fit.info["frontier_points"] == len(brute) and fit.info["frontier_rows"] == len(brute) * seeds

@@ -101,3 +101,106 @@ def test_report_on_a_directory_without_runs_is_a_one_line_error(tmp_path):
     with pytest.raises(DataError, match="neither a sweep directory"):
         plots.load_runs([str(tmp_path)])
     assert main(["report", str(tmp_path)]) == 2
+
+
+SEEDS = (0, 1, 2)
+
+
+@pytest.fixture
+def seeded_sweep(tmp_path):
+    """causal at three sizes x three seeds (each seed its own noise), and a fourth seed of size a unfinished."""
+    out = tmp_path / "seeded"
+    entries = []
+    for j, (size, n) in enumerate(list(SIZES.items())[:3]):
+        for seed in SEEDS:
+            run_id = f"causal-{size}-k20-s{seed}"
+            info = fake_run(str(out / run_id), "causal", n, seed=100 * j + seed)
+            entries.append({"run_id": run_id, "objective": "causal", "size": size, "budget": "k20", "seed": seed,
+                            "status": "done", "steps": 40, **info})
+    entries.append({"run_id": "causal-a-k20-s3", "objective": "causal", "size": "a", "budget": "k20", "seed": 3,
+                    "status": "pending", "run_dir": str(out / "causal-a-k20-s3"), "n": SIZES["a"],
+                    "tokens": 20 * SIZES["a"], "flops": 120 * SIZES["a"] ** 2, "steps": 40})
+    with open(out / "manifest.json", "w") as f:
+        json.dump({"sweep": "seeded", "runs": entries}, f)
+    return str(out)
+
+
+def _seed_losses(sweep_dir: str, size: str) -> np.ndarray:
+    return np.array([json.load(open(os.path.join(sweep_dir, f"causal-{size}-k20-s{s}", "summary.json")))["val_loss"]
+                     for s in SEEDS])
+
+
+def test_report_gives_each_seeded_point_its_mean_t_interval_and_seed_count(seeded_sweep, tmp_path):
+    from scipy import stats
+
+    out = str(tmp_path / "report")
+    text = open(plots.write_report([seeded_sweep], out, n_boot=20)).read()
+    section = text.split("## Seeds")[1].split("## Curves")[0]
+    data = json.load(open(os.path.join(out, "report.json")))
+    points = {p["point"]: p for p in data["seed_points"]}
+    assert sorted(points) == ["causal-a-k20", "causal-b-k20", "causal-c-k20"]
+    for size in ("a", "b", "c"):
+        v = _seed_losses(seeded_sweep, size)
+        lo, hi = stats.t.interval(0.95, len(v) - 1, loc=np.mean(v), scale=stats.sem(v))
+        row = next(line for line in section.splitlines() if line.startswith(f"| causal-{size}-k20 |"))
+        assert f"| {np.mean(v):.4f} ± {(hi - lo) / 2:.4f} (n=3) |" in row
+        assert f"[{lo:.4f}, {hi:.4f}]" in row
+        p = points[f"causal-{size}-k20"]
+        assert p["mean"] == pytest.approx(np.mean(v)) and p["interval"] == pytest.approx([lo, hi])
+        assert p["n_seeds"] == 3 and p["seeds"] == list(SEEDS)
+    assert "0, 1, 2 (3 of 4 finished)" in section.split("| causal-a-k20 |")[1].splitlines()[0]
+    assert "| causal-b-k20-s2 | causal | b |" in text  # the runs table still lists every seed's run
+    for name in ("fit_loss_vs_params", "fit_loss_vs_compute"):
+        assert os.path.getsize(os.path.join(out, f"{name}.png")) > 10_000, name
+
+
+def test_fit_plot_draws_each_seeded_point_at_its_mean_with_the_t_interval_as_error_bar(seeded_sweep):
+    from matplotlib.container import ErrorbarContainer
+
+    records = plots.load_runs([seeded_sweep])
+    fits = {"causal": plots.fit_objective(plots._finished(records), 1e15, n_boot=0)}
+    ax = plots.fit_figure(records, fits, "n", "loss_vs_n").axes[0]
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 1
+    (segments,) = [col.get_segments() for col in bars[0].lines[2]]
+    for seg, size in zip(sorted(segments, key=lambda s: s[0][0]), ("a", "b", "c"), strict=True):
+        st = laws.seed_stats(_seed_losses(seeded_sweep, size))
+        (x0, lo), (x1, hi) = seg
+        assert x0 == x1 == SIZES[size] and (lo, hi) == pytest.approx(st.interval)
+
+
+def _seeded_records(delta: float, seeds=SEEDS) -> list:
+    """Three sizes whose seeds scatter by exp(-delta), 1, exp(+delta) (in an order that changes with the size)
+    around L(C): their means lie on one power law exactly, whatever delta is."""
+    records = []
+    for j, (size, n) in enumerate(list(SIZES.items())[:3]):
+        flops = 6 * n * 20 * n
+        offsets = np.roll([-delta, 0.0, delta], j)
+        for seed, off in zip(seeds, offsets, strict=True):
+            records.append(plots.RunRecord(f"causal-{size}-k20-s{seed}", "causal", size, n, 20 * n, flops, 1.0,
+                                           float(laws.power_law(flops, *LAWS["causal"]) * np.exp(off)), None,
+                                           "done", seed=seed, point=f"causal-{size}-k20", source="sweep"))
+    return records
+
+
+def _width(fit, name="alpha") -> float:
+    lo, hi = fit.ci[name]
+    return hi - lo
+
+
+def test_fits_take_every_seed_as_a_point_so_the_seed_scatter_widens_their_intervals():
+    alpha = LAWS["causal"][1]
+    widths = {}
+    for delta in (0.0, 0.01, 0.03):
+        fits = plots.fit_objective(_seeded_records(delta), 1e15, n_boot=200)
+        widths[delta] = (_width(fits["loss_vs_n"]), _width(fits["loss_vs_compute"]))
+        assert fits["loss_vs_compute"].info["frontier_rows"] == 9  # all three seeds of all three points
+        lo, hi = fits["loss_vs_compute"].ci["alpha"]
+        assert lo - 1e-9 <= alpha <= hi + 1e-9
+    # the seeds' means lie exactly on the law: fitted alone they leave no error to see
+    means = [plots.RunRecord(p.label, "causal", p.size, p.n, p.tokens, p.flops, 1.0, p.stats.mean, None, "done",
+                             point=p.label, source="means") for p in plots.seed_points(_seeded_records(0.03))]
+    on_means = plots.fit_objective(means, 1e15, n_boot=200)
+    assert _width(on_means["loss_vs_n"]) < 1e-9 and _width(on_means["loss_vs_compute"]) < 1e-9
+    for i in range(2):  # L(N), L(C): no scatter, no width; then wider with every step up in scatter
+        assert widths[0.0][i] < 1e-9 < 1e-3 < widths[0.01][i] < widths[0.03][i]

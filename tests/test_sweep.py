@@ -135,3 +135,68 @@ def test_sweep_files_are_checked_with_one_line_errors(tmp_path):
     good = sweep.load_sweep(write_spec(tmp_path, [{"tokens": 1280}]))
     with pytest.raises(ConfigError, match="--sizes 'xl' is not in sweep"):
         sweep.plan(good, sizes=["xl"])
+
+
+def test_seeds_axis_repeats_every_point_with_its_own_init_and_data_seed(tmp_path):
+    spec = sweep.load_sweep(write_spec(tmp_path, [{"tokens": 1280}], seeds=[3, 0]))
+    runs = sweep.plan(spec)
+    assert [r.run_id for r in runs] == ["causal-xs-t1280-s3", "causal-xs-t1280-s0",
+                                        "causal-s-t1280-s3", "causal-s-t1280-s0"]
+    for run in runs:
+        assert run.config.train.seed == run.config.data.shuffle_seed == run.seed  # init and data order
+        assert run.config.train.run_dir == os.path.join(spec.out_dir, run.run_id)
+        assert sweep.manifest_entry(run, "pending")["seed"] == run.seed
+    from scaling_jax.config import to_dict
+
+    def unseeded(run):  # the config with what a seed sets (and the run's directory) taken out
+        cfg = to_dict(run.config)
+        del cfg["train"]["seed"], cfg["data"]["shuffle_seed"], cfg["train"]["run_dir"]
+        return cfg
+
+    for a, b in ((runs[0], runs[1]), (runs[2], runs[3])):  # seeds of one point differ in nothing else
+        assert unseeded(a) == unseeded(b)
+        assert (a.n, a.tokens, a.flops, a.steps) == (b.n, b.tokens, b.flops, b.steps)
+    # one pass of the grid per seed (the spec's order), smallest compute first within it: a sweep stopped
+    # part-way has every point at its first seed
+    assert [r.run_id for r in sweep.run_order(runs)] == ["causal-xs-t1280-s3", "causal-s-t1280-s3",
+                                                         "causal-xs-t1280-s0", "causal-s-t1280-s0"]
+    assert sweep.format_plan(runs).splitlines()[1].startswith("causal-xs-t1280-s3 ")
+
+
+def test_a_spec_without_seeds_keeps_its_run_ids_its_seeds_and_its_finished_runs(tmp_path):
+    spec = sweep.load_sweep(write_spec(tmp_path, [{"tokens": 1280}]), ["train.seed=7", "data.shuffle_seed=5"])
+    assert spec.seeds is None
+    runs = sweep.plan(spec)
+    assert [r.run_id for r in runs] == ["causal-xs-t1280", "causal-s-t1280"]  # the ids sweeps always had
+    for run in runs:
+        assert run.seed is None and (run.config.train.seed, run.config.data.shuffle_seed) == (7, 5)
+        assert "seed" not in sweep.manifest_entry(run, "pending")  # an old sweep's manifest is unchanged
+    from scaling_jax.config import save_config
+
+    done = runs[0]  # a run finished by an earlier sweep command: still recognised, still skipped
+    os.makedirs(done.config.train.run_dir)
+    save_config(done.config, os.path.join(done.config.train.run_dir, "config.yaml"))
+    with open(os.path.join(done.config.train.run_dir, "summary.json"), "w") as f:
+        json.dump({"step": done.steps, "val_loss": 2.5, "wall_time": 1.0}, f)
+    calls = []
+    entries = sweep.run_sweep(spec, sizes=["xs"], train_fn=calls.append, say=lambda m: None)
+    assert calls == [] and [(e["run_id"], e["status"], e["val_loss"]) for e in entries] == [
+        ("causal-xs-t1280", "done", 2.5)]
+
+
+def test_seeds_must_be_distinct_non_negative_integers_and_own_the_seed_fields(tmp_path):
+    cases = [({"seeds": [0, 1, 1]}, "1 is listed twice"), ({"seeds": [-1]}, "-1 is not"),
+             ({"seeds": [0, 1.5]}, "1.5 is not"), ({"seeds": [True]}, "True is not"), ({"seeds": []}, "got \\[\\]"),
+             ({"seeds": 3}, "got 3"), ({"seeds": "0, 1"}, "got '0, 1'")]
+    for change, detail in cases:
+        spec = {"objectives": ["causal"], "sizes": ["passuntil:1"], "budgets": [{"tokens": 100}], **change}
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        with pytest.raises(ConfigError, match=f"seeds must be a non-empty list of distinct integers >= 0.*{detail}"):
+            sweep.load_sweep(str(path))
+    path = write_spec(tmp_path, [{"tokens": 1280}], seeds=[0, 1])
+    for overrides in (["train.seed=4"], ["data.shuffle_seed=4"]):  # which seed would win is a guess: refused
+        with pytest.raises(ConfigError, match=f"seeds sets train.seed and data.shuffle_seed of every run, and "
+                                              f"overrides sets {overrides[0].split('=')[0]} too"):
+            sweep.load_sweep(path, overrides)
+    assert sweep.load_sweep(path).seeds == [0, 1]

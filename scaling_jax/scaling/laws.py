@@ -10,6 +10,10 @@ intervals, plus ``predict`` / ``predict_interval`` for extrapolation. Law forms 
   (δ=1e-3) of log L with L-BFGS from a grid of initialisations; approach 2: IsoFLOP parabolas.
 - ``power_offset`` L=E+(X_c/X)^α adds the irreducible loss to a one-variable law (what a short extrapolation
   of small models needs: their log-log curve bends toward E).
+
+Repeated runs (a sweep's ``seeds``) enter a fit as rows of their own, one per (size, seed): the bootstrap then
+resamples runs, so the seed-to-seed scatter shows in the intervals instead of being averaged away first.
+``seed_stats`` summarises one grid point over its seeds (mean and Student-t interval) for reports.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import optimize
+from scipy import optimize, stats
 from threadpoolctl import threadpool_limits
 
 from scaling_jax.errors import DataError
@@ -261,25 +265,75 @@ def fit_kaplan_nd(n, d, loss, n_boot: int = 200, level: float = 0.95, seed: int 
                samples, level)
 
 
-def pareto_frontier(compute, loss) -> np.ndarray:
+def pareto_frontier(compute, loss, groups=None) -> np.ndarray:
     """Indices of the compute-efficient frontier (no other point has less compute and lower loss), sorted by
-    compute: the C_min points Kaplan's L(C_min) is fitted to."""
+    compute: the C_min points Kaplan's L(C_min) is fitted to.
+
+    ``groups`` (one label per row, e.g. the grid point of each seed's run): the frontier is taken over the
+    groups' mean compute and mean loss, and every row of a frontier group is returned, so a point's seeds
+    enter together (a row-wise frontier would keep only the luckiest seed of each compute)."""
     compute, loss = np.asarray(compute, float), np.asarray(loss, float)
-    keep, best = [], np.inf
-    for i in np.lexsort((loss, compute)):
-        if loss[i] < best:
-            keep.append(i)
-            best = loss[i]
-    return np.array(keep, dtype=int)
+    if groups is None:
+        keep, best = [], np.inf
+        for i in np.lexsort((loss, compute)):
+            if loss[i] < best:
+                keep.append(i)
+                best = loss[i]
+        return np.array(keep, dtype=int)
+    labels = np.asarray(groups, dtype=object).ravel()
+    if len(labels) != len(compute):
+        raise DataError(f"groups has {len(labels)} labels for {len(compute)} rows; pass one label per row")
+    members = [np.flatnonzero(labels == g) for g in dict.fromkeys(labels.tolist())]
+    frontier = pareto_frontier([compute[m].mean() for m in members], [loss[m].mean() for m in members])
+    rows = np.concatenate([members[g] for g in frontier])
+    return rows[np.argsort(compute[rows], kind="stable")]
 
 
 @single_thread_blas
-def fit_compute_law(compute, loss, n_boot: int = 200, level: float = 0.95, seed: int = 0) -> Fit:
-    """Kaplan's L(C_min) = (C_c/C)^α_C on the compute-efficient frontier of (C, L) points."""
+def fit_compute_law(compute, loss, n_boot: int = 200, level: float = 0.95, seed: int = 0, groups=None) -> Fit:
+    """Kaplan's L(C_min) = (C_c/C)^α_C on the compute-efficient frontier of (C, L) points; with ``groups``
+    (see ``pareto_frontier``) every seed of a frontier point is a row of the fit."""
     compute, loss = columns(compute, loss, names=("C", "loss"), min_rows=2)
-    idx = pareto_frontier(compute, loss)
+    idx = pareto_frontier(compute, loss, groups)
+    points = len(idx) if groups is None else len(set(np.asarray(groups, dtype=object).ravel()[idx].tolist()))
     fit = fit_power_law(compute[idx], loss[idx], n_boot, level, seed)
-    return Fit(fit.law, fit.params, fit.samples, level, {"frontier_points": len(idx)})
+    return Fit(fit.law, fit.params, fit.samples, level, {"frontier_points": points, "frontier_rows": len(idx)})
+
+
+# ---------------------------------------------------------------------------------------------- seeds
+
+
+@dataclass(frozen=True)
+class SeedStats:
+    """One grid point's final losses over its seeds: the mean and the Student-t interval of that mean,
+    mean ± t_{(1+level)/2, n-1} · s / √n (s: sample standard deviation). NaN half-width for one seed."""
+
+    mean: float
+    half_width: float
+    n: int
+    std: float
+    min: float
+    max: float
+    level: float = 0.95
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return self.mean - self.half_width, self.mean + self.half_width
+
+
+def seed_stats(values, level: float = 0.95) -> SeedStats:
+    """Mean and ``level`` t-interval of repeated measurements (the seeds of one sweep point)."""
+    v = np.asarray(values, float).ravel()
+    if v.size == 0 or not np.all(np.isfinite(v)):
+        raise DataError(f"seed_stats needs at least one finite value, got {v.tolist()}")
+    if not 0.0 < level < 1.0:
+        raise DataError(f"level={level} must be in (0, 1)")
+    mean, n = float(v.mean()), int(v.size)
+    if n == 1:
+        return SeedStats(mean, math.nan, 1, math.nan, mean, mean, level)
+    std = float(v.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
+    return SeedStats(mean, half, n, std, float(v.min()), float(v.max()), level)
 
 
 # ---------------------------------------------------------------------------------------------- Chinchilla (3)

@@ -5,6 +5,9 @@
 curve (colour = objective, shade = size), fits per objective L(N) and Kaplan's L(C) on final losses (with
 bootstrap bands and an extrapolation to a target compute), Chinchilla approach 3 / IsoFLOP when the grid
 supports them, the gradient noise scale when it was logged, and writes ``report.md`` and ``report.json``.
+Runs of a sweep with ``seeds`` that differ only by seed form one point: the report gives its mean final loss
+± the Student-t 95% interval of that mean and the number of seeds (``seed_points``), the fit plots draw it
+with error bars, and the fits take every seed's run as a row of its own.
 Matplotlib is driven through Figure + Agg (no pyplot state), as in ``train.metrics``.
 """
 
@@ -43,6 +46,9 @@ class RunRecord:
     status: str
     curve: list[dict] = field(default_factory=list)  # validation rows with tokens, flops, wall_time, val_loss
     rows: list[dict] = field(default_factory=list)  # every metrics row (for the noise scale)
+    seed: int | None = None  # the sweep seed (manifests of sweeps with a seeds axis); None otherwise
+    point: str = ""  # the grid point: run_id without its -s{seed} suffix (runs differing only by seed share it)
+    source: str = ""  # the sweep or run directory the record was read from
 
 
 def _read_json(path: str) -> dict:
@@ -76,6 +82,10 @@ def _manifest_runs(path: str) -> list[dict]:
         except (TypeError, ValueError):
             raise DataError(f"'{path}' run {i} ({e['run_id']}) has a non-numeric n, tokens or flops; rerun the "
                             "sweep to rewrite it") from None
+        seed = e.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise DataError(f"'{path}' run {i} ({e['run_id']}) has seed {seed!r}, not an integer >= 0; rerun the "
+                            "sweep to rewrite it")
     return runs
 
 
@@ -118,6 +128,8 @@ def load_runs(paths: list[str]) -> list[RunRecord]:
             for e in _manifest_runs(os.path.join(path, MANIFEST)):
                 rec = _load_run_dir(e["run_dir"], e["run_id"], e["objective"], e["size"], e["status"])
                 rec.n, rec.tokens, rec.flops = float(e["n"]), float(e["tokens"]), float(e["flops"])
+                rec.seed, rec.source = e.get("seed"), path
+                rec.point = e["run_id"] if rec.seed is None else e["run_id"].removesuffix(f"-s{rec.seed}")
                 if e["status"] != "done":  # an unfinished run's last eval is not its final loss
                     rec.val_loss = rec.val_bpb = None
                 records.append(rec)
@@ -137,8 +149,10 @@ def load_runs(paths: list[str]) -> list[RunRecord]:
             objective = objective.get("name", "?") if isinstance(objective, dict) else str(objective)
             model = config.get("model")
             size = model.get("series", "custom") if isinstance(model, dict) else "custom"
-            records.append(_load_run_dir(path, os.path.basename(os.path.normpath(path)), objective, size,
-                                         "done" if done else "interrupted"))
+            rec = _load_run_dir(path, os.path.basename(os.path.normpath(path)), objective, size,
+                                "done" if done else "interrupted")
+            rec.point, rec.source = rec.run_id, path
+            records.append(rec)
         else:
             check_report_paths([path])  # raises: names what a path must hold
     if not records:
@@ -153,6 +167,49 @@ def _finished(records: list[RunRecord]) -> list[RunRecord]:
     return [r for r in records if r.status == "done" and r.val_loss and r.n > 0 and r.flops > 0]
 
 
+def point_key(r: RunRecord) -> str:
+    """Runs with one key differ only by seed: the same grid point of the same sweep directory."""
+    return f"{r.source}\0{r.point or r.run_id}"
+
+
+@dataclass(frozen=True)
+class SeedPoint:
+    """One grid point over its seeds: the finished runs' final validation losses summarised by ``stats``
+    (mean, and mean ± the Student-t interval of the mean; see ``laws.seed_stats``)."""
+
+    label: str  # the run id without its -s{seed} suffix
+    objective: str
+    size: str
+    n: float
+    tokens: float
+    flops: float
+    seeds: tuple  # seeds of the finished runs (None for a run of a sweep without seeds)
+    run_ids: tuple
+    planned: int  # runs of this point in the manifest, finished or not
+    stats: laws.SeedStats
+
+
+def seed_points(records: list[RunRecord], level: float = 0.95) -> list[SeedPoint]:
+    """Runs grouped by grid point (``point_key``), in first-seen order; points with no finished run are left out."""
+    groups: dict[str, list[RunRecord]] = {}
+    for r in records:
+        groups.setdefault(point_key(r), []).append(r)
+    out = []
+    for members in groups.values():
+        done = _finished(members)
+        if done:
+            first = done[0]
+            out.append(SeedPoint(first.point or first.run_id, first.objective, first.size, first.n, first.tokens,
+                                 first.flops, tuple(r.seed for r in done), tuple(r.run_id for r in done),
+                                 len(members), laws.seed_stats([r.val_loss for r in done], level)))
+    return out
+
+
+def _seeded_points(records: list[RunRecord]) -> list[SeedPoint]:
+    """The points of sweeps with a seeds axis (a sweep without one has a single run per point, no seed)."""
+    return [p for p in seed_points(records) if any(s is not None for s in p.seeds)]
+
+
 def _try(fn, *args, **kwargs):
     """A fit that the data cannot support is left out of the report rather than failing it."""
     try:
@@ -162,17 +219,23 @@ def _try(fn, *args, **kwargs):
 
 
 def fit_objective(runs: list[RunRecord], target_flops: float, n_boot: int = 200) -> dict:
-    """Per-objective fits on final validation losses: L(N), L(C) on the frontier, and the extrapolation."""
+    """Per-objective fits on final validation losses: L(N), L(C) on the frontier, and the extrapolation.
+
+    Every run is a row, so a point with several seeds enters once per seed (the bootstrap resamples runs and
+    the seed scatter widens the intervals); L(C)'s frontier is chosen on the points' mean losses and keeps
+    all seeds of a frontier point. Law choices count distinct sizes / (N, D) pairs, not rows."""
     n = np.array([r.n for r in runs])
     c = np.array([r.flops for r in runs])
     loss = np.array([r.val_loss for r in runs])
+    keys = [point_key(r) for r in runs]
+    groups = keys if len(set(keys)) < len(keys) else None  # None: one run per point, the row-wise frontier
     out: dict = {}
     if len(np.unique(n)) >= 4:
         out["loss_vs_n"] = _try(laws.fit_power_offset, n, loss, n_boot=n_boot)
     elif len(np.unique(n)) >= 2:
         out["loss_vs_n"] = _try(laws.fit_power_law, n, loss, n_boot=n_boot)
     if len(np.unique(c)) >= 2:
-        fit = _try(laws.fit_compute_law, c, loss, n_boot=n_boot)
+        fit = _try(laws.fit_compute_law, c, loss, n_boot=n_boot, groups=groups)
         if fit is not None:
             lo, hi = fit.predict_interval(target_flops)
             out["loss_vs_compute"] = fit
@@ -180,7 +243,8 @@ def fit_objective(runs: list[RunRecord], target_flops: float, n_boot: int = 200)
                                     "ci": [float(lo), float(hi)]}
     d = np.array([r.tokens for r in runs])
     # approach 3 needs D to vary independently of N (not a fixed token count, not a fixed ratio D/N)
-    if len(runs) >= 5 and min(np.ptp(np.log(n)), np.ptp(np.log(d)), np.ptp(np.log(d / n))) > 0.1:
+    if len(set(zip(n, d, strict=True))) >= 5 and min(np.ptp(np.log(n)), np.ptp(np.log(d)),
+                                                      np.ptp(np.log(d / n))) > 0.1:
         fit = _try(laws.fit_chinchilla, n, d, loss, n_boot=min(n_boot, 50))
         if fit is not None:
             alloc = laws.chinchilla_optimal(fit.params, target_flops)
@@ -253,11 +317,14 @@ def plot_curves(records: list[RunRecord], axis: str, path: str) -> str:
     key, label = AXES[axis]
     fig, ax = _figure()
     style = _styles(records)
+    labelled = set()  # one legend entry per grid point, however many seeds it has
     for r in records:
         pts = [(p[key], p["val_loss"]) for p in r.curve if p.get(key)]
         if pts:
             x, y = zip(*pts, strict=True)
-            ax.plot(x, y, "o-", color=style[r.run_id], markersize=3, label=f"{r.objective} {r.size}")
+            legend = "_nolegend_" if point_key(r) in labelled else f"{r.objective} {r.size}"
+            labelled.add(point_key(r))
+            ax.plot(x, y, "o-", color=style[r.run_id], markersize=3, label=legend)
     _log_log(ax)
     ax.set_xlabel(label)
     ax.set_ylabel("validation loss (nats/token)")
@@ -271,14 +338,32 @@ def plot_curves(records: list[RunRecord], axis: str, path: str) -> str:
 def plot_fit(records: list[RunRecord], fits: dict[str, dict], x_key: str, fit_key: str, path: str,
              x_max: float | None = None) -> str:
     """Final losses per objective with the fitted law and its bootstrap band, extended to ``x_max``."""
+    return _save(fit_figure(records, fits, x_key, fit_key, x_max), path)
+
+
+def fit_figure(records: list[RunRecord], fits: dict[str, dict], x_key: str, fit_key: str,
+               x_max: float | None = None):
+    """The figure of ``plot_fit``. Points with several seeds: every seed's run as a small dot, and the mean
+    with an error bar of the Student-t 95% interval of the mean (what ``seed_points`` gives)."""
     fig, ax = _figure()
     style = _styles(records)
     measured = [r.val_loss for r in _finished(records)]
+    seeded = False
     for objective, f in fits.items():
         runs = [r for r in _finished(records) if r.objective == objective]
         xs = np.array([getattr(r, x_key) for r in runs])
         color = style[runs[-1].run_id]
-        ax.scatter(xs, [r.val_loss for r in runs], color=color, zorder=3, label=f"{objective} runs")
+        points = seed_points(runs)
+        if any(p.stats.n > 1 for p in points):
+            seeded = True
+            ax.scatter(xs, [r.val_loss for r in runs], color=color, s=10, alpha=0.4, zorder=2,
+                       label=f"{objective} runs (every seed)")
+            mean = np.array([p.stats.mean for p in points])
+            half = np.nan_to_num(np.array([p.stats.half_width for p in points]), nan=0.0)
+            ax.errorbar([getattr(p, x_key) for p in points], mean, yerr=[np.minimum(half, 0.99 * mean), half],
+                        fmt="o", color=color, capsize=3, zorder=3, label=f"{objective} mean over seeds")
+        else:
+            ax.scatter(xs, [r.val_loss for r in runs], color=color, zorder=3, label=f"{objective} runs")
         fit = f.get(fit_key)
         if fit is None:
             continue
@@ -296,11 +381,12 @@ def plot_fit(records: list[RunRecord], fits: dict[str, dict], x_key: str, fit_ke
         ax.set_ylim(min(measured) / 1.25, max(measured) * 1.25)
     ax.set_xlabel({"n": "non-embedding parameters N", "flops": "training FLOPs C"}[x_key])
     ax.set_ylabel("final validation loss (nats/token)")
-    ax.set_title("final loss with fitted law (95% bootstrap band)")
+    ax.set_title("final loss with fitted law (95% bootstrap band)"
+                 + ("; seed mean ± 95% t-interval" if seeded else ""))
     ax.grid(True, which="both", alpha=0.3)
     if ax.collections:
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -325,6 +411,36 @@ def _runs_table(records: list[RunRecord]) -> list[str]:
         lines.append(f"| {r.run_id} | {r.objective} | {r.size} | {r.n:,.0f} | {r.tokens:,.0f} | {r.flops:.3g} | "
                      f"{num(r.wall_time, '.0f')} | {num(r.val_loss, '.4f')} | {num(r.val_bpb, '.4f')} | {r.status} |")
     return lines
+
+
+def _seeds_section(records: list[RunRecord]) -> list[str]:
+    """Grid points of seeded sweeps: mean final loss ± the t-interval of the mean, and how many seeds."""
+    points = _seeded_points(records)
+    if not points:
+        return []
+    lines = ["## Seeds (mean final validation loss over seeds, ± the 95% Student-t interval of the mean)", "",
+             "Interval: mean ± t(0.975, n−1) · s/√n, s the standard deviation over the n finished seeds; none "
+             "for one seed. The fits below take every seed's run as a point of its own.", "",
+             "| point | objective | size | N | FLOPs | val loss | 95% interval | seeds |",
+             "| --- | --- | --- | ---: | ---: | ---: | --- | --- |"]
+    for p in sorted(points, key=lambda p: (p.objective, p.n, p.flops)):
+        st = p.stats
+        loss = f"{st.mean:.4f} (n=1)" if st.n == 1 else f"{st.mean:.4f} ± {st.half_width:.4f} (n={st.n})"
+        seeds = ", ".join(str(s) for s in p.seeds) + (f" ({st.n} of {p.planned} finished)" if p.planned > st.n
+                                                      else "")
+        lines.append(f"| {p.label} | {p.objective} | {p.size} | {p.n:,.0f} | {p.flops:.3g} | {loss} | "
+                     f"{_interval(*st.interval, '.4f')} | {seeds} |")
+    return lines + [""]
+
+
+def _seed_point_dict(p: SeedPoint) -> dict:
+    st = p.stats
+    known = lambda v: None if math.isnan(v) else v  # noqa: E731  (one seed: no spread, no interval)
+    return {"point": p.label, "objective": p.objective, "size": p.size, "n": p.n, "tokens": p.tokens,
+            "flops": p.flops, "seeds": list(p.seeds), "run_ids": list(p.run_ids), "planned": p.planned,
+            "mean": st.mean, "half_width": known(st.half_width), "interval": [known(v) for v in st.interval],
+            "std": known(st.std), "min": st.min, "max": st.max, "n_seeds": st.n, "level": st.level,
+            "interval_kind": "mean ± Student-t half-width"}
 
 
 def _fits_section(fits: dict[str, dict]) -> list[str]:
@@ -410,7 +526,7 @@ def write_report(paths: list[str], out_dir: str, target_flops: float | None = No
     lines = [f"# Scaling report: {', '.join(os.path.basename(os.path.normpath(p)) for p in paths)}", "",
              f"{len(records)} runs ({len(finished)} finished) from {', '.join(paths)}. Loss is next-token "
              "validation loss for every objective, so objectives share one axis.", "", "## Runs", "",
-             *_runs_table(records), "", "## Curves", ""]
+             *_runs_table(records), "", *_seeds_section(records), "## Curves", ""]
     lines += [f"![{name}]({name})" for name in images] + [""]
     lines += _fits_section(fits)
     if max_flops:  # the largest compute every objective reached: a reading inside each fit's data, not beyond
@@ -422,6 +538,7 @@ def write_report(paths: list[str], out_dir: str, target_flops: float | None = No
         f.write("\n".join(lines))
     payload = {"target_flops": target, "runs": [{k: v for k, v in vars(r).items() if k not in ("curve", "rows")}
                                                 for r in records],
+               "seed_points": [_seed_point_dict(p) for p in _seeded_points(records)],
                "fits": {o: {k: (v.to_dict() if isinstance(v, laws.Fit) else _iso_dict(v) if k == "isoflop" else v)
                             for k, v in f.items()} for o, f in fits.items()}}
     with open(os.path.join(out_dir, "report.json"), "w") as f:

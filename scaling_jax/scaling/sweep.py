@@ -11,6 +11,16 @@ Sizes: ``passuntil:1..3`` (a range), ``passuntil:2``, ``kaplan:4x256``, or a map
 ``name``. Budgets: ``{tokens_per_param: 20}`` (N = non-embedding parameters of the size's base model, the same
 for every objective), ``{tokens: 2.0e6}``, or ``{flops: 1.0e13}`` (per objective, with its own FLOPs/token,
 for equal-compute and IsoFLOP comparisons).
+
+Seeds: ``seeds: [0, 1, 2]`` repeats every grid point once per seed. A sweep seed sets both seeds a run
+draws from: ``train.seed`` (model initialisation; also the train state's RNG key, which no objective draws
+from today) and ``data.shuffle_seed`` (the order of training documents tokenized at load, the shuffle of
+training rows, every source of a ``data.mixture`` included, and an instruction mixture's order and few-shot
+exemplars). UL2's denoiser corruption has no seed of its own: each row seeds it with the crc32 of its
+tokens, so it changes with the data order. The validation split (a stable hash of document names) and the
+validation rows are the same for every seed. Run ids gain ``-s{seed}`` (``causal-m1-k3-s1``) only when the
+spec has ``seeds``; without it every run keeps the base config's seeds and the ids of earlier sweeps, so
+their finished runs are still recognised and skipped.
 """
 
 from __future__ import annotations
@@ -36,8 +46,9 @@ COSMETIC = {"train.progress", "train.tensorboard", "train.plot", "train.async_ch
             "train.keep_checkpoints", "train.peak_flops_per_device", "train.eval_every", "train.checkpoint_every",
             "train.check_memory", "train.shared_filesystem", "model.remat"}  # how a run is done, not what it computes
 BUDGET_KINDS = ("tokens_per_param", "tokens", "flops")
-SPEC_KEYS = ("name", "base", "overrides", "out_dir", "objectives", "sizes", "budgets", "warmup_fraction",
+SPEC_KEYS = ("name", "base", "overrides", "out_dir", "objectives", "sizes", "budgets", "seeds", "warmup_fraction",
              "evals_per_run", "checkpoints_per_run")
+SEED_FIELDS = ("train.seed", "data.shuffle_seed")  # what one sweep seed sets
 
 
 @dataclass
@@ -53,6 +64,7 @@ class SweepSpec:
     warmup_fraction: float = 0.05
     evals_per_run: int = 4
     checkpoints_per_run: int = 2
+    seeds: list[int] | None = None  # None: no seeds axis (one run per point, the base config's seeds)
 
 
 @dataclass
@@ -69,6 +81,7 @@ class PlannedRun:
     flops: float
     steps: int
     extra: dict = field(default_factory=dict)
+    seed: int | None = None  # the sweep seed (train.seed = data.shuffle_seed); None without a seeds axis
 
 
 def _fail(path: str, message: str) -> ConfigError:
@@ -132,6 +145,36 @@ def _budgets(raw: Any, path: str) -> list[tuple[str, float]]:
     return out
 
 
+def _seeds(raw: Any, path: str) -> list[int] | None:
+    """``seeds``: a non-empty list of distinct integers >= 0 (None when the key is absent or null)."""
+    if raw is None:
+        return None
+    what = "seeds must be a non-empty list of distinct integers >= 0 such as [0, 1, 2]"
+    if not isinstance(raw, list) or not raw:
+        raise _fail(path, f"{what}, got {raw!r}")
+    for seed in raw:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise _fail(path, f"{what}; {seed!r} is not")
+    repeated = next((s for i, s in enumerate(raw) if s in raw[:i]), None)
+    if repeated is not None:
+        raise _fail(path, f"{what}; {repeated} is listed twice")
+    return list(raw)
+
+
+def _check_seed_overrides(spec: SweepSpec) -> None:
+    """With a seeds axis, no override may set the fields a sweep seed sets (which one would win is a guess)."""
+    if spec.seeds is None:
+        return
+    for where, overrides in (("overrides", spec.overrides),
+                             *((f"objective '{k}'", v) for k, v in spec.objectives.items())):
+        for key in SEED_FIELDS:
+            section, name = key.split(".")
+            nested = overrides.get(section)
+            if key in overrides or (isinstance(nested, dict) and name in nested):
+                raise _fail(spec.path, f"seeds sets {' and '.join(SEED_FIELDS)} of every run, and {where} sets "
+                                       f"{key} too; drop that override or the seeds key")
+
+
 def load_sweep(path: str, overrides: list[str] | None = None) -> SweepSpec:
     """Read and check a sweep file; ``overrides`` (dotted key=value) apply to every run."""
     from scaling_jax.config import parse_overrides
@@ -177,7 +220,8 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> SweepSpec:
     spec = SweepSpec(name=name, path=path, base=base, overrides=common,
                      out_dir=str(raw.get("out_dir") or os.path.join("runs", "sweeps", name)),
                      objectives=_objectives(raw["objectives"], path), sizes=expand_sizes(raw["sizes"] or [], path),
-                     budgets=_budgets(raw["budgets"], path), **numbers)
+                     budgets=_budgets(raw["budgets"], path), seeds=_seeds(raw.get("seeds"), path), **numbers)
+    _check_seed_overrides(spec)
     if not 0.0 <= spec.warmup_fraction < 1.0:
         raise _fail(path, f"warmup_fraction={spec.warmup_fraction} must be in [0, 1)")
     if spec.evals_per_run < 1 or spec.checkpoints_per_run < 1:
@@ -223,17 +267,19 @@ def plan(spec: SweepSpec, objectives: list[str] | None = None, sizes: list[str] 
                           "flops": value / fpt}[kind]
                 steps = max(1, round(tokens / tokens_per_step))
                 label = budget_label(kind, value)
-                run_id = f"{obj_label}-{size_label}-{label}"
-                run = {**dotted, "train.steps": steps,
-                       "optimizer.warmup_steps": min(steps, round(spec.warmup_fraction * steps)),
-                       "train.eval_every": math.ceil(steps / spec.evals_per_run),  # the last lands on the end
-                       "train.checkpoint_every": math.ceil(steps / spec.checkpoints_per_run),
-                       "train.run_dir": os.path.join(spec.out_dir, run_id)}
-                config = load_config(spec.base, run)
-                config.model.vocab_size = probe.model.vocab_size  # as the trainer will resolve it
-                runs.append(PlannedRun(run_id, obj_label, size_label, label, config, counts.non_embedding,
-                                       base_counts.non_embedding, counts.total, steps * tokens_per_step,
-                                       steps * tokens_per_step * fpt, steps))
+                for seed in spec.seeds or [None]:
+                    run_id = f"{obj_label}-{size_label}-{label}" + ("" if seed is None else f"-s{seed}")
+                    seeded = {} if seed is None else dict.fromkeys(SEED_FIELDS, seed)
+                    run = {**dotted, **seeded, "train.steps": steps,
+                           "optimizer.warmup_steps": min(steps, round(spec.warmup_fraction * steps)),
+                           "train.eval_every": math.ceil(steps / spec.evals_per_run),  # the last lands on the end
+                           "train.checkpoint_every": math.ceil(steps / spec.checkpoints_per_run),
+                           "train.run_dir": os.path.join(spec.out_dir, run_id)}
+                    config = load_config(spec.base, run)
+                    config.model.vocab_size = probe.model.vocab_size  # as the trainer will resolve it
+                    runs.append(PlannedRun(run_id, obj_label, size_label, label, config, counts.non_embedding,
+                                           base_counts.non_embedding, counts.total, steps * tokens_per_step,
+                                           steps * tokens_per_step * fpt, steps, seed=seed))
     return runs
 
 
@@ -298,6 +344,8 @@ def manifest_entry(run: PlannedRun, status: str) -> dict:
              "run_dir": run_dir, "status": status, "n": run.n, "n_base": run.n_base, "params": run.params,
              "tokens": run.tokens, "flops": run.flops, "steps": run.steps,
              "wall_time": summary.get("wall_time"), "config": to_dict(run.config)}
+    if run.seed is not None:  # only with a seeds axis: an old sweep's manifest stays as it was
+        entry["seed"] = run.seed
     if status == "done":
         entry.update(final_validation(run_dir))
     return entry
@@ -313,15 +361,22 @@ def write_manifest(spec: SweepSpec, entries: dict[str, dict]) -> str:
     return path
 
 
+def run_order(runs: list[PlannedRun]) -> list[PlannedRun]:
+    """Smallest compute first, one pass of the grid per seed (in the spec's order): a sweep stopped part-way
+    has every point at its first seed before it has any point at a second. Without seeds: by compute alone."""
+    rank = {seed: i for i, seed in enumerate(dict.fromkeys(r.seed for r in runs))}
+    return sorted(runs, key=lambda r: (rank[r.seed], r.flops))
+
+
 def run_sweep(spec: SweepSpec, objectives: list[str] | None = None, sizes: list[str] | None = None,
               train_fn: Callable[[Config], dict] | None = None, say: Callable[[str], None] = print) -> list[dict]:
-    """Run every planned run not yet done, in order (smallest compute first). Returns the manifest entries.
+    """Run every planned run not yet done, in ``run_order``. Returns the manifest entries.
 
     A run that stops early (SIGTERM) stops the sweep; rerunning the same command resumes it.
     """
     if train_fn is None:
         from scaling_jax.train.loop import train as train_fn
-    runs = sorted(plan(spec, objectives, sizes), key=lambda r: r.flops)
+    runs = run_order(plan(spec, objectives, sizes))
     os.makedirs(spec.out_dir, exist_ok=True)
     entries = {r.run_id: manifest_entry(r, run_status(r)) for r in runs}
     write_manifest(spec, entries)
@@ -349,7 +404,7 @@ def run_sweep(spec: SweepSpec, objectives: list[str] | None = None, sizes: list[
 def format_plan(runs: list[PlannedRun]) -> str:
     """A table of the grid for ``--dry-run``."""
     lines = [f"{'run':<32} {'N':>10} {'tokens':>12} {'FLOPs':>10} {'steps':>7}"]
-    for r in sorted(runs, key=lambda r: r.flops):
+    for r in run_order(runs):
         lines.append(f"{r.run_id:<32} {r.n:>10,} {r.tokens:>12,} {r.flops:>10.3g} {r.steps:>7}")
     lines.append(f"total: {len(runs)} runs, {sum(r.tokens for r in runs):,} tokens, "
                  f"{sum(r.flops for r in runs):.3g} FLOPs")

@@ -46,6 +46,9 @@ class ModelConfig:
     # offload (names as MaxText's remat_policy; older configs' true / false mean full / none)
     remat: str = "none"
     scan_layers: bool = True  # blocks stacked on a `layers` axis and scanned: compile time flat in depth
+    # Training attention kernel: auto (splash on TPU, cudnn on GPU where it fits, else xla) | xla (explicit mask)
+    # | splash (Pallas TPU kernel; interpret mode elsewhere) | cudnn. KV-cache decoding always uses xla.
+    attention: str = "auto"
 
 
 @dataclass
@@ -148,6 +151,10 @@ class TrainConfig:
     # Gradient noise scale (McCandlish et al.): each step's gradient is taken as two half-batches (same FLOPs) and
     # noise_grad_sq_small/big, noise_batch_small/big, noise_b_simple are logged; needs an even data.batch_size
     noise_scale: bool = False
+    # jax.profiler trace of this many steps (0: none) after the first profile_skip (compilation, warm-up), written
+    # under the run's TensorBoard directory so its profile tab shows it (MaxText: profiler_steps)
+    profile_steps: int = 0
+    profile_skip: int = 3
 
 
 @dataclass
@@ -187,6 +194,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "minimal", "save_dots", "save_qkv_proj", "offload"),
+    "model.attention": ("auto", "xla", "splash", "cudnn"),
     "data.format": ("auto", "text", "jsonl", "parquet"),
     "optimizer.schedule": ("cosine", "wsd", "constant"),
     "objective.name": ("causal", "mtp", "ul2", "finetune"),
@@ -506,6 +514,9 @@ def validate(config: Config) -> None:
     for name in ("eval_every", "checkpoint_every"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name} must be >= 0 (0 means only at the end)")
+    if t.profile_steps < 0 or t.profile_skip < 1:
+        raise ConfigError(f"train.profile_steps={t.profile_steps} must be >= 0 and train.profile_skip="
+                          f"{t.profile_skip} >= 1 (the first step compiles; profile the ones after it)")
     for axis in ("data", "fsdp", "tensor"):
         size = getattr(config.mesh, axis)
         if size == 0 or size < -1:

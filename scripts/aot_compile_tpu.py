@@ -37,19 +37,16 @@ import time  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from scaling_jax.config import Config, load_config  # noqa: E402
+from scaling_jax.data.synthetic import example_batch  # noqa: E402
 from scaling_jax.data.tokenizer import build_tokenizer  # noqa: E402
 from scaling_jax.errors import ConfigError, UserError  # noqa: E402
 from scaling_jax.model.family import flops_per_token, param_counts  # noqa: E402
 from scaling_jax.objectives.base import build_objective  # noqa: E402
 from scaling_jax.parallel.mesh import build_mesh, mesh_shape  # noqa: E402
-from scaling_jax.parallel.sharding import rules_from_config  # noqa: E402
+from scaling_jax.train.compute import build_compute  # noqa: E402
 from scaling_jax.train.metrics import peak_flops_per_device  # noqa: E402
-from scaling_jax.train.session import check_batch_fits_mesh  # noqa: E402
-from scaling_jax.train.state import make_optimizer, state_layout  # noqa: E402
-from scaling_jax.train.step import batch_shardings, jit_train_step, make_train_step  # noqa: E402
 
 GIB = 2**30
 # Published HBM per chip (Cloud TPU system architecture pages); XLA's own limit decides "fits" at compile time.
@@ -105,9 +102,9 @@ def topology_devices(name: str, chips_per_host: tuple[int, ...] | None = None, n
 
 
 def lower_train_step(config: Config, devices: list):
-    """The trainer's jitted step (``loop.build_session`` builds the same one) lowered for ``devices``
+    """The trainer's jitted step (``compute.build_compute`` builds it for training too) lowered for ``devices``
     from abstract state and batch shapes."""
-    d, t = config.data, config.train
+    d = config.data
     tokenizer = build_tokenizer(d.tokenizer, d.seqio_modules)
     objective = build_objective(config.objective, tokenizer)
     try:
@@ -117,20 +114,10 @@ def lower_train_step(config: Config, devices: list):
                           f"does not map onto this slice's physical axes: each mesh axis must be a product of "
                           f"physical axis sizes ({str(e).split('with remaining assignable mesh ')[-1][:12]}...); "
                           "change mesh.fsdp / mesh.tensor") from None
-    rules = rules_from_config(config.mesh.rules)
-    check_batch_fits_mesh(config, mesh, rules)
-    tx, schedule = make_optimizer(config.optimizer, t.steps)
-    layout = state_layout(config.model, tx, t.seed, objective.build_model, mesh, rules)
-    graphdef, state, state_sharding = layout.graphdef, layout.abstract, layout.state_sharding
-    rows = {"tokens": np.ones((d.batch_size, d.seq_len + 1), np.int32),
-            "segment_ids": np.ones((d.batch_size, d.seq_len + 1), np.int32)}
-    batch = objective.prepare(rows)  # the objective decides the batch fields and their shapes
-    batch_sharding = batch_shardings(mesh, rules, batch)
-    step = jit_train_step(make_train_step(graphdef, objective, tx, schedule, mesh, rules, t.noise_scale),
-                          state_sharding, batch_sharding, mesh)
-    abstract = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
-    return step.lower(jax.tree.map(abstract, state, state_sharding),
-                      {k: abstract(v, batch_sharding[k]) for k, v in batch.items()}), dict(mesh.shape), objective
+    # the objective decides the batch fields and their shapes
+    batch = objective.prepare(example_batch(d.batch_size, d.seq_len, tokenizer.vocab_size))
+    compute = build_compute(config, objective, batch, mesh=mesh)
+    return compute.lower(batch), dict(mesh.shape), objective
 
 
 def compile_for(config: Config, topology: str, hbm_gib: float | None = None,

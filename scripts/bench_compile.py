@@ -1,6 +1,6 @@
 """Compile time of the train step vs depth, scanned layers against a block list (issue 17).
 
-The trainer's real jitted step (as ``build_session`` builds it, minus data) is lowered on
+The trainer's real jitted step (``compute.build_compute``, as the trainer builds it) is lowered on
 ShapeDtypeStructs and compiled for d_model 256 at 4 / 8 / 16 / 32 layers, ``model.scan_layers`` on and
 off, side by side in one process; each shape is measured ``--repeats`` times (interleaved, best kept, so
 load from other processes hits both layouts alike). Goal: scanned 32 layers <= 1.2 x scanned 4 layers.
@@ -15,41 +15,24 @@ import os
 import time
 
 import jax
-import numpy as np
 
 from scaling_jax.config import Config, load_config
+from scaling_jax.data.synthetic import example_batch
 from scaling_jax.objectives.base import build_objective
-from scaling_jax.parallel.mesh import build_mesh
-from scaling_jax.parallel.sharding import rules_from_config
-from scaling_jax.train.state import make_optimizer, state_layout
-from scaling_jax.train.step import batch_shardings, jit_train_step, make_train_step
+from scaling_jax.train.compute import build_compute
 
 SHAPE = ["model.series=custom", "model.d_model=256", "model.heads=4", "model.head_dim=64", "model.d_ff=1024",
          "data.seq_len=256", "data.batch_size=8", "optimizer.warmup_steps=1"]
 
 
-def example_rows(config: Config) -> dict[str, np.ndarray]:
-    b, s = config.data.batch_size, config.data.seq_len
-    tokens = np.random.default_rng(0).integers(3, 259, size=(b, s + 1)).astype(np.int32)
-    segments = (np.arange(s + 1) // 100 + 1).astype(np.int32)
-    return {"tokens": tokens, "segment_ids": np.broadcast_to(segments, (b, s + 1)).copy()}
-
-
 def compile_seconds(config: Config) -> tuple[float, float]:
     """(trace + lower, XLA compile) seconds of a freshly built train step (nothing cached between calls)."""
     objective = build_objective(config.objective)
-    mesh, rules = build_mesh(config.mesh, jax.devices()[:1]), rules_from_config(config.mesh.rules)
-    tx, schedule = make_optimizer(config.optimizer, config.train.steps)
-    layout = state_layout(config.model, tx, config.train.seed, objective.build_model, mesh, rules)
-    batch = objective.prepare(example_rows(config))
-    batch_sharding = batch_shardings(mesh, rules, batch)
-    step = jit_train_step(make_train_step(layout.graphdef, objective, tx, schedule, mesh, rules),
-                          layout.state_sharding, batch_sharding, mesh)
-    a_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), layout.abstract,
-                           layout.state_sharding)
-    a_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding[k]) for k, v in batch.items()}
+    d = config.data
+    batch = objective.prepare(example_batch(d.batch_size, d.seq_len, config.model.vocab_size))
+    compute = build_compute(config, objective, batch, devices=jax.devices()[:1])
     start = time.perf_counter()
-    lowered = step.lower(a_state, a_batch)
+    lowered = compute.lower(batch)
     traced = time.perf_counter()
     lowered.compile()
     return traced - start, time.perf_counter() - traced

@@ -1,7 +1,7 @@
 """Multi-token prediction cost: compiled peak memory and step time vs the number of heads.
 
-(a) Compile only (no data, no allocation): the real jitted train step, built as ``build_session``
-    builds it but lowered on ShapeDtypeStructs, at a realistic shape; prints XLA's memory analysis
+(a) Compile only (no data, no allocation): the real jitted train step, as ``compute.build_compute`` builds it
+    for training but lowered on ShapeDtypeStructs, at a realistic shape; prints XLA's memory analysis
     for n = 1, 2, 4, 8 heads with the memory-efficient (head-by-head) and the naive backward.
     Goal: memory-efficient n=4 <= 1.15 x n=1.
 (b) Measured step time of n = 2, 4 vs n = 1 on a small shape that runs quickly on CPU, next to the
@@ -16,15 +16,13 @@ import argparse
 import time
 
 import jax
-import numpy as np
 
 from scaling_jax.config import Config, load_config
+from scaling_jax.data.synthetic import example_batch
 from scaling_jax.model.family import flops_per_token
 from scaling_jax.objectives.multi_token import MultiTokenPrediction
-from scaling_jax.parallel.mesh import build_mesh
-from scaling_jax.parallel.sharding import rules_from_config
-from scaling_jax.train.state import init_state, make_optimizer, state_layout
-from scaling_jax.train.step import batch_shardings, jit_train_step, make_train_step, to_global
+from scaling_jax.train.compute import build_compute
+from scaling_jax.train.step import to_global
 
 GIB = 2**30
 
@@ -41,37 +39,19 @@ def small_overrides(layers: int, heads: int) -> list[str]:
             "optimizer.warmup_steps=1", "objective=mtp", f"objective.heads={heads}"]
 
 
-def example_rows(config: Config, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random packed rows: random tokens, documents of ~100 tokens."""
-    b, s = config.data.batch_size, config.data.seq_len
-    tokens = np.random.default_rng(seed).integers(3, 259, size=(b, s + 1)).astype(np.int32)
-    segments = (np.arange(s + 1) // 100 + 1).astype(np.int32)
-    return {"tokens": tokens, "segment_ids": np.broadcast_to(segments, (b, s + 1)).copy()}
-
-
 def build_step(config: Config, memory_efficient: bool):
-    """The trainer's jitted step and the shardings of its inputs (as ``loop.build_session``, minus data)."""
+    """The trainer's jitted step (``compute.build_compute``) on synthetic rows, and its example batch."""
     objective = MultiTokenPrediction(config.objective, memory_efficient=memory_efficient)
-    mesh, rules = build_mesh(config.mesh), rules_from_config(config.mesh.rules)
-    tx, schedule = make_optimizer(config.optimizer, config.train.steps)
-    layout = state_layout(config.model, tx, config.train.seed, objective.build_model, mesh, rules)
-    graphdef, abstract, state_sharding = layout.graphdef, layout.abstract, layout.state_sharding
-    batch = objective.prepare(example_rows(config))
-    batch_sharding = batch_shardings(mesh, rules, batch)
-    step = jit_train_step(make_train_step(graphdef, objective, tx, schedule, mesh, rules), state_sharding,
-                          batch_sharding, mesh)
-    init = jax.jit(lambda: init_state(config.model, tx, config.train.seed, objective.build_model),
-                   out_shardings=state_sharding)
-    return step, init, abstract, state_sharding, batch, batch_sharding
+    d = config.data
+    batch = objective.prepare(example_batch(d.batch_size, d.seq_len, config.model.vocab_size))
+    return build_compute(config, objective, batch), batch
 
 
 def compiled_memory(config: Config, memory_efficient: bool) -> dict[str, float]:
     """XLA's per-device memory analysis of the compiled train step (bytes) and the compile time."""
-    step, _, abstract, state_sharding, batch, batch_sharding = build_step(config, memory_efficient)
-    a_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sharding)
-    a_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding[k]) for k, v in batch.items()}
+    compute, batch = build_step(config, memory_efficient)
     start = time.perf_counter()
-    mem = step.lower(a_state, a_batch).compile().memory_analysis()
+    mem = compute.lower(batch).compile().memory_analysis()
     out = {k: float(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
     out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
     out["compile_s"] = time.perf_counter() - start
@@ -109,8 +89,8 @@ def part_b(layers: int, head_counts: tuple[int, ...], steps: int, rounds: int) -
     for memory_efficient in (True, False):
         for n in head_counts:
             config = load_config(None, small_overrides(layers, n))
-            step, init, _, _, batch, batch_sharding = build_step(config, memory_efficient)
-            state, device_batch = init(), to_global(batch, batch_sharding)
+            compute, batch = build_step(config, memory_efficient)
+            step, state, device_batch = compute.step_fn, compute.init_state(), to_global(batch, compute.batch_sharding)
             state, _ = seconds_per_step(step, state, device_batch, 2)  # compile + warm up
             extras = MultiTokenPrediction(config.objective).size_extras()
             runs[memory_efficient, n] = {"step": step, "state": state, "batch": device_batch, "best": float("inf"),

@@ -1,6 +1,21 @@
-"""Test setup: 8 simulated CPU devices for mesh tests, and small shared builders."""
+"""Test setup: 8 simulated CPU devices for mesh tests, one compilation cache, and small shared builders."""
 
-import jax
+import atexit
+import os
+import shutil
+import tempfile
+
+# Many tests (and the training subprocesses of the fault tests) compile the same tiny programs; a
+# session-wide persistent cache compiles each distinct program once. Set before JAX is imported so
+# subprocesses inherit it; a directory the caller already set is used and kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="scaling_jax_tests_jax_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
+import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)  # before any JAX op; single-device tests use devices()[:1]
 

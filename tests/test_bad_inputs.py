@@ -130,6 +130,8 @@ CONFIG_CASES = [  # (id, overrides, fragments of the error line)
     ("seq-len-over-model-max", ["data.seq_len=4096"],
      ["data.seq_len=4096 exceeds model.max_seq_len=2048", "lower data.seq_len or raise model.max_seq_len"]),
     ("unknown-choice", ["train.nan_policy=ignore"], ["train.nan_policy='ignore' is not one of halt, skip_batch"]),
+    ("unknown-attention-kernel", ["model.attention=flash"],
+     ["model.attention='flash' is not one of auto, xla, splash, cudnn"]),
     ("batch-not-divisible-by-mesh", ["data.batch_size=12"],
      ["data.batch_size=12 must be divisible by 8", "change data.batch_size or the mesh"]),
     ("vocab-smaller-than-tokenizer", ["model.vocab_size=200"],

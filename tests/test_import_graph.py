@@ -11,8 +11,8 @@ import ast
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "scaling_jax"
-ORDER = ["errors", "paths", "series", "config", "run_dir", "parallel", "data", "model", "objectives", "train", "eval",
-         "scaling", "interop", "info", "cli"]
+ORDER = ["errors", "log", "paths", "series", "config", "run_dir", "parallel", "data", "model", "objectives", "train",
+         "eval", "scaling", "interop", "info", "cli"]
 
 
 def _modules() -> dict[str, pathlib.Path]:

@@ -67,7 +67,7 @@ def test_quickstart_passes_without_warning(capsys):
 def test_check_estimate_warns_near_the_limit():
     estimate = {"params_grads_optimizer": 8 * GIB, "activations_estimate": 1.5 * GIB, "total_estimate": 9.5 * GIB}
     assert memory.check_estimate(estimate, 20 * GIB, "a fake device has 20 GiB") is None
-    assert memory.check_estimate(estimate, 10 * GIB, "a fake device has 10 GiB").startswith("warning: model needs")
+    assert memory.check_estimate(estimate, 10 * GIB, "a fake device has 10 GiB").startswith("model needs")
     with pytest.raises(ConfigError, match=r"~9.5 GiB per device .* but a fake device has 9 GiB"):
         memory.check_estimate(estimate, 9 * GIB, "a fake device has 9 GiB")
 
@@ -92,7 +92,7 @@ def test_compiled_check_refuses_fake_numbers_over_the_limit():
 
 def test_compiled_check_does_not_compile_the_step_twice(tiny_config):
     session = build_session(tiny_config())
-    args = memory.abstract_args(session.abstract, session.state_sharding, session.train_ds[0], session.batch_sharding)
+    args = session.compute.abstract_args(session.train_ds[0])
     compiles = []
 
     def listener(name, secs, **kwargs):

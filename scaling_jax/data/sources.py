@@ -37,7 +37,6 @@ import math
 import os
 import pathlib
 import posixpath
-import sys
 import sysconfig
 import zlib
 from collections.abc import Iterable, Iterator
@@ -45,6 +44,7 @@ from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
+from scaling_jax import log
 from scaling_jax.config import DataConfig
 from scaling_jax.errors import DataError
 
@@ -290,8 +290,7 @@ def _warn_skipped(path: str, skipped: int, what: str, first: str) -> None:
     """One warning per file and count: both splits read the file, and the user needs to hear it once."""
     if skipped and (path, skipped) not in _skips_reported:
         _skips_reported.add((path, skipped))
-        print(f"warning: skipped {skipped} {what} of {path} (first: {first}); data.malformed_lines=skip",
-              file=sys.stderr, flush=True)
+        log.warning(f"skipped {skipped} {what} of {path} (first: {first}); data.malformed_lines=skip")
 
 
 def _read_jsonl(path: str, name: str, field: str, skip_malformed: bool = False) -> Iterator[Document]:

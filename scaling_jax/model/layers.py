@@ -16,32 +16,20 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from scaling_jax.config import ModelConfig
+from scaling_jax.model.attention_kernels import MaskSpec, dot_product_attention
+from scaling_jax.model.attention_kernels import attention_mask as attention_mask  # re-exported: callers import it here
 from scaling_jax.parallel.sharding import constrain
 
 ACT = ("batch", "length", "embed")
+# What a block's attention is told about its rows: a MaskSpec (segment ids and prefix flags; the kernel that
+# model.attention picks builds its own mask form) or an explicit boolean mask [batch, 1, q, k] (always xla).
+Mask = MaskSpec | jax.Array
 
 
 def make_param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Sequence[str | None],
                dtype) -> nnx.Param:
     value = init(rngs.params(), tuple(shape), jnp.dtype(dtype))
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
-
-
-def attention_mask(segment_ids: jax.Array, bidirectional: jax.Array | None = None) -> jax.Array:
-    """Boolean mask ``[batch, 1, query, key]``.
-
-    A query sees a key in the same segment (packed documents never see each other) that is
-    not in its future, except that tokens both marked ``bidirectional`` (a prefix-LM input)
-    see each other fully. Segment 0 is padding. The diagonal is always visible so that no
-    row is empty (padding rows then stay finite; their loss is masked anyway).
-    """
-    t = segment_ids.shape[-1]
-    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
-    visible = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
-    if bidirectional is not None:
-        visible = visible | (bidirectional[:, :, None] & bidirectional[:, None, :])
-    mask = (same & visible) | jnp.eye(t, dtype=bool)[None]
-    return mask[:, None]
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -70,19 +58,21 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Multi-head or grouped-query attention with RoPE and an explicit boolean mask."""
+    """Multi-head or grouped-query attention with RoPE; the kernel is ``model.attention`` (see
+    ``attention_kernels``) for a ``MaskSpec``, xla for an explicit mask (KV-cache decoding)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.d_model, cfg.heads, cfg.kv_heads or cfg.heads, cfg.head_dim
         init = nnx.initializers.normal(cfg.init_std)
         out_init = nnx.initializers.normal(cfg.init_std / (2 * cfg.layers) ** 0.5)
         self.rope_theta = cfg.rope_theta
+        self.implementation = cfg.attention
         self.wq = make_param(rngs, init, (d, h, hd), ("embed", "heads", "kv"), cfg.param_dtype)
         self.wk = make_param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "kv"), cfg.param_dtype)
         self.wv = make_param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "kv"), cfg.param_dtype)
         self.wo = make_param(rngs, out_init, (h, hd, d), ("heads", "kv", "embed"), cfg.param_dtype)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: Mask) -> jax.Array:
         q, k, v = self.qkv(x, positions)
         return self.attend(q, k, v, mask)
 
@@ -97,8 +87,11 @@ class Attention(nnx.Module):
         k = constrain(rope(k, positions, self.rope_theta), ("batch", "length", "kv_heads", "kv"))
         return q, k, constrain(v, ("batch", "length", "kv_heads", "kv"))
 
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
+        if isinstance(mask, MaskSpec):
+            out = dot_product_attention(q, k, v, mask, self.implementation)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
         out = constrain(out, ("batch", "length", "heads", "kv"))
         return checkpoint_name(jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(q.dtype)), "out_proj")
 
@@ -142,7 +135,7 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg, rngs)
         self.mlp = GatedMLP(cfg, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: Mask) -> jax.Array:
         x = constrain(x + self.attn(self.attn_norm(x), positions, mask), ACT)
         return constrain(x + self.mlp(self.mlp_norm(x)), ACT)
 

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from scaling_jax.config import ModelConfig
-from scaling_jax.model.layers import ACT, Block, RMSNorm, attention_mask, make_param
+from scaling_jax.model.layers import ACT, Block, Mask, MaskSpec, RMSNorm, make_param
 from scaling_jax.model.remat import checkpoint_policy, policy_name, remat
 from scaling_jax.parallel.sharding import active_mesh, constrain
 
@@ -53,7 +53,7 @@ def _policy_device() -> jax.Device | None:
     return None if mesh is None else mesh.devices.flat[0]
 
 
-def _run_block(block: Block, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+def _run_block(block: Block, x: jax.Array, positions: jax.Array, mask: Mask) -> jax.Array:
     return block(x, positions, mask)
 
 
@@ -77,8 +77,11 @@ class Decoder(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                  bidirectional: jax.Array | None = None) -> jax.Array:
-        """Hidden states ``[batch, length, d_model]`` after the final norm."""
-        mask = attention_mask(segment_ids, bidirectional)
+        """Hidden states ``[batch, length, d_model]`` after the final norm.
+
+        The blocks get the rows' segment ids and prefix flags (``MaskSpec``), not a mask: the attention kernel
+        (``model.attention``) builds its own mask form; only the xla kernel materialises ``[batch, 1, t, t]``."""
+        mask = MaskSpec(segment_ids, bidirectional)
         return self.final_norm(self.run_blocks(self.embed(tokens), positions, mask))
 
     def embed(self, tokens: jax.Array) -> jax.Array:
@@ -88,14 +91,14 @@ class Decoder(nnx.Module):
         table = constrain(self.embedding[...], (None, None))
         return constrain(jnp.take(table, tokens, axis=0).astype(self.dtype), ACT)
 
-    def apply_block(self, block: Block, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def apply_block(self, block: Block, x: jax.Array, positions: jax.Array, mask: Mask) -> jax.Array:
         """One (unstacked) block under the remat policy: the unscanned layout and objectives' head blocks."""
         if self.remat == "none":
             return block(x, positions, mask)
         policy = checkpoint_policy(self.remat, _policy_device())
         return nnx.remat(_run_block, policy=policy)(block, x, positions, mask)
 
-    def run_blocks(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def run_blocks(self, x: jax.Array, positions: jax.Array, mask: Mask) -> jax.Array:
         """All of this decoder's blocks, before the final norm."""
         if not self.scan_layers:
             for block in self.blocks:

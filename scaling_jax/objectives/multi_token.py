@@ -33,7 +33,7 @@ from flax import nnx
 
 from scaling_jax.config import ModelConfig, ObjectiveConfig
 from scaling_jax.errors import ConfigError
-from scaling_jax.model.layers import Block, attention_mask
+from scaling_jax.model.layers import Block, MaskSpec
 from scaling_jax.model.transformer import Decoder, block_key
 from scaling_jax.objectives.base import Batch, Metrics, ObjectiveBase, masked_cross_entropy
 from scaling_jax.objectives.causal import shift_rows
@@ -107,11 +107,11 @@ class MultiTokenModel(nnx.Module):
 
     def trunk_hidden(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
         """The shared trunk's output ``z`` (before any head and before the final norm)."""
-        return self.trunk.run_blocks(self.trunk.embed(tokens), positions, attention_mask(segment_ids))
+        return self.trunk.run_blocks(self.trunk.embed(tokens), positions, MaskSpec(segment_ids))
 
     def head_logits(self, index: int, z: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
         """float32 logits of head ``index`` (0-based) from the trunk output."""
-        hidden = self.trunk.apply_block(self.heads[index], z, positions, attention_mask(segment_ids))
+        hidden = self.trunk.apply_block(self.heads[index], z, positions, MaskSpec(segment_ids))
         return self.trunk.logits(self.trunk.final_norm(hidden))
 
 

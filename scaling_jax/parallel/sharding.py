@@ -95,6 +95,11 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _ACTIVE.pop()
 
 
+def active_layout() -> tuple[Mesh, Rules] | None:
+    """``(mesh, rules)`` of the innermost ``activation_sharding`` (what a step is traced for), if any."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
 def active_mesh() -> Mesh | None:
     """The mesh of the innermost ``activation_sharding`` (the devices a step is traced for), if any."""
     return _ACTIVE[-1][0] if _ACTIVE else None

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import sys
 import threading
 import time
 import zlib
@@ -31,7 +30,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from scaling_jax import paths
+from scaling_jax import log, paths
 from scaling_jax.errors import CheckpointError
 from scaling_jax.run_dir import CHECKPOINT_DIR, DAMAGED_DIR
 from scaling_jax.train.lock import holds_run_lock
@@ -151,8 +150,7 @@ _ORBAX_FILTER = _OrbaxThreadErrors()
 
 
 def _warn(message: str) -> None:
-    if jax.process_index() == 0:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+    log.warning(message)
 
 
 # ----------------------------------------------------------------------------- checkpointer

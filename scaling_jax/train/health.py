@@ -14,11 +14,10 @@ checkpoint and skip the data from it through the bad batch (PaLM's remedy for lo
 
 from __future__ import annotations
 
-import sys
-
 import jax
 import jax.numpy as jnp
 
+from scaling_jax import log
 from scaling_jax.errors import UserError
 
 SKIPPED = "skipped"  # metric: 1.0 when the step's update was dropped
@@ -95,5 +94,4 @@ class NonFinitePolicy:
         return checkpoint_step
 
     def _say(self, message: str) -> None:
-        if self.is_main:
-            print(f"warning: {message}", file=sys.stderr, flush=True)
+        log.warning(message)

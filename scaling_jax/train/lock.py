@@ -22,10 +22,9 @@ import fcntl
 import json
 import os
 import socket
-import sys
 import time
 
-from scaling_jax import paths
+from scaling_jax import log, paths
 from scaling_jax.errors import CheckpointError
 from scaling_jax.run_dir import LOCK_FILE
 
@@ -114,8 +113,7 @@ class RunLock:
             return
         alive = _alive(holder)
         if alive is False:
-            print(f"warning: taking over the stale lock {self.path} of a dead run ({_describe(holder)})",
-                  file=sys.stderr, flush=True)
+            log.warning(f"taking over the stale lock {self.path} of a dead run ({_describe(holder)})")
             return
         os.close(fd)
         raise self._refuse(holder, "" if alive else f"; if that run is dead, delete {self.path}")

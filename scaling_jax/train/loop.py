@@ -12,14 +12,13 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 
-from scaling_jax import paths, run_dir
+from scaling_jax import log, paths, run_dir
 from scaling_jax.config import Config, TrainConfig, save_config, to_dict
 from scaling_jax.data import pipeline
 from scaling_jax.data.tokenizer import build_tokenizer
@@ -30,6 +29,7 @@ from scaling_jax.train import metrics as metrics_lib
 from scaling_jax.train.checkpoint import CHECKPOINT_DIR, DIGEST_FILE, Checkpointer, model_signature
 from scaling_jax.train.continuation import start_from_parent
 from scaling_jax.train.health import NonFinitePolicy, tensor_names
+from scaling_jax.train.hooks import Hook, ProfileTrace
 from scaling_jax.train.lock import acquire_run_lock, release_run_lock
 from scaling_jax.train.preemption import StopRequest, watch_maintenance
 from scaling_jax.train.session import Session, build_session, sync_run_tokenizer
@@ -142,13 +142,28 @@ class Trainer:
         self.position = pipeline.position(self.data_iter, self.step)  # index of the next batch in the data stream
         self.saved = self.step if self.resumed else None  # newest step with a checkpoint
         self.unverified = self.saved if self.resumed and not self.checkpointer.has_digest(self.saved) else None
-        if self.unverified is not None and self.is_main:
-            print(f"warning: checkpoint step {self.saved} has no digest ({DIGEST_FILE}), so its bytes cannot be "
-                  "checked: a damaged array would load as wrong numbers", file=sys.stderr, flush=True)
+        if self.unverified is not None:
+            log.warning(f"checkpoint step {self.saved} has no digest ({DIGEST_FILE}), so its bytes cannot be "
+                        "checked: a damaged array would load as wrong numbers")
         self.pending: tuple | None = None  # (step, device metrics, batch index) not yet fetched to the host
         self.stopped_by: str | None = None  # "SIGTERM" / "Ctrl-C" when a stop request ended the run early
         self.last_eval: dict = {}
         self.bar = metrics_lib.ProgressBar(t.steps, self.step, enabled=self.is_main and t.progress)
+        self.hooks: list[Hook] = []
+        self.add_hook(self.evaluate, every=t.eval_every, after_log=True, name="eval")
+        self.add_hook(lambda step: self.checkpoint(self.wall()), every=t.checkpoint_every, name="checkpoint")
+        self.profile = None
+        if t.profile_steps:
+            self.profile = ProfileTrace(os.path.join(self.files.local, run_dir.TENSORBOARD_DIR), t.profile_skip,
+                                        t.profile_steps, lambda: jax.block_until_ready(self.state), self.say)
+            self.hooks.append(self.profile.hook())
+
+    def add_hook(self, fn: Callable[[int], None], every: int, at_end: bool = True, after_log: bool = False,
+                 name: str = "") -> Hook:
+        """Run ``fn(step)`` after every ``every``-th update (and the last, with ``at_end``); see ``hooks.Hook``."""
+        hook = Hook(fn, every, at_end, after_log, name)
+        self.hooks.append(hook)
+        return hook
 
     # ------------------------------------------------------------------------- start
 
@@ -201,20 +216,20 @@ class Trainer:
     def say(self, message: str) -> None:
         if self.is_main and self.t.progress:
             self.bar.write(message)
-        elif self.is_main:
-            print(message, flush=True)
+        else:
+            log.info(message)
 
     def announce(self) -> None:
         if not self.is_main:
             return
         s = self.session
-        print(f"model: {self.counts.total:,} params ({self.counts.non_embedding:,} non-embedding), "
-              f"{self.flops_per_step / self.tokens_per_step:.3g} FLOPs/token; mesh {dict(s.mesh.shape)} on "
-              f"{jax.device_count()} {jax.devices()[0].platform} devices; data: {s.data.num_train_docs} train / "
-              f"{s.data.num_val_docs} validation documents; run dir {self.t.run_dir}"
-              + (f"; resuming at step {self.step}" if self.resumed else ""), flush=True)
+        log.info(f"model: {self.counts.total:,} params ({self.counts.non_embedding:,} non-embedding), "
+                 f"{self.flops_per_step / self.tokens_per_step:.3g} FLOPs/token; mesh {dict(s.mesh.shape)} on "
+                 f"{jax.device_count()} {jax.devices()[0].platform} devices; data: {s.data.num_train_docs} train / "
+                 f"{s.data.num_val_docs} validation documents; run dir {self.t.run_dir}"
+                 + (f"; resuming at step {self.step}" if self.resumed else ""))
 
-    def log(self, step: int, host: dict, dt: float, wall: float) -> None:
+    def log_row(self, step: int, host: dict, dt: float, wall: float) -> None:
         scalars = {k: float(v) for k, v in host.items() if k not in ("nll_sum", "tokens")}  # sums are for eval
         row = {"step": step, **scalars, **self.at(step),
                "step_time": dt, "tokens_per_s": self.tokens_per_step / dt, "wall_time": wall}
@@ -263,7 +278,7 @@ class Trainer:
         host = jax.device_get(device_metrics)  # one transfer per step serves the NaN policy and the log
         verdict = self.nonfinite.inspect(done, host, batch_index)
         now = time.perf_counter()
-        self.log(done, host, now - self.last_logged, self.wall_offset + now - self.started)
+        self.log_row(done, host, now - self.last_logged, self.wall_offset + now - self.started)
         self.last_logged = now
         if verdict == "halt":
             raise self.nonfinite.diverged(self._last_checkpoint_note())
@@ -327,13 +342,7 @@ class Trainer:
                     continue
                 self.step += 1
                 self.pending = (self.step, device_metrics, self.position - 1)
-                at_end = self.step == t.steps
-                if (t.eval_every and self.step % t.eval_every == 0) or at_end:
-                    if self.flush():
-                        continue
-                    self.evaluate(self.step)
-                if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or at_end:
-                    self.checkpoint(self.wall())
+                self.run_hooks()
             self.flush()
             if preemption.requested and self.step < t.steps:
                 self.save_on_stop(preemption, self.wall())
@@ -344,6 +353,14 @@ class Trainer:
                 watcher.stop()
             self.close()
         return self.finish(self.wall())
+
+    def run_hooks(self) -> None:
+        """The hooks due after this update, in order; a rollback (found when a hook first logs) ends the round."""
+        for hook in self.hooks:
+            if hook.due(self.step, self.t.steps):
+                if hook.after_log and self.flush():
+                    return
+                hook.fn(self.step)
 
     def wall(self) -> float:
         """Wall-clock seconds of training so far, earlier sessions of this run included."""
@@ -365,6 +382,8 @@ class Trainer:
 
     def close(self) -> None:
         """Release files and threads however the run ended; what was logged still reaches the bucket."""
+        if self.profile is not None:
+            self.profile.stop(self.step)
         self.bar.close()
         self.writer.close()
         try:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh
 
+from scaling_jax import log
 from scaling_jax.config import Config
 from scaling_jax.errors import ConfigError
 from scaling_jax.model.remat import policy_name
@@ -146,7 +146,7 @@ def check_estimate(estimate: dict, budget: float, where: str) -> str | None:
         raise ConfigError(f"model needs {detail} but {where}; {FIXES} (the estimate is analytic: "
                           "train.check_memory=false skips it if you know the step fits)")
     if need > WARN_FRACTION * budget:
-        return f"warning: model needs {detail}, {need / budget:.0%} of what {where}; it may not fit"
+        return f"model needs {detail}, {need / budget:.0%} of what {where}; it may not fit"
     return None
 
 
@@ -160,8 +160,8 @@ def preflight(config: Config, mesh: Mesh, objective: Objective | None = None) ->
     if budget is None or not config.train.check_memory:
         return
     warning = check_estimate(memory_per_device(config, mesh.devices.size, objective), *budget)
-    if warning and jax.process_index() == 0:
-        print(warning, file=sys.stderr, flush=True)
+    if warning:
+        log.warning(warning)
 
 
 def compiled_peak_bytes(analysis) -> float:
@@ -198,14 +198,3 @@ def check_compiled_step(step_fn, args: tuple, budget: tuple[float, str] | None) 
     analysis = compiled.memory_analysis()
     if analysis is not None:  # a backend without XLA's buffer statistics: the estimate's check has to do
         check_compiled(analysis, *budget)
-
-
-def abstract_args(state, state_sharding, batch: dict[str, np.ndarray], batch_sharding: dict) -> tuple:
-    """(state, global batch) as ShapeDtypeStructs carrying their shardings, as the train step receives them."""
-    def leaf(x, sharding, shape=None):
-        return jax.ShapeDtypeStruct(shape or x.shape, x.dtype, sharding=sharding,
-                                    weak_type=getattr(x, "weak_type", False))
-
-    global_shape = lambda v: (v.shape[0] * jax.process_count(), *v.shape[1:])  # this process's rows -> all
-    return (jax.tree.map(leaf, state, state_sharding),
-            {k: leaf(v, batch_sharding[k], global_shape(v)) for k, v in batch.items()})

@@ -1,7 +1,8 @@
-"""What a run is built from before any state exists: tokenizer, objective, mesh, data, optimizer, the
-jitted train and eval steps. ``build_session`` serves the trainer, the benchmarks and tests; it
-writes no files (the run directory belongs to ``loop.Trainer``). Its memory pre-flight (``memory.py``)
-refuses a model that cannot fit the devices before data loads and before the step compiles.
+"""What a run is built from before any state exists: tokenizer, objective, data, the eval step, and its
+``compute.Compute`` (mesh, optimizer, state layout, jitted train step). ``build_session`` serves the
+trainer, the benchmarks and tests; it writes no files (the run directory belongs to ``loop.Trainer``).
+Its memory pre-flight (``memory.py``) refuses a model that cannot fit the devices before data loads and
+before the step compiles.
 """
 
 from __future__ import annotations
@@ -12,23 +13,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
-import optax
-from jax.sharding import Mesh
 
 from scaling_jax import paths
 from scaling_jax.config import Config
-from scaling_jax.data import pipeline, sources
+from scaling_jax.data import pipeline, sources, synthetic
 from scaling_jax.data.instructions import InstructionData
 from scaling_jax.data.tokenizer import build_tokenizer, read_saved_info, resolve_vocab
-from scaling_jax.errors import CheckpointError, ConfigError
+from scaling_jax.errors import CheckpointError, DataError
 from scaling_jax.objectives.base import build_objective
 from scaling_jax.objectives.causal import CausalLM
 from scaling_jax.parallel.mesh import build_mesh
-from scaling_jax.parallel.sharding import requested_split, rules_from_config
+from scaling_jax.parallel.sharding import rules_from_config
 from scaling_jax.run_dir import CHECKPOINT_DIR, TOKENIZER_DIR
 from scaling_jax.train import memory
-from scaling_jax.train.state import TrainState, init_state, make_optimizer, state_layout
-from scaling_jax.train.step import batch_shardings, jit_train_step, make_eval_step, make_train_step
+from scaling_jax.train.compute import Compute, build_compute, check_batch_fits_mesh
+from scaling_jax.train.state import TrainState
+from scaling_jax.train.step import batch_shardings, make_eval_step
 
 
 class DataBundle:
@@ -45,8 +45,11 @@ class DataBundle:
         for component, rate in sources.source_components(d):
             train, val, byte_counts = self._component(component, tokenizer)
             parts.append((train, val, rate))
-            counts.append((*byte_counts, rate))
-        self.baseline_bpb = sources.unigram_bits_from_counts(counts)
+            counts.append(None if byte_counts is None else (*byte_counts, rate))
+        if None in counts and len(counts) > 1:
+            raise DataError(f"data.source={synthetic.SOURCE} cannot be part of data.mixture; use it alone")
+        self.baseline_bpb = (synthetic.uniform_bits_per_byte(tokenizer.token_byte_lengths()) if None in counts
+                             else sources.unigram_bits_from_counts(counts))
         if len(parts) == 1:
             self.train_rows, self.val_rows = parts[0][0], parts[0][1]
         else:
@@ -57,6 +60,8 @@ class DataBundle:
         """Rows of one source: prepared shards, a seqio task/mixture, or documents tokenized here."""
         from scaling_jax.data import prepare
 
+        if d.source == synthetic.SOURCE:
+            return self._synthetic(d, tokenizer)
         if prepare.is_prepared(d.source):
             train, val = (prepare.ShardRows(d.source, split, d.seq_len, tokenizer) for split in sources.SPLITS)
             self.num_train_docs += train.num_documents
@@ -79,7 +84,14 @@ class DataBundle:
         rows = [pipeline.PackedRows(ids, d.seq_len, tokenizer.bos_id, tokenizer.eos_id) for ids in (train_ids, val_ids)]
         return rows[0], rows[1], tuple(sources.byte_counts(t) for t in texts)
 
-
+    def _synthetic(self, d, tokenizer) -> tuple[Any, Any, None]:
+        """Random text tokens (``data/synthetic.py``); validation rows use another seed than training rows."""
+        ids = synthetic.text_ids(tokenizer.token_byte_lengths())
+        train = synthetic.SyntheticRows(d.seq_len, ids, seed=d.shuffle_seed)
+        val = synthetic.SyntheticRows(d.seq_len, ids, seed=d.shuffle_seed + 1)
+        self.num_train_docs += train.num_documents
+        self.num_val_docs += val.num_documents
+        return train, val, None
 
 
 def sync_run_tokenizer(files_dir: str, tokenizer, spec: str, checkpoint_dir: str | None = None) -> None:
@@ -104,40 +116,28 @@ def sync_run_tokenizer(files_dir: str, tokenizer, spec: str, checkpoint_dir: str
 
 @dataclass
 class Session:
-    """Everything a run is built from, before any state exists (shared by train, bench, info)."""
+    """A run before any state exists: its ``compute`` (mesh, layout, jitted step) plus its data and eval step."""
 
     config: Config
     tokenizer: Any
-    objective: Any
-    mesh: Mesh
-    rules: Any
+    compute: Compute
     data: DataBundle
-    tx: optax.GradientTransformation
-    schedule: optax.Schedule
-    abstract: TrainState
-    state_sharding: TrainState
-    batch_sharding: dict
-    eval_sharding: dict
     train_ds: Any
     val_batches: list
-    step_fn: Callable
+    eval_sharding: dict
     eval_fn: Callable
 
+    objective = property(lambda self: self.compute.objective)
+    mesh = property(lambda self: self.compute.mesh)
+    rules = property(lambda self: self.compute.rules)
+    tx = property(lambda self: self.compute.tx)
+    abstract = property(lambda self: self.compute.abstract)
+    state_sharding = property(lambda self: self.compute.state_sharding)
+    batch_sharding = property(lambda self: self.compute.batch_sharding)
+    step_fn = property(lambda self: self.compute.step_fn)
+
     def init_state(self) -> TrainState:
-        cfg = self.config
-        build = self.objective.build_model
-        return jax.jit(lambda: init_state(cfg.model, self.tx, cfg.train.seed, build),
-                       out_shardings=self.state_sharding)()
-
-
-def check_batch_fits_mesh(config: Config, mesh: Mesh, rules) -> None:
-    """Batch and sequence length must split evenly over the mesh axes their logical axes map to."""
-    d = config.data
-    for field, value, logical in (("data.batch_size", d.batch_size, "batch"), ("data.seq_len", d.seq_len, "length")):
-        split = requested_split(logical, rules, mesh)
-        if value % split:
-            raise ConfigError(f"{field}={value} must be divisible by {split}, the mesh axes that shard '{logical}' "
-                              f"(mesh {dict(mesh.shape)}); change {field} or the mesh")
+        return self.compute.init_state()
 
 
 def build_session(config: Config, tokenizer=None, preflight: bool = True) -> Session:
@@ -152,30 +152,22 @@ def build_session(config: Config, tokenizer=None, preflight: bool = True) -> Ses
     resolve_vocab(config.model, tokenizer, d.tokenizer)
     objective = build_objective(config.objective, tokenizer)
     mesh = build_mesh(config.mesh)
-    rules = rules_from_config(config.mesh.rules)
-    check_batch_fits_mesh(config, mesh, rules)
+    check_batch_fits_mesh(config, mesh, rules_from_config(config.mesh.rules))
     if preflight:
         memory.preflight(config, mesh, objective)
     data = InstructionData(config, tokenizer) if d.instructions else DataBundle(config, tokenizer)
 
-    tx, schedule = make_optimizer(config.optimizer, t.steps)
-    layout = state_layout(config.model, tx, t.seed, objective.build_model, mesh, rules)
-    graphdef, abstract, state_sharding = layout.graphdef, layout.abstract, layout.state_sharding
-
     train_ds = pipeline.train_dataset(data.train_rows, d, jax.process_index(), jax.process_count(), objective.prepare)
+    compute = build_compute(config, objective, train_ds[0], mesh=mesh)
     # Validation is next-token loss for every objective (UL2's own loss covers only its targets), so
     # runs with different objectives compare on one metric.
     eval_objective = objective if objective.next_token_eval else CausalLM(config.objective, tokenizer)
     val_batches = pipeline.eval_batches(data.val_rows, d, t.eval_batches, jax.process_index(), jax.process_count(),
                                         eval_objective.prepare)
-    batch_sharding = batch_shardings(mesh, rules, train_ds[0])
-    eval_sharding = batch_shardings(mesh, rules, val_batches[0])
-    step_fn = jit_train_step(make_train_step(graphdef, objective, tx, schedule, mesh, rules, t.noise_scale),
-                             state_sharding, batch_sharding, mesh)
     if preflight and mesh.devices.flat[0].platform != "cpu":  # CPU: the estimate only (sessions that never step)
-        args = memory.abstract_args(abstract, state_sharding, train_ds[0], batch_sharding)
-        memory.check_compiled_step(step_fn, args, memory.device_budget(memory.local_devices(mesh)))
-    eval_fn = make_eval_step(graphdef, eval_objective, mesh, rules, layout.params_sharding, eval_sharding,
-                             tokenizer.token_byte_lengths())
-    return Session(config, tokenizer, objective, mesh, rules, data, tx, schedule, abstract, state_sharding,
-                   batch_sharding, eval_sharding, train_ds, val_batches, step_fn, eval_fn)
+        memory.check_compiled_step(compute.step_fn, compute.abstract_args(train_ds[0]),
+                                   memory.device_budget(memory.local_devices(mesh)))
+    eval_sharding = batch_shardings(mesh, compute.rules, val_batches[0])
+    eval_fn = make_eval_step(compute.layout.graphdef, eval_objective, mesh, compute.rules,
+                             compute.layout.params_sharding, eval_sharding, tokenizer.token_byte_lengths())
+    return Session(config, tokenizer, compute, data, train_ds, val_batches, eval_sharding, eval_fn)

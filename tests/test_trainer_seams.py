@@ -1,0 +1,70 @@
+"""The trainer's seams: synthetic rows, hooks every N steps, a profiler trace, the compute built once."""
+
+import glob
+
+import numpy as np
+import pytest
+
+from scaling_jax.config import load_config
+from scaling_jax.data.synthetic import SyntheticRows, example_batch, text_ids, uniform_bits_per_byte
+from scaling_jax.data.tokenizer import build_tokenizer
+from scaling_jax.errors import ConfigError
+from scaling_jax.run_dir import METRICS_FILE, TENSORBOARD_DIR
+from scaling_jax.train.loop import Trainer
+from scaling_jax.train.metrics import read_metrics
+
+TINY = ["model.series=custom", "model.layers=1", "model.d_model=32", "model.heads=2", "model.head_dim=16",
+        "model.d_ff=64", "data.seq_len=32", "data.batch_size=8", "train.eval_batches=1", "optimizer.warmup_steps=1",
+        "train.progress=false", "train.plot=false", "data.source=synthetic"]
+
+
+def test_synthetic_rows_are_a_pure_function_of_seed_and_index():
+    ids = np.arange(10, 20)
+    rows, again, other = SyntheticRows(63, ids, seed=1), SyntheticRows(63, ids, seed=1), SyntheticRows(63, ids, seed=2)
+    for i in (0, 7, 2**30):
+        assert all(np.array_equal(rows[i][k], again[i][k]) for k in ("tokens", "segment_ids"))
+    assert not np.array_equal(rows[5]["tokens"], other[5]["tokens"])
+    row = rows[3]
+    assert row["tokens"].shape == row["segment_ids"].shape == (64,)
+    assert set(row["tokens"].tolist()) <= set(ids.tolist())
+    seg = row["segment_ids"]
+    assert seg[0] == 1 and np.all(np.diff(seg) >= 0) and np.all(np.diff(seg) <= 1)  # packed documents from 1
+
+
+def test_synthetic_documents_have_the_requested_mean_length():
+    rows = SyntheticRows(255, np.arange(3, 259), mean_doc_len=32)
+    starts = sum(int(rows[i]["segment_ids"][-1]) - 1 for i in range(400))  # boundaries after each row's first
+    assert starts / (400 * 255) == pytest.approx(1 / 32, rel=0.1)
+
+
+def test_uniform_text_tokens_cost_log2_of_their_count_per_byte():
+    byte = build_tokenizer("byte")
+    assert len(text_ids(byte.token_byte_lengths())) == 256
+    assert uniform_bits_per_byte(byte.token_byte_lengths()) == pytest.approx(8.0)  # log2(256) bits, 1 byte each
+    lengths = np.array([0, 0, 1, 2, 2, 3])  # four text ids of 1, 2, 2, 3 bytes: 2 bits over 2 bytes per token
+    assert uniform_bits_per_byte(lengths) == pytest.approx(1.0)
+    batch = example_batch(3, 15, 50)
+    assert batch["tokens"].shape == (3, 16) and batch["tokens"].min() >= 3 and batch["tokens"].max() < 50
+
+
+def test_hooks_run_every_n_steps_in_order_after_the_metrics_they_wait_for(tmp_path):
+    """A caller's hooks run on schedule; an ``after_log`` hook finds its step already in metrics.jsonl, and the
+    profiler hook leaves a trace of the requested steps for TensorBoard."""
+    run = tmp_path / "run"
+    config = load_config(None, [*TINY, "train.steps=4", "train.eval_every=0", "train.checkpoint_every=0",
+                                "train.profile_steps=1", "train.profile_skip=2", f"train.run_dir={run}"])
+    trainer = Trainer(config)
+    calls = []
+    trainer.add_hook(lambda step: calls.append(("every2", step)), every=2, at_end=False)
+    trainer.add_hook(lambda step: calls.append(("logged", step, max(r["step"] for r in
+                                                                   read_metrics(str(run / METRICS_FILE))))),
+                     every=3, after_log=True)
+    summary = trainer.run()
+    assert summary["step"] == 4 and summary["baseline_bpb"] == pytest.approx(8.0)  # synthetic: uniform bytes
+    assert calls == [("every2", 2), ("logged", 3, 3), ("every2", 4), ("logged", 4, 4)]
+    assert glob.glob(str(run / TENSORBOARD_DIR / "plugins" / "profile" / "*" / "*.xplane.pb"))
+
+
+def test_profile_settings_are_checked():
+    with pytest.raises(ConfigError, match="train.profile_skip"):
+        load_config(None, [*TINY, "train.profile_steps=2", "train.profile_skip=0"])

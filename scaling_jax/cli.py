@@ -104,7 +104,7 @@ def _info(args: argparse.Namespace) -> int:
     devices = _flag(args, "devices", int, 0, hint="0 plans for this machine's devices")
     config = resolved_config(load_config(path, args.overrides, saved_run=bool(run_dir)))
     devices = devices or jax.device_count()
-    print(format_report(config, describe(config, devices)))
+    print(format_report(config, describe(config, devices, jax.devices()[0].platform)))
     lineage = read_lineage(args.config) if run_dir else None
     if lineage:
         print(format_lineage(lineage))
@@ -287,14 +287,21 @@ def _split(items: list[str] | None) -> list[str] | None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from scaling_jax.scaling import sweep
+    from scaling_jax.scaling import executors, sweep
 
+    if args.address is not None and args.executor != "ray":
+        raise UserError(f"--address applies to --executor ray, not {args.executor}; drop it or add --executor ray")
+    if args.address is not None and not args.address.strip():
+        raise UserError("--address is empty; pass the Ray head's HOST:6379 (or auto, or ray://HOST:10001)")
     spec = sweep.load_sweep(args.spec, args.overrides)
     objectives, sizes = _split(args.objectives), _split(args.sizes)
     if args.dry_run:
         print(sweep.format_plan(sweep.plan(spec, objectives, sizes)))
+        if args.executor == "ray":
+            print(f"ray: {spec.ray.describe()}")
         return 0
-    entries = sweep.run_sweep(spec, objectives, sizes)
+    executor = executors.make_executor(args.executor, spec.ray, args.address)  # no Ray: one line, the pip command
+    entries = sweep.run_sweep(spec, objectives, sizes, executor=executor)
     print(f"manifest: {spec.out_dir}/{sweep.MANIFEST}")
     if not args.no_report and any(e["status"] == "done" for e in entries):
         from scaling_jax.scaling.plots import write_report
@@ -463,6 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--sizes", action="append", help="only these size labels (comma-separated)")
     sw.add_argument("--dry-run", action="store_true", help="print the grid (N, tokens, FLOPs, steps) and exit")
     sw.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    sw.add_argument("--executor", choices=("local", "ray"), default="local",
+                    help="local: one run after another in this process (default); ray: every run a Ray task, "
+                         "with the sweep file's ray resources, retried when its worker dies")
+    sw.add_argument("--address", help="--executor ray: the cluster's HOST:6379, auto or ray://HOST:10001 (default: "
+                                      "RAY_ADDRESS, else a new local Ray)")
     sw.set_defaults(func=_sweep)
 
     fit = sub.add_parser("fit", help="fit a scaling law to a CSV table (yours or published numbers)")

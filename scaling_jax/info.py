@@ -18,7 +18,9 @@ from scaling_jax.run_dir import LINEAGE_FILE
 from scaling_jax.train.memory import activation_bytes, memory_per_device, sharded_param_bytes  # noqa: F401 (re-export)
 
 
-def describe(config: Config, num_devices: int) -> dict:
+def describe(config: Config, num_devices: int, platform: str | None = None) -> dict:
+    """Sizes, FLOPs and the per-device memory estimate for ``num_devices`` devices of ``platform`` (which
+    decides whether ``model.attention=auto`` is a fused kernel; None: count the attention scores)."""
     m, d = config.model, config.data
     objective = build_objective(config.objective)
     extras = objective.size_extras()  # blocks / output heads an objective adds (mtp)
@@ -33,7 +35,7 @@ def describe(config: Config, num_devices: int) -> dict:
                                                                extra_layers=extras.get("extra_layers", 0)),
         "tokens_per_step": d.batch_size * d.seq_len,
         "mesh": dict(zip(MESH_AXES, mesh_shape(config.mesh, num_devices), strict=True)),
-        "memory_per_device_bytes": memory_per_device(config, num_devices, objective),
+        "memory_per_device_bytes": memory_per_device(config, num_devices, objective, platform),
     }
 
 

@@ -81,6 +81,19 @@ def test_estimate_is_what_info_reports(tiny_config, objective):
     assert memory._param_shapes(config, build) == abstract_model(config.model, build)[1:]
 
 
+def test_fused_attention_drops_exactly_the_attention_scores_from_the_estimate(tiny_config):
+    """Korthikanti et al.'s per-layer 5*heads*S^2*B bytes are the S x S scores a fused kernel never saves."""
+    config = tiny_config("data.seq_len=64")
+    m, d = config.model, config.data
+    on = {p: memory.activation_bytes(config, 1, p) for p in ("cpu", "tpu", None)}
+    assert on["cpu"] == on[None]  # CPU: auto is the XLA path, which materialises the scores
+    width = 4 / 2  # float32 compute, in units of the paper's 16-bit bytes
+    scores = m.layers * 5 * m.heads * d.seq_len**2 * d.batch_size * width
+    assert on["cpu"] - on["tpu"] == pytest.approx(scores)  # TPU: auto is splash
+    xla_on_tpu = tiny_config("data.seq_len=64", "model.attention=xla")
+    assert memory.activation_bytes(xla_on_tpu, 1, "tpu") == pytest.approx(on["cpu"])
+
+
 def test_compiled_check_refuses_fake_numbers_over_the_limit():
     analysis = SimpleNamespace(argument_size_in_bytes=10 * GIB, output_size_in_bytes=10 * GIB,
                                alias_size_in_bytes=10 * GIB, temp_size_in_bytes=5 * GIB)

@@ -21,6 +21,10 @@ tokens, so it changes with the data order. The validation split (a stable hash o
 validation rows are the same for every seed. Run ids gain ``-s{seed}`` (``causal-m1-k3-s1``) only when the
 spec has ``seeds``; without it every run keeps the base config's seeds and the ids of earlier sweeps, so
 their finished runs are still recognised and skipped.
+
+Executors (``executors.py``): ``scaling-jax sweep SPEC --executor ray [--address HOST:6379]`` runs every
+unfinished run as a Ray task asking for the spec's optional ``ray`` section (``num_cpus``, ``num_gpus``,
+``resources: {TPU: 4}``, ``max_retries``); the local executor (the default) ignores that section.
 """
 
 from __future__ import annotations
@@ -39,15 +43,17 @@ from scaling_jax.config import Config, load_config, to_dict
 from scaling_jax.data.tokenizer import resolved_config
 from scaling_jax.errors import ConfigError
 from scaling_jax.run_dir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from scaling_jax.scaling.executors import Executor, LocalExecutor, RayOptions, ray_options
 
 MANIFEST = "manifest.json"
 # Fields that change how a run is watched, not what it computes: a rerun may change them freely.
 COSMETIC = {"train.progress", "train.tensorboard", "train.plot", "train.async_checkpointing",
             "train.keep_checkpoints", "train.peak_flops_per_device", "train.eval_every", "train.checkpoint_every",
-            "train.check_memory", "train.shared_filesystem", "model.remat"}  # how a run is done, not what it computes
+            "train.check_memory", "train.shared_filesystem", "train.profile_steps", "train.profile_skip",
+            "model.remat", "model.attention"}  # how a run is done, not what it computes
 BUDGET_KINDS = ("tokens_per_param", "tokens", "flops")
 SPEC_KEYS = ("name", "base", "overrides", "out_dir", "objectives", "sizes", "budgets", "seeds", "warmup_fraction",
-             "evals_per_run", "checkpoints_per_run")
+             "evals_per_run", "checkpoints_per_run", "ray")
 SEED_FIELDS = ("train.seed", "data.shuffle_seed")  # what one sweep seed sets
 
 
@@ -65,6 +71,7 @@ class SweepSpec:
     evals_per_run: int = 4
     checkpoints_per_run: int = 2
     seeds: list[int] | None = None  # None: no seeds axis (one run per point, the base config's seeds)
+    ray: RayOptions = field(default_factory=RayOptions)  # what each run's task asks for under --executor ray
 
 
 @dataclass
@@ -220,7 +227,8 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> SweepSpec:
     spec = SweepSpec(name=name, path=path, base=base, overrides=common,
                      out_dir=str(raw.get("out_dir") or os.path.join("runs", "sweeps", name)),
                      objectives=_objectives(raw["objectives"], path), sizes=expand_sizes(raw["sizes"] or [], path),
-                     budgets=_budgets(raw["budgets"], path), seeds=_seeds(raw.get("seeds"), path), **numbers)
+                     budgets=_budgets(raw["budgets"], path), seeds=_seeds(raw.get("seeds"), path),
+                     ray=ray_options(raw.get("ray"), path), **numbers)
     _check_seed_overrides(spec)
     if not 0.0 <= spec.warmup_fraction < 1.0:
         raise _fail(path, f"warmup_fraction={spec.warmup_fraction} must be in [0, 1)")
@@ -369,35 +377,56 @@ def run_order(runs: list[PlannedRun]) -> list[PlannedRun]:
 
 
 def run_sweep(spec: SweepSpec, objectives: list[str] | None = None, sizes: list[str] | None = None,
-              train_fn: Callable[[Config], dict] | None = None, say: Callable[[str], None] = print) -> list[dict]:
-    """Run every planned run not yet done, in ``run_order``. Returns the manifest entries.
+              train_fn: Callable[[Config], dict] | None = None, say: Callable[[str], None] = print,
+              executor: Executor | None = None) -> list[dict]:
+    """Run every planned run not yet done, in ``run_order``, on ``executor`` (default: the local one, in this
+    process). Returns the manifest entries.
 
-    A run that stops early (SIGTERM) stops the sweep; rerunning the same command resumes it.
+    Locally a run that stops early (SIGTERM) stops the sweep; on Ray it is retried (``executors``). Either
+    way rerunning the same command resumes what is unfinished and skips what is done.
     """
     if train_fn is None:
         from scaling_jax.train.loop import train as train_fn
+    executor = executor or LocalExecutor()
     runs = run_order(plan(spec, objectives, sizes))
     os.makedirs(spec.out_dir, exist_ok=True)
     entries = {r.run_id: manifest_entry(r, run_status(r)) for r in runs}
     write_manifest(spec, entries)
+    heads, todo = {}, []
     for i, run in enumerate(runs, 1):
-        status = entries[run.run_id]["status"]
         head = f"[{i}/{len(runs)}] {run.run_id}: N={run.n:,}, {run.tokens:,} tokens, {run.flops:.3g} FLOPs"
-        if status == "done":
+        if entries[run.run_id]["status"] == "done":
             say(f"{head}: done, skipped (val loss {entries[run.run_id].get('val_loss', float('nan')):.4f})")
-            continue
-        say(f"{head}, {run.steps} steps" + (" (resuming)" if status == "interrupted" else ""))
+        else:
+            heads[run.run_id] = head
+            todo.append(run)
+
+    def started(run: PlannedRun) -> None:  # "running": handed to the executor (on Ray, perhaps still queued)
+        resuming = " (resuming)" if entries[run.run_id]["status"] == "interrupted" else ""
+        say(f"{heads[run.run_id]}, {run.steps} steps{resuming}")
         entries[run.run_id] = manifest_entry(run, "running")
         write_manifest(spec, entries)
-        summary = train_fn(run.config)
+
+    def finished(run: PlannedRun, summary: dict | None, error: BaseException | None) -> None:
+        if error is not None:  # (Ray) the run failed: it stays pending or interrupted, and a rerun resumes it
+            entries[run.run_id] = manifest_entry(run, run_status(run))
+            write_manifest(spec, entries)
+            first = (str(error).strip() or type(error).__name__).splitlines()[0]
+            say(f"{run.run_id} failed ({type(error).__name__}: {first}); rerun the command to resume it")
+            return
         status = "interrupted" if summary.get("preempted") else "done"
         entries[run.run_id] = manifest_entry(run, status)
         write_manifest(spec, entries)
         if status == "interrupted":
-            say(f"sweep stopped during {run.run_id} at step {summary.get('step')}; rerun the command to resume")
-            break
+            say(f"sweep stopped during {run.run_id} at step {summary.get('step')}; rerun the command to resume"
+                if executor.stops_at_preemption else
+                f"{run.run_id} stopped at step {summary.get('step')} and its retries are spent; rerun the "
+                "command to resume it")
+            return
         say(f"{run.run_id}: val loss {entries[run.run_id].get('val_loss', math.nan):.4f} in "
             f"{entries[run.run_id]['wall_time']:.0f} s")
+
+    executor.run(todo, train_fn, started, finished, say)
     return list(entries.values())
 
 

@@ -21,6 +21,7 @@ from jax.sharding import AbstractMesh, Mesh
 from scaling_jax import log
 from scaling_jax.config import Config
 from scaling_jax.errors import ConfigError
+from scaling_jax.model.attention_kernels import resolve as resolve_attention
 from scaling_jax.model.remat import policy_name
 from scaling_jax.objectives.base import Objective, build_objective
 from scaling_jax.parallel.mesh import MESH_AXES, mesh_shape
@@ -87,16 +88,20 @@ def remat_saved_per_token(m, seq_len: int, tensor: int) -> float:
     return m.d_model + saved[policy_name(m.remat)]
 
 
-def activation_bytes(config: Config, num_devices: int) -> float:
+def activation_bytes(config: Config, num_devices: int, platform: str | None = None) -> float:
     """Rough saved-activation bytes per device. Without remat, Korthikanti et al. 2022 (no sequence
-    parallelism): per layer S*B*d*(34 + 5*heads*S/d) bytes at 16-bit, scaled to the compute dtype. With a
-    remat policy each layer keeps what ``remat_saved_per_token`` says, and the backward pass holds one
-    layer's full set while it recomputes that layer. Plus float32 logits and their gradient."""
+    parallelism): per layer S*B*d*(34 + 5*heads*S/d) bytes at 16-bit, scaled to the compute dtype; a fused
+    attention kernel on ``platform`` (splash, cuDNN: ``model.attention``) never materialises the S*S scores,
+    which drops the second term. With a remat policy each layer keeps what ``remat_saved_per_token`` says,
+    and the backward pass holds one layer's full set while it recomputes that layer. Plus float32 logits and
+    their gradient."""
     m, d = config.model, config.data
     data, fsdp, tensor = mesh_shape(config.mesh, num_devices)
     local_batch = d.batch_size / (data * fsdp)
     width = np.dtype(m.dtype).itemsize / 2
-    full_layer = d.seq_len * local_batch * m.d_model * (34 + 5 * m.heads * d.seq_len / m.d_model) * width / tensor
+    fused = platform is not None and resolve_attention(m.attention, platform, m.dtype, m.head_dim) != "xla"
+    scores = 0.0 if fused else 5 * m.heads * d.seq_len / m.d_model
+    full_layer = d.seq_len * local_batch * m.d_model * (34 + scores) * width / tensor
     if policy_name(m.remat) == "none":
         layers = m.layers * full_layer
     else:
@@ -106,13 +111,15 @@ def activation_bytes(config: Config, num_devices: int) -> float:
     return layers + logits
 
 
-def memory_per_device(config: Config, num_devices: int, objective: Objective | None = None) -> dict:
+def memory_per_device(config: Config, num_devices: int, objective: Objective | None = None,
+                      platform: str | None = None) -> dict:
     """Estimated bytes per device: parameter shards; with fp32 gradients and two fp32 AdamW moments; saved
-    activations; total (``info.describe``'s ``memory_per_device_bytes``)."""
+    activations (on ``platform``: whether attention is fused); total (``info.describe``'s
+    ``memory_per_device_bytes``)."""
     params = sharded_param_bytes(config, num_devices, objective)
     state_per_param = 4 + 8  # fp32 gradients and two fp32 AdamW moments per parameter
     weights_and_state = params * (1 + state_per_param / np.dtype(config.model.param_dtype).itemsize)
-    acts = activation_bytes(config, num_devices)
+    acts = activation_bytes(config, num_devices, platform)
     return {"params": params, "params_grads_optimizer": weights_and_state,
             "activations_estimate": acts, "total_estimate": weights_and_state + acts}
 
@@ -159,7 +166,8 @@ def preflight(config: Config, mesh: Mesh, objective: Objective | None = None) ->
     budget = device_budget(local_devices(mesh))
     if budget is None or not config.train.check_memory:
         return
-    warning = check_estimate(memory_per_device(config, mesh.devices.size, objective), *budget)
+    platform = mesh.devices.flat[0].platform
+    warning = check_estimate(memory_per_device(config, mesh.devices.size, objective, platform), *budget)
     if warning:
         log.warning(warning)
 

@@ -102,9 +102,14 @@ class OptimizerConfig:
 class MeshConfig:
     """Device mesh (data, fsdp, tensor); -1 takes the devices the others leave."""
 
-    data: int = -1
+    data: int = -1  # data, fsdp, tensor: sizes within one slice (ICI); with several slices, per slice
     fsdp: int = 1
     tensor: int = 1
+    # Multislice: how many slices the data / fsdp axis spans over the data-center network (DCN); their product is
+    # the number of slices (on CPU / GPU: processes). Each mesh axis is then dcn x ici, slices outermost. Tensor
+    # parallelism never crosses DCN (MaxText: dcn_data_parallelism, dcn_fsdp_parallelism)
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
     # Logical axis -> mesh axes, tried in order; a mesh axis already used by an earlier
     # dimension of the same array is skipped (T5X semantics). Empty: the default table.
     rules: list = field(default_factory=list)
@@ -291,6 +296,12 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
     kwargs = {}
     for key, value in raw.items():
         where = f"{prefix}{key}"
+        if where == "mesh.dcn_tensor":  # 1 (no tensor axis over DCN) is what every mesh does: accepted, ignored
+            if value == 1 and type(value) is int:
+                continue
+            raise ConfigError(f"mesh.dcn_tensor={value!r} is not supported: tensor parallelism over DCN would run "
+                              "its collectives (several per layer) over the slow data-center network; keep "
+                              "mesh.tensor within a slice and span slices with mesh.dcn_data or mesh.dcn_fsdp")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
@@ -521,6 +532,9 @@ def validate(config: Config) -> None:
         size = getattr(config.mesh, axis)
         if size == 0 or size < -1:
             raise ConfigError(f"mesh.{axis}={size} must be a positive size or -1 (fill the remaining devices)")
+    for axis in ("dcn_data", "dcn_fsdp"):
+        size = getattr(config.mesh, axis)
+        _check(f"mesh.{axis}", size, size >= 1, "an integer >= 1 (the number of slices the axis spans; 1: none)")
     _validate_stage(config)
     for rule in config.mesh.rules:
         if not (isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str)):

@@ -2,6 +2,11 @@
 """Compile the real train step for a Cloud TPU topology on a machine without a TPU.
 
     python scripts/aot_compile_tpu.py configs/tpu/v5e-16.yaml --topology v5e:4x4 [key=value ...]
+    python scripts/aot_compile_tpu.py configs/tpu/v5e-16.yaml --topology v5e:4x4 --num-slices 2
+
+``--num-slices N`` compiles for N such slices joined by the data-center network (multislice): the config's
+``mesh.dcn_data`` / ``mesh.dcn_fsdp`` say which axes span the slices (their product must be N; a config
+with neither set gets ``mesh.dcn_data=N``, and the script says so).
 
 libtpu (``pip install 'scaling_jax[tpu]'``) holds the TPU compiler; ``jax.experimental.topologies``
 describes the chips of a slice without owning them. The step is the one ``scaling-jax train``
@@ -44,7 +49,7 @@ from scaling_jax.data.tokenizer import build_tokenizer  # noqa: E402
 from scaling_jax.errors import ConfigError, UserError  # noqa: E402
 from scaling_jax.model.family import flops_per_token, param_counts  # noqa: E402
 from scaling_jax.objectives.base import build_objective  # noqa: E402
-from scaling_jax.parallel.mesh import build_mesh, mesh_shape  # noqa: E402
+from scaling_jax.parallel.mesh import MESH_AXES, build_mesh, dcn_shape, ici_shape  # noqa: E402
 from scaling_jax.train.compute import build_compute  # noqa: E402
 from scaling_jax.train.metrics import peak_flops_per_device  # noqa: E402
 
@@ -59,9 +64,12 @@ TOPOLOGY = re.compile(r"(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})")
 @dataclass
 class Report:
     topology: str
-    chips: int = 0
+    chips: int = 0  # all slices together
     device_kind: str = ""
     mesh: dict = field(default_factory=dict)
+    slices: int = 1
+    dcn_mesh: dict = field(default_factory=dict)  # each mesh axis = dcn x ici (slices outermost)
+    ici_mesh: dict = field(default_factory=dict)
     fits: bool = False
     compile_s: float = 0.0
     hbm_bytes: float = 0.0
@@ -110,7 +118,7 @@ def lower_train_step(config: Config, devices: list):
     try:
         mesh = build_mesh(config.mesh, devices)
     except NotImplementedError as e:  # jax.make_mesh maps mesh axes onto whole physical (ICI) axes
-        raise ConfigError(f"mesh data x fsdp x tensor = {'x'.join(map(str, mesh_shape(config.mesh, len(devices))))} "
+        raise ConfigError(f"mesh data x fsdp x tensor = {'x'.join(map(str, ici_shape(config.mesh, len(devices))))} "
                           f"does not map onto this slice's physical axes: each mesh axis must be a product of "
                           f"physical axis sizes ({str(e).split('with remaining assignable mesh ')[-1][:12]}...); "
                           "change mesh.fsdp / mesh.tensor") from None
@@ -120,13 +128,27 @@ def lower_train_step(config: Config, devices: list):
     return compute.lower(batch), dict(mesh.shape), objective
 
 
+def slices_for(config: Config, num_slices: int) -> str:
+    """``--num-slices N`` with a config whose DCN axes span one slice: data parallelism across the N slices
+    (``mesh.dcn_data=N``, set in place). Returns the note to print ('' when the config already says)."""
+    if num_slices > 1 and dcn_shape(config.mesh) == (1, 1, 1):
+        config.mesh.dcn_data = num_slices
+        return (f"--num-slices {num_slices}: the config spans no slices over DCN, so mesh.dcn_data={num_slices} "
+                "(data parallelism across slices; set mesh.dcn_data / mesh.dcn_fsdp to choose)")
+    return ""
+
+
 def compile_for(config: Config, topology: str, hbm_gib: float | None = None,
-                chips_per_host: tuple[int, ...] | None = None, devices: list | None = None) -> Report:
-    """Compile for one topology and collect what fits where (``devices`` overrides the topology: tests)."""
-    report = Report(topology)
+                chips_per_host: tuple[int, ...] | None = None, devices: list | None = None,
+                num_slices: int = 1) -> Report:
+    """Compile for one topology (``num_slices`` of it) and collect what fits where (``devices`` overrides the
+    topology: tests)."""
+    report = Report(topology, slices=num_slices)
     gen = parse_topology(topology)[0] if devices is None else None
-    devices = devices if devices is not None else topology_devices(topology, chips_per_host)
+    devices = devices if devices is not None else topology_devices(topology, chips_per_host, num_slices)
     report.chips, report.device_kind = len(devices), devices[0].device_kind
+    report.dcn_mesh = dict(zip(MESH_AXES, dcn_shape(config.mesh), strict=True))
+    report.ici_mesh = dict(zip(MESH_AXES, ici_shape(config.mesh, len(devices)), strict=True))
     report.hbm_bytes = (hbm_gib or HBM_GIB.get(gen or "", 0.0)) * GIB
     report.peak_flops_per_chip = peak_flops_per_device(report.device_kind) or 0.0
     started = time.perf_counter()
@@ -163,12 +185,15 @@ def format_report(config: Config, r: Report, mfu: float) -> str:
     gib = lambda b: f"{b / GIB:.2f} GiB" if b >= GIB / 10 else f"{b / 2**20:.1f} MiB"  # noqa: E731
     m, d = config.model, config.data
     counts = param_counts(m, **build_objective(config.objective).size_extras())
-    head = (f"{r.topology}: {r.chips} chips ({r.device_kind}, {gib(r.hbm_bytes) if r.hbm_bytes else '? GiB'} HBM each)"
+    where = r.topology if r.slices == 1 else f"{r.slices} x {r.topology} (multislice)"
+    head = (f"{where}: {r.chips} chips ({r.device_kind}, {gib(r.hbm_bytes) if r.hbm_bytes else '? GiB'} HBM each)"
             f"; model {counts.total / 1e6:,.1f}M params ({m.layers} layers, d_model {m.d_model}, {m.dtype}),"
             f" batch {d.batch_size} x {d.seq_len} tokens, objective {config.objective.name}")
     if r.error:
         return "\n".join([head, f"  DOES NOT FIT (XLA, after {r.compile_s:.1f} s): {r.error}"])
-    lines = [head, f"  mesh               {r.mesh}; compiled in {r.compile_s:.1f} s",
+    multislice = max(r.dcn_mesh.values(), default=1) > 1
+    layout = f" = DCN {r.dcn_mesh} x ICI {r.ici_mesh} per slice (slices outermost)" if multislice else ""
+    lines = [head, f"  mesh               {r.mesh}{layout}; compiled in {r.compile_s:.1f} s",
              f"  per-chip memory    arguments {gib(r.argument_bytes)}, outputs {gib(r.output_bytes)}, "
              f"temporaries {gib(r.temp_bytes)}, donated (aliased) {gib(r.alias_bytes)}, code {gib(r.code_bytes)}",
              f"  per-chip peak      {gib(r.peak_bytes)} = arguments + outputs - aliased + temporaries"
@@ -195,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="TPU slice, e.g. v5e:4x4, v5p:4x4x4, v6e:8x8 (repeat for several)")
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the estimate")
     parser.add_argument("--hbm-gib", type=float, help="override the per-chip HBM used for the fit verdict")
+    parser.add_argument("--num-slices", type=int, default=1,
+                        help="compile for this many slices of each topology joined over DCN (multislice)")
     parser.add_argument("--chips-per-host", help="host bounds, e.g. 2x2x1 (default: Cloud TPU's 2x2 chips per host)")
     parser.add_argument("--json", help="also write the reports to this JSON file")
     args, extra = parser.parse_known_args(argv)
@@ -204,13 +231,18 @@ def main(argv: list[str] | None = None) -> int:
                             "(or the project's extra: pip install -e '.[tpu]')")
         if not 0 < args.mfu <= 1:
             raise UserError(f"--mfu={args.mfu} must be in (0, 1]")
+        if args.num_slices < 1:
+            raise UserError(f"--num-slices {args.num_slices} must be an integer >= 1")
         config = load_config(args.config, list(args.overrides) + extra)
+        note = slices_for(config, args.num_slices)
+        if note:
+            print(note, flush=True)
         bounds = tuple(int(x) for x in args.chips_per_host.split("x")) if args.chips_per_host else None
         for name in args.topology:
             parse_topology(name)
         reports = []
         for name in args.topology:
-            reports.append(compile_for(config, name, args.hbm_gib, bounds))
+            reports.append(compile_for(config, name, args.hbm_gib, bounds, num_slices=args.num_slices))
             print(format_report(config, reports[-1], args.mfu), flush=True)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

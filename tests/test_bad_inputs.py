@@ -159,6 +159,12 @@ CONFIG_CASES = [  # (id, overrides, fragments of the error line)
     ("empty-data-source", ["data.source="], ["data.source='' must be non-empty", "data.source=stdlib"]),
     ("two-mesh-axes-fill", ["mesh.data=-1", "mesh.fsdp=-1"], ["only one of mesh.data, mesh.fsdp, mesh.tensor"]),
     ("mesh-rule-maps-to-a-number", ["mesh.rules=[[batch, 3]]"], ["mesh.rules entry ['batch', 3] must map to"]),
+    # multislice (issue 17): DCN axes must match the slices there are; tensor parallelism never crosses DCN
+    ("mesh-dcn-slices-not-there", ["mesh.dcn_data=2"],
+     ["mesh.dcn_data x mesh.dcn_fsdp = 2x1 = 2 but the devices form 1 slice(s)", "so that their product is 1"]),
+    ("mesh-dcn-zero", ["mesh.dcn_fsdp=0"], ["mesh.dcn_fsdp=0 must be an integer >= 1"]),
+    ("mesh-dcn-tensor", ["mesh.dcn_tensor=2"],
+     ["mesh.dcn_tensor=2 is not supported: tensor parallelism over DCN", "mesh.dcn_data or mesh.dcn_fsdp"]),
     ("mixture-negative-rate", ["data.mixture=[{source: a.txt, rate: -1}]"],
      ["data.mixture[0].rate=-1 must be a finite number > 0"]),
     ("mixture-infinite-rate", ["data.mixture=[{source: a.txt, rate: .inf}]"],

@@ -96,12 +96,17 @@ def corpus(tmp_path_factory):
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_resume_from_their_joint_checkpoint(tmp_path, corpus):
     """Same global batch, same mesh (data 2 x fsdp 4): the loss trace of 2 processes x 4 devices equals
-    that of 1 process x 8 devices. The 2-process run stops at step 3 and resumes from the checkpoint
+    that of 1 process x 8 devices. The 2 processes are 2 slices (multislice on CPU: each process is one):
+    data spans them over "DCN" (mesh.dcn_data=2, ICI data 1 x fsdp 4 within each), so the gradient
+    reduction crosses processes. The 2-process run stops at step 3 and resumes from the checkpoint
     both processes wrote, so multi-host save and restore are covered too."""
     single = _train(tmp_path / "one", corpus, 1, "train.steps=6")
-    _train(tmp_path / "two", corpus, 2, "train.steps=3")
+    dcn = ["mesh.dcn_data=2", "mesh.data=1"]  # per slice: data 1 x fsdp 4; the whole mesh is data 2 x fsdp 4
+    _train(tmp_path / "two", corpus, 2, "train.steps=3", *dcn)
     assert (tmp_path / "two" / "checkpoints" / "3").is_dir()
-    multi = _train(tmp_path / "two", corpus, 2, "train.steps=6")
+    multi = _train(tmp_path / "two", corpus, 2, "train.steps=6", *dcn)
+    saved = load_config(str(tmp_path / "two" / "config.yaml"))
+    assert (saved.mesh.dcn_data, saved.mesh.data, saved.mesh.fsdp) == (2, 1, 4)
 
     def trace(rows, key):
         return [(r["step"], r[key]) for r in rows if key in r]

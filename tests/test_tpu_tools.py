@@ -5,9 +5,11 @@ import dataclasses
 import glob
 import http.server
 import importlib.util
+import json
 import os
 import re
 import shlex
+import subprocess
 import sys
 import threading
 import time
@@ -139,6 +141,70 @@ def test_aot_report_is_xla_buffer_assignment_of_the_real_step(tiny_config):
         with pytest.raises(Exception, match="GEN:AxB"):
             aot.parse_topology(bad)
     assert aot.parse_topology("v5p:4x4x8") == ("v5p", (4, 4, 8))
+
+
+# ------------------------------------------------------------------------------------------ multislice
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chip:
+    """What the mesh reads from a device: ids, slice / process, platform (``jax.sharding.Mesh`` takes these)."""
+
+    id: int
+    slice_index: int
+    process_index: int = 0
+    platform: str = "cpu"
+    device_kind: str = "fake"
+
+
+def test_multislice_mesh_puts_slices_outermost_on_the_axes_that_cross_dcn():
+    """2 slices x 4 chips: each mesh axis is dcn x ici, the slice factor outermost, so only data / fsdp
+    collectives go between slices; the ICI sizes are per slice and one slice keeps jax.make_mesh."""
+    from jax.sharding import AxisType
+
+    from scaling_jax.parallel.mesh import build_mesh, device_grid, ici_shape
+
+    chips = [_Chip(i, i // 4) for i in range(8)]
+    ids = lambda mesh: [[[d.id for d in row] for row in plane] for plane in mesh]  # noqa: E731
+    mesh = build_mesh(load_config(None, ["mesh.dcn_data=2", "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2"]).mesh,
+                      chips)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2} and mesh.axis_types == (AxisType.Auto,) * 3
+    assert ids(mesh.devices) == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]  # data index = slice: tensor stays inside one
+    cfg = load_config(None, ["mesh.dcn_fsdp=2", "mesh.data=2", "mesh.fsdp=-1"]).mesh
+    assert mesh_shape(cfg, 8) == (2, 4, 1) and ici_shape(cfg, 8) == (2, 2, 1)
+    grid = device_grid(cfg, chips)
+    assert [[d.slice_index for d in row[:, 0]] for row in grid] == [[0, 0, 1, 1]] * 2  # fsdp: slice outermost
+    # CPU / GPU: processes are the slices (jax.distributed gives every CPU device slice_index 0)
+    procs = [_Chip(i, 0, process_index=i // 4) for i in range(8)]
+    cfg = load_config(None, ["mesh.dcn_data=2", "mesh.data=1", "mesh.fsdp=-1"]).mesh
+    assert ids(device_grid(cfg, procs)) == [[[0], [1], [2], [3]], [[4], [5], [6], [7]]]
+    with pytest.raises(Exception, match=r"= 2 but the devices form 1 slice\(s\).*product is 1"):
+        build_mesh(load_config(None, ["mesh.dcn_data=2"]).mesh, jax.devices())  # one process: one slice
+    with pytest.raises(Exception, match="devices span 2 slices but mesh.dcn_data x mesh.dcn_fsdp = 1; set "
+                                        "mesh.dcn_data=2"):
+        build_mesh(load_config(None, []).mesh, chips)
+    with pytest.raises(Exception, match="= 4 but 8 devices are in each of the 2 slices"):
+        build_mesh(load_config(None, ["mesh.dcn_data=2", "mesh.data=4"]).mesh, [_Chip(i, i // 8) for i in range(16)])
+    assert [d.id for d in build_mesh(load_config(None, ["mesh.fsdp=4"]).mesh, jax.devices()).devices.flat] == \
+        [d.id for d in jax.devices()]  # one slice: jax.make_mesh as before
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (pip install 'jax[tpu]')")
+def test_aot_compiles_the_step_for_two_slices_joined_over_dcn(tmp_path):
+    """``--num-slices 2`` compiles for 2 x v5e:2x2 (devices with slice_index from the topology): a config
+    without DCN axes gets mesh.dcn_data=2 and the report names the DCN x ICI layout."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    script = os.path.join(ROOT, "scripts", "aot_compile_tpu.py")
+    cmd = [sys.executable, script, os.path.join(ROOT, "configs", "quickstart.yaml"), "--topology", "v5e:2x2",
+           "--num-slices", "2", "data.seq_len=32", "data.batch_size=8", "--json", str(tmp_path / "r.json")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "--num-slices 2: the config spans no slices over DCN, so mesh.dcn_data=2" in done.stdout
+    assert "2 x v5e:2x2 (multislice): 8 chips" in done.stdout
+    assert ("{'data': 8, 'fsdp': 1, 'tensor': 1} = DCN {'data': 2, 'fsdp': 1, 'tensor': 1} x ICI "
+            "{'data': 4, 'fsdp': 1, 'tensor': 1} per slice") in done.stdout
+    (report,) = json.loads((tmp_path / "r.json").read_text())
+    assert report["slices"] == 2 and report["fits"] and report["temp_bytes"] > 0
 
 
 # ------------------------------------------------------------------------------------------ maintenance

@@ -51,10 +51,10 @@ def _stop_note(summary: dict, run_dir: str) -> str:
 
 
 def _train(args: argparse.Namespace, resume: bool = False) -> int:
+    _join_processes(args)
+    config = _run_config(args, resume)  # a bad config fails in a second, before JAX and the trainer load
     from scaling_jax.train.loop import train
 
-    _join_processes(args)
-    config = _run_config(args, resume)
     summary = train(config)
     run_dir = config.train.run_dir
     if "val_bpb" in summary:
@@ -72,12 +72,13 @@ def _resume(args: argparse.Namespace) -> int:
 def _continue(args: argparse.Namespace) -> int:
     from scaling_jax.train.continuation import child_config
     from scaling_jax.train.loop import train
+    from scaling_jax.train.start import StartSpec
 
     _join_processes(args)
     config, notes = child_config(args.source, args.stage, args.overrides)
     for note in notes:
         print(f"stage {config.stage.name}: {note}", flush=True)
-    summary = train(config)
+    summary = train(config, StartSpec.from_config(config))  # resuming the child later reads the same spec
     run_dir = config.train.run_dir
     if "val_bpb" in summary:
         print(f"stage {config.stage.name}: validation {summary['val_bpb']:.3f} bits/byte, {summary['val_loss']:.4f} "

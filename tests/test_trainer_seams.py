@@ -10,8 +10,9 @@ from scaling_jax.data.synthetic import SyntheticRows, example_batch, text_ids, u
 from scaling_jax.data.tokenizer import build_tokenizer
 from scaling_jax.errors import ConfigError
 from scaling_jax.run_dir import METRICS_FILE, TENSORBOARD_DIR
-from scaling_jax.train.loop import Trainer
+from scaling_jax.train.loop import Trainer, begin_from
 from scaling_jax.train.metrics import read_metrics
+from scaling_jax.train.start import StartSpec
 
 TINY = ["model.series=custom", "model.layers=1", "model.d_model=32", "model.heads=2", "model.head_dim=16",
         "model.d_ff=64", "data.seq_len=32", "data.batch_size=8", "train.eval_batches=1", "optimizer.warmup_steps=1",
@@ -63,6 +64,19 @@ def test_hooks_run_every_n_steps_in_order_after_the_metrics_they_wait_for(tmp_pa
     assert summary["step"] == 4 and summary["baseline_bpb"] == pytest.approx(8.0)  # synthetic: uniform bytes
     assert calls == [("every2", 2), ("logged", 3, 3), ("every2", 4), ("logged", 4, 4)]
     assert glob.glob(str(run / TENSORBOARD_DIR / "plugins" / "profile" / "*" / "*.xplane.pb"))
+
+
+def test_the_start_spec_is_the_stage_section_and_decides_between_fresh_and_parent_weights():
+    fresh = load_config(None, TINY)
+    assert StartSpec.from_config(fresh) == StartSpec() and StartSpec().kind == "scratch"
+    child = load_config(None, [*TINY, "stage.parent=/runs/a/checkpoints/40", "stage.optimizer_state=continue",
+                               "stage.extend_vocab=true"])
+    spec = StartSpec.from_config(child)
+    assert (spec.kind, spec.parent, spec.optimizer_state, spec.extend_vocab) == \
+        ("parent", "/runs/a/checkpoints/40", "continue", True)
+    made = []
+    start = begin_from(lambda session: made.append(session) or "state", "a session")  # a start function wins
+    assert start == "state" and made == ["a session"]
 
 
 def test_profile_settings_are_checked():

@@ -30,6 +30,7 @@ and counted in one warning per file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import itertools
 import json
@@ -91,10 +92,16 @@ def stdlib_files() -> list[pathlib.Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _stdlib_documents() -> Iterator[Document]:
+@functools.lru_cache(maxsize=1)
+def _stdlib_corpus() -> tuple[Document, ...]:
+    """Read once per process (~30 MB): both splits, every run of a local sweep and every stage read it again."""
     root = _stdlib_dir()
-    for path in stdlib_files():
-        yield Document(path.relative_to(root).as_posix(), _decode_stdlib(path.read_bytes()))
+    return tuple(Document(path.relative_to(root).as_posix(), _decode_stdlib(path.read_bytes()))
+                 for path in stdlib_files())
+
+
+def _stdlib_documents() -> Iterator[Document]:
+    return iter(_stdlib_corpus())
 
 
 # ----------------------------------------------------------------------------- finding files

@@ -46,7 +46,7 @@ from scaling_jax.objectives.base import Objective, build_objective
 from scaling_jax.run_dir import CheckpointMeta
 from scaling_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, model_signature
 from scaling_jax.train.session import Session
-from scaling_jax.train.start import StageStart
+from scaling_jax.train.start import StageStart, StartSpec
 from scaling_jax.train.state import TrainState, make_schedule, state_layout
 
 INHERITED_NOT = ("stage.", "budget.", "train.run_dir")  # a child never inherits these from its parent
@@ -329,20 +329,22 @@ def graft_adam(fresh: Any, parent: Any, like: dict) -> Any:
     return fresh
 
 
-def start_from_parent(session: Session) -> StageStart:
-    """The child's initial state from ``stage.parent`` (see the module docstring), on the child's mesh."""
+def start_from_parent(session: Session, spec: StartSpec | None = None) -> StageStart:
+    """The child's initial state from ``spec.parent`` (default: the config's ``stage``; see the module
+    docstring), on the child's mesh."""
     config, objective = session.config, session.objective
-    run_dir, step = split_checkpoint_path(config.stage.parent)
+    spec = spec or StartSpec.from_config(config)
+    run_dir, step = split_checkpoint_path(spec.parent)
     meta = parent_meta(run_dir, step)
     parent_model = dataclasses.replace(config.model, vocab_size=meta.config["model"]["vocab_size"])
     layout = state_layout(parent_model, session.tx, config.train.seed, objective.build_model, session.mesh,
                           session.rules)
     checkpointer = Checkpointer(run_dir, keep=1, async_save=False)
     try:
-        if config.stage.optimizer_state == "continue":
+        if spec.optimizer_state == "continue":
             parent, _ = checkpointer.restore(step, layout.abstract, layout.state_sharding, None)
             if int(jax.device_get(parent.step)) != meta.step:  # restore fell back to an older checkpoint
-                raise CheckpointError(f"parent checkpoint {config.stage.parent} is unreadable; pass an intact "
+                raise CheckpointError(f"parent checkpoint {spec.parent} is unreadable; pass an intact "
                                       f"one as --from {run_dir}/{CHECKPOINT_DIR}/STEP")
             params, parent_opt = parent.params, parent.opt_state
         else:
@@ -362,7 +364,7 @@ def start_from_parent(session: Session) -> StageStart:
                           rng=jax.random.key_data(jax.random.key(seed)))
 
     state = jax.jit(assemble, out_shardings=session.state_sharding)(params, parent_opt)
-    return StageStart(state, offset=totals(meta), history=parent_lineage(meta), parent=config.stage.parent,
+    return StageStart(state, offset=totals(meta), history=parent_lineage(meta), parent=spec.parent,
                       parent_step=step, data_index=child_stream_index(config, run_dir, step, meta))
 
 

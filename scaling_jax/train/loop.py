@@ -33,7 +33,7 @@ from scaling_jax.train.hooks import Hook, ProfileTrace
 from scaling_jax.train.lock import acquire_run_lock, release_run_lock
 from scaling_jax.train.preemption import StopRequest, watch_maintenance
 from scaling_jax.train.session import Session, build_session, sync_run_tokenizer
-from scaling_jax.train.start import StageStart
+from scaling_jax.train.start import StageStart, StartSpec
 from scaling_jax.train.step import to_global
 
 LN2 = math.log(2.0)
@@ -65,11 +65,16 @@ def check_shared_storage(t: TrainConfig, process_count: int) -> None:
                               "if every host mounts this path from one shared filesystem (NFS, Filestore)")
 
 
-def default_start(config: Config) -> Callable[[Session], StageStart]:
-    """Fresh weights, or (``stage.parent`` set) the parent checkpoint as its stage config says."""
-    if not config.stage.parent:
-        return lambda session: StageStart(session.init_state())
-    return start_from_parent
+Start = StartSpec | Callable[[Session], StageStart]  # a spec, or a function making the state (tests, tools)
+
+
+def begin_from(start: Start, session: Session) -> StageStart:
+    """The initial state ``start`` says: fresh weights, a parent checkpoint, or what a start function makes."""
+    if callable(start):
+        return start(session)
+    if start.kind == "scratch":
+        return StageStart(session.init_state())
+    return start_from_parent(session, start)
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -88,7 +93,7 @@ class Trainer:
     (for a local run directory ``files.local`` is the directory itself and pushing is a no-op).
     """
 
-    def __init__(self, config: Config, start: Callable[[Session], StageStart] | None = None):
+    def __init__(self, config: Config, start: Start | None = None):
         t = config.train
         self.config, self.t = config, t
         self.is_main = jax.process_index() == 0
@@ -108,7 +113,7 @@ class Trainer:
             self.discard_if_untrained()
             raise
 
-    def _build(self, start: Callable[[Session], StageStart] | None) -> None:
+    def _build(self, start: Start | None) -> None:
         t, d = self.t, self.config.data
         if self.is_main:  # before anything else is written to the run dir
             acquire_run_lock(t.run_dir, self.files.local)
@@ -176,14 +181,14 @@ class Trainer:
                 shutil.rmtree(self.files.local, ignore_errors=True)
         release_run_lock(self.t.run_dir)
 
-    def _begin(self, start: Callable[[Session], StageStart] | None) -> None:
-        """The run's own latest checkpoint if it has one, else ``start`` (fresh weights or a parent's)."""
+    def _begin(self, start: Start | None) -> None:
+        """The run's own latest checkpoint if it has one, else ``start`` (default: the config's ``StartSpec``)."""
         config, session, checkpointer = self.config, self.session, self.checkpointer
         latest = checkpointer.latest_step(set_aside_damaged=True)
         self.resumed = latest is not None
         self.wall_offset = 0.0
         if latest is None:
-            begin = (start or default_start(config))(session)
+            begin = begin_from(start or StartSpec.from_config(config), session)
             self.state, self.offset, self.history = begin.state, begin.offset, begin.history
             self.record = {"stage": config.stage.name, "objective": session.objective.name,
                            "run_dir": paths.absolute(self.t.run_dir), "parent": begin.parent,
@@ -412,11 +417,12 @@ class Trainer:
         return summary
 
 
-def train(config: Config, start: Callable[[Session], StageStart] | None = None) -> dict:
+def train(config: Config, start: Start | None = None) -> dict:
     """Run (or resume) training as configured; returns the final summary.
 
     A run directory with a checkpoint always resumes from its own latest one. Otherwise ``start``
-    (default: ``default_start(config)``) makes the initial state, e.g. a parent's for a continuation.
+    (default: ``StartSpec.from_config(config)``) says where the initial state comes from, e.g. a parent's
+    checkpoint for a continuation stage.
     The run directory's lock is held from the Trainer's start until this returns or raises; a fresh run that
     fails before its first step leaves nothing behind.
     """

@@ -1,7 +1,10 @@
-"""How a run without a checkpoint of its own begins: the state it starts from, and what came before it.
+"""How a run without a checkpoint of its own begins: where its state comes from, and what came before it.
 
-The trainer takes a ``StageStart`` from a start function (fresh weights, or a parent's checkpoint for a
-continuation stage); a run with its own checkpoint resumes from that instead.
+``StartSpec`` says where (in the spirit of T5X's ``RestoreCheckpointConfig``): fresh weights, or a parent
+checkpoint with an optimizer-state policy. It is built once from the config's ``stage`` section (which
+``scaling-jax continue`` fills in) and consumed by the trainer, which turns it into a ``StageStart``: the
+state itself plus the parent's totals and lineage. A run with a checkpoint of its own always resumes from
+that instead, whatever the spec says.
 """
 
 from __future__ import annotations
@@ -12,6 +15,30 @@ from dataclasses import dataclass
 from scaling_jax.train.state import TrainState
 
 NO_OFFSET = {"step": 0, "tokens": 0, "flops": 0.0}
+
+
+@dataclass(frozen=True)
+class StartSpec:
+    """Where a fresh run's state comes from.
+
+    ``parent`` empty: fresh weights (``scratch``). Otherwise a checkpoint directory ``RUN/checkpoints/STEP``
+    of a finished run, ours or an imported one (``convert --from-hf`` writes a run whose lineage starts with
+    its import record), read with ``optimizer_state`` ``reset`` (fresh AdamW state) or ``continue`` (the
+    parent's moments), and ``extend_vocab`` (grow the embedding to the tokenizer's vocabulary).
+    """
+
+    parent: str = ""
+    optimizer_state: str = "reset"
+    extend_vocab: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "parent" if self.parent else "scratch"
+
+    @classmethod
+    def from_config(cls, config) -> StartSpec:
+        stage = config.stage
+        return cls(stage.parent, stage.optimizer_state, stage.extend_vocab)
 
 
 @dataclass

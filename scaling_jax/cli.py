@@ -51,8 +51,8 @@ def _stop_note(summary: dict, run_dir: str) -> str:
 
 
 def _train(args: argparse.Namespace, resume: bool = False) -> int:
-    _join_processes(args)
     config = _run_config(args, resume)  # a bad config fails in a second, before JAX and the trainer load
+    _join_processes(args)  # before any device is touched (loading a config touches none)
     from scaling_jax.train.loop import train
 
     summary = train(config)

@@ -36,3 +36,21 @@ def tiny_config():
     def make(*overrides: str):
         return load_config(None, TINY + list(overrides))
     return make
+
+
+# One run of a tiny model that several files only read or copy (the bad-input, run-directory and lm-eval tests):
+# trained once per test process. Tests must not change it in place: copy it first (shutil.copytree).
+TINY_RUN = ["model.series=custom", "model.layers=1", "model.d_model=32", "model.heads=1", "model.head_dim=32",
+            "model.d_ff=64", "data.seq_len=32", "data.batch_size=8", "data.max_docs=20", "train.steps=1",
+            "optimizer.warmup_steps=1", "train.eval_batches=1", "train.progress=false", "train.plot=false",
+            "train.tensorboard=false", "train.async_checkpointing=false"]
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_run(tmp_path_factory):
+    """The 1-step run of ``TINY_RUN`` (``scaling-jax train``; checkpoint at step 1), shared read-only."""
+    from scaling_jax.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_trained_run")
+    assert main(["train", os.path.abspath("configs/quickstart.yaml"), *TINY_RUN, f"train.run_dir={root / 'run'}"]) == 0
+    return root / "run"

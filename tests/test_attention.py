@@ -2,6 +2,7 @@
 CPU, gives the xla path's outputs and gradients for causal, packed, GQA and prefix-LM rows, on one device and
 inside ``shard_map`` on a mesh; ``auto`` picks xla on CPU; a whole model gives the same loss either way."""
 
+import functools
 from functools import partial
 
 import jax
@@ -54,9 +55,16 @@ def _loss_and_grads(fn, q, k, v, seg, bi):
                    compiler_options=FAST_COMPILE)(q, k, v)
 
 
-def _assert_matches_xla(splash, q, k, v, seg, bi) -> list[float]:
-    out_x, grads_x = _loss_and_grads(ak.xla_attention, q, k, v, seg, bi)
-    out_s, grads_s = _loss_and_grads(splash, q, k, v, seg, bi)
+@functools.cache
+def _xla_reference(kind: str, kv_heads: int):
+    """The xla path's outputs and gradients on ``_rows(kind)`` and ``_qkv(kv_heads)``: computed once, shared by the
+    single-device and the shard_map comparisons of the same rows."""
+    return _loss_and_grads(ak.xla_attention, *_qkv(kv_heads), *_rows(kind))
+
+
+def _assert_matches_xla(splash, kind: str, kv_heads: int) -> list[float]:
+    out_x, grads_x = _xla_reference(kind, kv_heads)
+    out_s, grads_s = _loss_and_grads(splash, *_qkv(kv_heads), *_rows(kind))
     diffs = []
     for name, a, b in zip(("out", "dq", "dk", "dv"), (out_x, *grads_x), (out_s, *grads_s), strict=True):
         assert bool(jnp.isfinite(b).all()), f"{name} has non-finite entries"
@@ -70,9 +78,8 @@ def _assert_matches_xla(splash, q, k, v, seg, bi) -> list[float]:
 def test_splash_in_interpret_mode_matches_xla_outputs_and_gradients(kind, kv_heads):
     """Causal, packed with padding (a padding query sees only itself in both paths), GQA (2 query heads per kv
     head), and prefix-LM rows with packing: an all-prefix document, one without a prefix, prefix + targets."""
-    seg, bi = _rows(kind)
     splash = lambda q, k, v, s, b: ak.splash_attention(q, k, v, s, b, interpret=True, max_block=BLOCK)
-    diffs = _assert_matches_xla(splash, *_qkv(kv_heads), seg, bi)
+    diffs = _assert_matches_xla(splash, kind, kv_heads)
     assert max(diffs) < 2e-5, diffs
 
 
@@ -96,8 +103,7 @@ def test_splash_runs_in_shard_map_over_batch_and_heads():
     """On a data 2 x tensor 2 mesh the kernel runs per shard (batch split over data, whole GQA groups over
     tensor) and still equals the unsharded xla path."""
     mesh = build_mesh(load_config(None, ["mesh.data=2", "mesh.fsdp=1", "mesh.tensor=2"]).mesh, jax.devices()[:4])
-    seg, bi = _rows("prefix")
-    q, k, v = _qkv(2)
+    q, k, _ = _qkv(2)
 
     def sharded(q, k, v, s, b):
         with activation_sharding(mesh, DEFAULT_RULES):
@@ -105,7 +111,7 @@ def test_splash_runs_in_shard_map_over_batch_and_heads():
 
     assert ak.shard_spec(mesh, DEFAULT_RULES, q.shape, k.shape) == jax.sharding.PartitionSpec("data", None, "tensor",
                                                                                               None)
-    _assert_matches_xla(sharded, q, k, v, seg, bi)
+    _assert_matches_xla(sharded, "prefix", 2)
 
 
 def test_auto_resolves_to_xla_on_cpu_and_by_platform_elsewhere():

@@ -18,12 +18,12 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import TINY_RUN
 
 from scaling_jax.cli import main
 from scaling_jax.config import load_config
 from scaling_jax.data.sources import load_documents
 from scaling_jax.errors import UserError
-from scaling_jax.train.loop import train
 
 TINY = ["model.series=custom", "model.layers=1", "model.d_model=32", "model.heads=1", "model.head_dim=32",
         "model.d_ff=64", "data.seq_len=32", "data.batch_size=8", "data.max_docs=20", "train.steps=1",
@@ -373,12 +373,11 @@ def test_malformed_lines_can_be_skipped_and_are_counted(user_dir, capsys):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """One real run (1 step, tiny model) whose checkpoint the cases below try to misuse."""
-    root = str(tmp_path_factory.mktemp("trained"))
-    run_dir = os.path.join(root, "run")
-    train(load_config("configs/quickstart.yaml", TINY + [f"train.run_dir={run_dir}"]))
-    return run_dir
+def trained_run(tiny_trained_run):
+    """One real run (1 step, tiny model) whose checkpoint the cases below try to misuse (the session's shared
+    run of this TINY; every case checks it is left unchanged)."""
+    assert TINY == TINY_RUN
+    return str(tiny_trained_run)
 
 
 CHECKPOINT_CASES = [

@@ -7,6 +7,7 @@ import sys
 import jax
 import pytest
 
+from scaling_jax.cli import main
 from scaling_jax.config import load_config
 from scaling_jax.info import describe, sharded_param_bytes
 from scaling_jax.parallel.mesh import build_mesh
@@ -19,8 +20,19 @@ TINY = ["model.series=custom", "model.layers=1", "model.d_model=32", "model.head
 
 
 def _cli(*args, devices=1):
+    """``python -m scaling_jax.cli ARGS`` in a process with ``devices`` CPU devices (for what depends on the
+    device count, or on the process itself: its exit code and everything it writes to stderr)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     return subprocess.run([sys.executable, "-m", "scaling_jax.cli", *args], capture_output=True, text=True, env=env)
+
+
+def _cli_here(capsys, *args):
+    """``scaling_jax.cli.main(ARGS)`` in this process (what ``python -m scaling_jax.cli`` exits with), as a
+    finished process: for errors raised before any device is used (a subprocess costs seconds of imports)."""
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["scaling-jax", *args], code, out, err)
 
 
 def _assert_one_line_error(result, *fragments):
@@ -31,18 +43,18 @@ def _assert_one_line_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("overrides, devices, fragments", [
-    (["model.layer=3"], 1, ["unknown config key 'model.layer'", "model.layers"]),
-    (["train.steps=many"], 1, ["train.steps must be int"]),
+@pytest.mark.parametrize("overrides, devices, fragments", [  # devices None: in this process (device-free errors)
+    (["model.layer=3"], None, ["unknown config key 'model.layer'", "model.layers"]),
+    (["train.steps=many"], None, ["train.steps must be int"]),
     (["mesh.data=3"], 1, ["mesh data x fsdp x tensor = 3x1x1", "1 devices are available"]),
     (["data.batch_size=3"], 2, ["data.batch_size=3 must be divisible by 2", "'batch'"]),
     (["data.seq_len=31", "mesh.rules=[[length, data], [batch, null]]"], 2,
      ["data.seq_len=31 must be divisible by 2", "'length'"]),
-    (["data.source=/nonexistent/*.txt"], 1, ["data.source", "/nonexistent/*.txt"]),
+    (["data.source=/nonexistent/*.txt"], 1, ["data.source", "/nonexistent/*.txt"]),  # read after the mesh check
 ])
-def test_bad_inputs_fail_with_one_line(tmp_path, overrides, devices, fragments):
-    result = _cli("train", "configs/quickstart.yaml", *TINY, *overrides, f"train.run_dir={tmp_path / 'run'}",
-                  devices=devices)
+def test_bad_inputs_fail_with_one_line(tmp_path, capsys, overrides, devices, fragments):
+    args = ["train", "configs/quickstart.yaml", *TINY, *overrides, f"train.run_dir={tmp_path / 'run'}"]
+    result = _cli_here(capsys, *args) if devices is None else _cli(*args, devices=devices)
     _assert_one_line_error(result, *fragments)
 
 
@@ -53,24 +65,25 @@ def test_empty_data_source_is_one_line(tmp_path):
     _assert_one_line_error(result, "gives no train documents", "data.source")
 
 
-def test_unwritable_or_file_run_dir_is_one_line(tmp_path):
+def test_unwritable_or_file_run_dir_is_one_line(tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("keep me")
-    _assert_one_line_error(_cli("train", "configs/quickstart.yaml", *TINY, f"train.run_dir={a_file}"), "is a file")
+    _assert_one_line_error(_cli_here(capsys, "train", "configs/quickstart.yaml", *TINY, f"train.run_dir={a_file}"),
+                           "is a file")
     assert a_file.read_text() == "keep me"
     # /proc refuses new directories even to root, so this holds wherever the tests run
-    _assert_one_line_error(_cli("train", "configs/quickstart.yaml", *TINY, "train.run_dir=/proc/scaling-jax-run"),
-                           "is not writable", "train.run_dir")
+    _assert_one_line_error(_cli_here(capsys, "train", "configs/quickstart.yaml", *TINY,
+                                     "train.run_dir=/proc/scaling-jax-run"), "is not writable", "train.run_dir")
 
 
-def test_missing_config_file_and_debug_traceback(tmp_path):
-    _assert_one_line_error(_cli("train", str(tmp_path / "none.yaml")), "does not exist")
-    debug = _cli("--debug", "train", str(tmp_path / "none.yaml"))
+def test_missing_config_file_and_debug_traceback(tmp_path, capsys):
+    _assert_one_line_error(_cli_here(capsys, "train", str(tmp_path / "none.yaml")), "does not exist")
+    debug = _cli("--debug", "train", str(tmp_path / "none.yaml"))  # a real process: its traceback on stderr
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
-def test_info_prints_size_flops_and_memory():
-    result = _cli("info", "configs/quickstart.yaml", "--devices", "8", "mesh.fsdp=8")
+def test_info_prints_size_flops_and_memory(capsys):
+    result = _cli_here(capsys, "info", "configs/quickstart.yaml", "--devices", "8", "mesh.fsdp=8")
     assert result.returncode == 0, result.stderr
     assert "803,968 total" in result.stdout and "754,816 non-embedding" in result.stdout
     assert "FLOPs/token" in result.stdout and "memory/device" in result.stdout

@@ -2,14 +2,18 @@
 teacher-forced log-probabilities, self-speculative decoding == plain greedy (each row advancing by its own
 acceptance), and every decoding step donating its state (the KV cache is updated in place)."""
 
+import functools
 import warnings
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY
 from flax import nnx
 
+from scaling_jax.config import load_config
 from scaling_jax.data.tokenizer import ByteTokenizer
 from scaling_jax.model.decode import CachedLM, SamplingConfig, full_logits, greedy, sample_logits, truncate_at_stop
 from scaling_jax.model.transformer import Decoder
@@ -19,42 +23,40 @@ PROMPTS = ["def f(x):\n    return", "import os", "class A:\n    pass\n\n\nclass 
 PROMPTS_8 = PROMPTS + ["x = [1, 2, 3]", "for i in range(10):\n", "    if a:", "#", "print('hello')"]
 
 
+# Decode steps for the mtp tests: they share one model per layout (see ``mixed``), so one batch/length of
+# prefill + plain + speculative steps compiles once and serves the greedy, speculative, stop and donation tests.
+STEPS = 24
+
+
 @pytest.fixture(scope="module")
 def tok():
     return ByteTokenizer()
 
 
-def _padded_logits(model):
-    """Full-forward logits of right-padded rows of one fixed length (one compile; causal, so the padding
-    after a position never changes its logits)."""
+@partial(jax.jit, static_argnums=0)
+def _full_forward(graphdef, state, tokens, seg):
+    """Full-forward logits of right-padded rows (one compile per model structure and shape, whatever the
+    weights; causal, so the padding after a position never changes its logits)."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return full_logits(nnx.merge(graphdef, state), tokens, positions, seg)
+
+
+def _padded_logits(model, seqs, length=64):
+    """Logits ``[rows, length, vocab]`` of each sequence, right-padded to one fixed length."""
     graphdef, state = nnx.split(model)
-    fn = jax.jit(lambda st, tokens, seg: full_logits(nnx.merge(graphdef, st), tokens,
-                                                     jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape), seg))
-    return lambda seq, length=64: fn(state, jnp.asarray([list(seq) + [0] * (length - len(seq))]),
-                                     jnp.asarray([[1] * len(seq) + [0] * (length - len(seq))]))[0]
+    tokens = jnp.asarray([list(s) + [0] * (length - len(s)) for s in seqs])
+    seg = jnp.asarray([[1] * len(s) + [0] * (length - len(s)) for s in seqs])
+    return _full_forward(graphdef, state, tokens, seg)
 
 
-def _reference_greedy(model, prompt: list[int], steps: int) -> list[int]:
-    """Re-run the whole sequence without a cache for every new token."""
-    logits_of = _padded_logits(model)
-    seq = list(prompt)
+def _reference_greedy(model, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    """Re-run every whole sequence without a cache for every new token (rows padded independently)."""
+    seqs = [list(p) for p in prompts]
     for _ in range(steps):
-        seq.append(int(jnp.argmax(logits_of(seq)[len(seq) - 1])))
-    return seq[len(prompt):]
-
-
-@pytest.mark.parametrize("kind, scan", [("decoder", True), ("mtp", True), ("decoder", False), ("mtp", False)])
-def test_cached_greedy_equals_argmax_of_full_forward_passes(tiny_config, tok, kind, scan):
-    """Both block layouts: the stacked cache scanned with the stacked blocks, and one cache per listed block."""
-    config = tiny_config("model.layers=3", f"model.scan_layers={str(scan).lower()}")
-    model = Decoder(config.model, nnx.Rngs(1)) if kind == "decoder" else MultiTokenModel(config.model, 3, nnx.Rngs(1))
-    lm = CachedLM(model, tok)
-    prompts = [lm.encode_prompt(p) for p in PROMPTS]  # different lengths: rows are left-padded together
-    out = lm.generate_ids(prompts, SamplingConfig(max_new_tokens=10))
-    for prompt, got in zip(prompts, out.tokens, strict=True):
-        want = _reference_greedy(model, prompt, 10)
-        want = want[:want.index(tok.eos_id)] if tok.eos_id in want else want
-        assert got == want
+        logits = np.asarray(_padded_logits(model, seqs))
+        for r, seq in enumerate(seqs):
+            seq.append(int(np.argmax(logits[r, len(seq) - 1])))  # the first of ties, as jnp.argmax
+    return [seq[len(p):] for seq, p in zip(seqs, prompts, strict=True)]
 
 
 def _mixed_acceptance_model(config) -> MultiTokenModel:
@@ -67,47 +69,73 @@ def _mixed_acceptance_model(config) -> MultiTokenModel:
     return model
 
 
+@pytest.fixture(scope="module")
+def mixed(tok):
+    """``mixed(scan) -> (lm, model, prompts, plain)``: one 3-layer mixed-acceptance model per cache layout, its
+    ``CachedLM``, the 8 prompts and their plain greedy decoding (``STEPS`` tokens), built once per module."""
+    @functools.cache
+    def make(scan: bool):
+        config = load_config(None, TINY + ["model.layers=3", f"model.scan_layers={str(scan).lower()}"])
+        model = _mixed_acceptance_model(config)
+        lm = CachedLM(model, tok)
+        prompts = [lm.encode_prompt(p) for p in PROMPTS_8]
+        return lm, model, prompts, lm.generate_ids(prompts, SamplingConfig(max_new_tokens=STEPS))
+    return make
+
+
+@pytest.mark.parametrize("kind, scan", [("decoder", True), ("mtp", True), ("decoder", False), ("mtp", False)])
+def test_cached_greedy_equals_argmax_of_full_forward_passes(tiny_config, tok, mixed, kind, scan):
+    """Both block layouts: the stacked cache scanned with the stacked blocks, and one cache per listed block.
+    The mtp model is the shared mixed-acceptance one (its head 1 is an ordinary random block)."""
+    if kind == "decoder":  # 2 layers: the stacked cache still scans over more than one block
+        model = Decoder(tiny_config(f"model.scan_layers={str(scan).lower()}").model, nnx.Rngs(1))
+        lm = CachedLM(model, tok)
+        prompts = [lm.encode_prompt(p) for p in PROMPTS_8]  # different lengths: rows are left-padded together
+        out = lm.generate_ids(prompts, SamplingConfig(max_new_tokens=STEPS))
+    else:
+        lm, model, prompts, out = mixed(scan)
+    assert len({len(p) for p in prompts}) > 1
+    for got, want in zip(out.tokens, _reference_greedy(model, prompts, STEPS), strict=True):
+        want = want[:want.index(tok.eos_id)] if tok.eos_id in want else want
+        assert got == want
+
+
 @pytest.mark.parametrize("scan", [True, False])
-def test_self_speculative_decoding_equals_plain_greedy_at_batch_1_and_8(tiny_config, tok, scan):
+def test_self_speculative_decoding_equals_plain_greedy_at_batch_1_and_8(mixed, scan):
     """Left-padded prompts of 8 lengths, both cache layouts; each row advances by its own acceptance, so the
     batch takes exactly as many calls as its slowest row alone, and its rows as many row-calls as alone."""
-    config = tiny_config("model.layers=3", f"model.scan_layers={str(scan).lower()}")
-    lm = CachedLM(_mixed_acceptance_model(config), tok)
-    prompts = [lm.encode_prompt(p) for p in PROMPTS_8]
-    plain = lm.generate_ids(prompts, SamplingConfig(max_new_tokens=24))
-    spec = lm.speculative_greedy_ids(prompts, 24)
+    lm, _, prompts, plain = mixed(scan)
+    spec = lm.speculative_greedy_ids(prompts, STEPS)
     assert spec.tokens == plain.tokens
     assert 0 < min(spec.draft_acceptance) and max(spec.draft_acceptance) < 1, "rows should disagree"
-    alone = [lm.speculative_greedy_ids([p], 24) for p in prompts]
+    alone = [lm.speculative_greedy_ids([p], STEPS) for p in prompts]
     assert [a.tokens[0] for a in alone] == plain.tokens
     assert min(a.forward_calls for a in alone) < max(a.forward_calls for a in alone)
     assert spec.forward_calls == max(a.forward_calls for a in alone)
     assert spec.row_calls == sum(a.row_calls for a in alone)
-    two_heads = lm.speculative_greedy_ids(prompts, 24, heads=2)  # draft with head 2 only
+    two_heads = lm.speculative_greedy_ids(prompts, STEPS, heads=2)  # draft with head 2 only
     assert two_heads.tokens == plain.tokens and len(two_heads.draft_acceptance) == 1
 
 
-def test_speculative_decoding_stops_where_plain_decoding_stops(tiny_config, tok):
-    lm = CachedLM(_mixed_acceptance_model(tiny_config("model.layers=3")), tok)
-    prompts = [lm.encode_prompt(p) for p in PROMPTS_8[:5]]  # 5 rows: padded to 8, the padding rows start done
-    free = lm.generate_ids(prompts, SamplingConfig(max_new_tokens=20)).texts
+def test_speculative_decoding_stops_where_plain_decoding_stops(mixed):
+    lm, _, prompts, _ = mixed(True)
+    prompts = prompts[:5]  # 5 rows: padded to 8, the padding rows start done
+    free = lm.generate_ids(prompts, SamplingConfig(max_new_tokens=STEPS)).texts
     stop = next(t[3:5] for t in free if len(t) >= 5 and t[3:5].strip())
-    plain = lm.generate_ids(prompts, SamplingConfig(max_new_tokens=20, stop=(stop,)))
-    spec = lm.speculative_greedy_ids(prompts, 20, stop=(stop,))
+    plain = lm.generate_ids(prompts, SamplingConfig(max_new_tokens=STEPS, stop=(stop,)))
+    spec = lm.speculative_greedy_ids(prompts, STEPS, stop=(stop,))
     assert spec.texts == plain.texts and spec.tokens == plain.tokens
     assert any(stop not in t and len(t) < len(f) for t, f in zip(spec.texts, free, strict=True))
 
 
 @pytest.mark.parametrize("scan", [True, False])
-def test_decoding_steps_donate_their_state(tiny_config, tok, scan):
+def test_decoding_steps_donate_their_state(mixed, scan):
     """The jitted plain and speculative steps take the whole decoding state (KV cache included) as a donated
     argument: after a call the input buffers are gone (XLA reused them in place), and XLA reported none of them
     unusable."""
-    config = tiny_config("model.layers=3", f"model.scan_layers={str(scan).lower()}")
-    lm = CachedLM(MultiTokenModel(config.model, 3, nnx.Rngs(0)), tok)
-    prompts = [lm.encode_prompt(p) for p in PROMPTS]
+    lm, _, prompts, _ = mixed(scan)
     for heads in (1, 3):
-        state, key_valid, _ = lm._begin(prompts, 8, heads)
+        state, key_valid, _ = lm._begin(prompts, STEPS, heads)
         cache = jax.tree.leaves(state["cache"])
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # "Some donated buffers were not usable" would fail here
@@ -130,16 +158,16 @@ def test_greedy_is_argmax_first_of_ties():
 def test_speculative_decoding_accepts_every_draft_when_the_heads_agree_with_greedy(tiny_config, tok):
     """With every block's output projections zeroed, each head's logits are the tied embedding's similarity
     to the current token, so greedy repeats the last token and every head drafts that same token: a call
-    then emits all n tokens."""
-    model = MultiTokenModel(tiny_config("model.layers=3").model, 4, nnx.Rngs(5))
+    then emits all n tokens. (The mixed-acceptance model's shapes and batch: its compiled steps are reused.)"""
+    model = MultiTokenModel(tiny_config("model.layers=3").model, 3, nnx.Rngs(5))
     for block in [model.trunk.layers] + list(model.heads):  # the stacked trunk blocks zero all layers at once
         block.attn.wo[...] = jnp.zeros_like(block.attn.wo[...])
         block.mlp.w_down[...] = jnp.zeros_like(block.mlp.w_down[...])
     lm = CachedLM(model, tok)
-    prompts = [lm.encode_prompt(p) for p in PROMPTS]
-    spec = lm.speculative_greedy_ids(prompts, 16)
-    assert spec.tokens == lm.generate_ids(prompts, SamplingConfig(max_new_tokens=16)).tokens
-    assert spec.forward_calls == 16 // 4
+    prompts = [lm.encode_prompt(p) for p in PROMPTS_8]
+    spec = lm.speculative_greedy_ids(prompts, STEPS)
+    assert spec.tokens == lm.generate_ids(prompts, SamplingConfig(max_new_tokens=STEPS)).tokens
+    assert spec.forward_calls == STEPS // 3 and spec.draft_acceptance == [1.0, 1.0]
 
 
 def test_speculative_decoding_refuses_a_single_head_model(tiny_config, tok):
@@ -153,20 +181,24 @@ def test_logprobs_are_the_full_forward_log_softmax_at_each_target(tiny_config, t
     lm = CachedLM(model, tok)
     prefix, cont = lm.encode_prompt("x = 1"), list(tok.encode("\ny"))
     got = lm.logprobs([prefix, prefix[:3]], [cont, cont])[0]
-    logp = jax.nn.log_softmax(_padded_logits(model)(prefix + cont), -1)
+    # 8 copies of the row: the 8-row full forward the greedy test compiled for this model shape
+    logp = jax.nn.log_softmax(_padded_logits(model, [prefix + cont] * 8)[0], -1)
     want = [float(logp[len(prefix) - 1 + i, c]) for i, c in enumerate(cont)]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_stop_string_ends_a_row_and_is_excluded(tiny_config, tok):
+    """8 copies of one prompt: the batch and length the greedy test compiled for this model shape."""
     lm = CachedLM(Decoder(tiny_config().model, nnx.Rngs(3)), tok)
-    prompt = [lm.encode_prompt("abc")]
-    free = lm.generate_ids(prompt, SamplingConfig(max_new_tokens=16)).texts[0]
+    prompt = [lm.encode_prompt("abc")] * 8
+    free = lm.generate_ids(prompt, SamplingConfig(max_new_tokens=STEPS)).texts
+    assert len(set(free)) == 1
+    free = free[0]
     assert len(free) >= 6, "the tiny model should emit some bytes"
     stop = free[4:6]
-    out = lm.generate_ids(prompt, SamplingConfig(max_new_tokens=16, stop=(stop,)))
-    assert out.texts[0] == free[:free.find(stop)]
-    assert out.forward_calls < 16 or free.find(stop) + len(stop) == 16
+    out = lm.generate_ids(prompt, SamplingConfig(max_new_tokens=STEPS, stop=(stop,)))
+    assert out.texts == [free[:free.find(stop)]] * 8
+    assert out.forward_calls < STEPS or free.find(stop) + len(stop) == STEPS
     assert truncate_at_stop("a\nb;c", ["\n", ";"]) == "a"
     assert truncate_at_stop("abc", ["\n"]) == "abc"
 

@@ -174,13 +174,8 @@ def test_code_completion_checks_candidates_by_execution_in_a_subprocess():
 
 
 @pytest.mark.slow
-def test_eval_cli_scores_a_trained_checkpoint_on_generated_and_file_tasks(tiny_config, tmp_path, capsys):
-    from scaling_jax.train.loop import train
-
-    run_dir = str(tmp_path / "run")
-    train(tiny_config("train.steps=2", "train.eval_every=2", "train.checkpoint_every=2", "train.eval_batches=1",
-                      f"train.run_dir={run_dir}", "train.progress=false", "train.tensorboard=false",
-                      "train.plot=false", "data.max_docs=40"))
+def test_eval_cli_scores_a_trained_checkpoint_on_generated_and_file_tasks(tiny_trained_run, tmp_path, capsys):
+    run_dir = str(tiny_trained_run)  # the session's shared 1-step run (eval reads it and writes only to --out)
     out = str(tmp_path / "eval")
     code = main(["eval", "--checkpoint", run_dir, "--tasks", f"arithmetic:digits=1,{FIXTURE}", "--shots", "1",
                  "--num-examples", "4", "--passuntil", "--max-samples", "4", "--out", out])

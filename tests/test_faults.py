@@ -1,7 +1,8 @@
 """Fault injection: kills, preemption, damaged checkpoints, full disks, non-finite steps, a second writer.
 
 Subprocesses only where a real process must die (SIGKILL, SIGTERM, a held lock); everything else runs
-in-process on tiny states. The SIGKILL/SIGTERM helpers are reused from test_checkpoint.py.
+in-process on tiny states. The SIGKILL/SIGTERM helpers are reused from test_checkpoint.py, with a smaller
+model (``SMALL``): each killed or signalled process costs its start-up, so the runs themselves are cheap.
 """
 
 import errno
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_checkpoint import RUN, _command, _env, _losses, _signal_after_step, _wait_for_step
+from test_checkpoint import _command, _env, _losses, _signal_after_step
 
 from scaling_jax.cli import main
 from scaling_jax.config import load_config
@@ -364,6 +365,24 @@ def test_without_flock_a_dead_holder_is_taken_over_and_a_live_one_refused(tmp_pa
 # ----------------------------------------------------------------------------- real processes: kills, preemption
 
 
+# test_checkpoint's RUN overridden by TINY_RUN (later overrides win), with its asynchronous checkpoints: what
+# these tests prove (exact resume, saves on a signal) does not depend on the model's shape, and the in-process
+# runs below compile the programs the TINY_RUN tests above already compiled (the session's compilation cache).
+SMALL = [*TINY_RUN, "train.async_checkpointing=true"]
+
+
+def _await_step(proc, run_dir, step, timeout=180):
+    """``_wait_for_step`` polling every 5 ms: the small model's steps are fast, so a kill lands near ``step``."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if os.path.exists(path) and max(_losses(run_dir), default=0) >= step:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"run did not reach step {step}")
+
+
 def _checkpoint_writes(run_dir):
     return glob.glob(os.path.join(run_dir, "checkpoints", "*.orbax-checkpoint-tmp*"))
 
@@ -382,9 +401,11 @@ def _kill_during_checkpoint_write(proc, run_dir, timeout=180):
 
 @pytest.mark.slow
 def test_sigkill_at_five_random_points_gives_a_bitwise_identical_loss_trace(tmp_path):
-    steps = ["train.steps=40", "train.checkpoint_every=5", "train.keep_checkpoints=2"]
-    straight = tmp_path / "straight"
-    subprocess.run(_command(straight, *steps), check=True, env=_env(), capture_output=True)
+    steps = [*SMALL, "train.steps=40", "train.checkpoint_every=5", "train.keep_checkpoints=2"]
+    straight = tmp_path / "straight"  # the uninterrupted reference runs alongside the killed runs
+    reference_err = open(tmp_path / "straight.err", "w+")  # a file, not a pipe nobody drains until the end
+    reference = subprocess.Popen(_command(straight, *steps), env=_env(), stdout=subprocess.DEVNULL,
+                                 stderr=reference_err)
 
     killed = tmp_path / "killed"
     rng = random.Random(10)
@@ -395,7 +416,7 @@ def test_sigkill_at_five_random_points_gives_a_bitwise_identical_loss_trace(tmp_
         if i == 2:
             mid_write = _kill_during_checkpoint_write(proc, killed)
         else:
-            _wait_for_step(proc, killed, targets[i - (i > 2)])
+            _await_step(proc, killed, targets[i - (i > 2)])
             proc.send_signal(signal.SIGKILL)
             proc.wait()
         with open(killed / "metrics.jsonl", "rb") as f:
@@ -404,6 +425,8 @@ def test_sigkill_at_five_random_points_gives_a_bitwise_identical_loss_trace(tmp_
     resumed = subprocess.run(_command(killed, *steps), env=_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at step" in resumed.stdout
+    with reference_err:
+        assert reference.wait(timeout=300) == 0, (reference_err.seek(0), reference_err.read())[1]
 
     expected, got = _losses(straight), _losses(killed)
     assert sorted(got) == list(range(1, 41)) == sorted(expected)
@@ -413,7 +436,7 @@ def test_sigkill_at_five_random_points_gives_a_bitwise_identical_loss_trace(tmp_
 @pytest.mark.slow
 def test_sigterm_right_after_a_periodic_save_commits_once_and_reports_the_grace(tmp_path):
     run_dir = tmp_path / "run"
-    code, out, err, saved = _signal_after_step(run_dir, signal.SIGTERM, "train.checkpoint_every=1",
+    code, out, err, saved = _signal_after_step(run_dir, signal.SIGTERM, *SMALL, "train.checkpoint_every=1",
                                                "train.preemption_grace_s=0.000001")
     assert code == 0, err
     assert f"SIGTERM: saved checkpoint at step {saved}" in out
@@ -423,9 +446,9 @@ def test_sigterm_right_after_a_periodic_save_commits_once_and_reports_the_grace(
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_like_sigterm_and_says_how_to_resume(tmp_path):
+def test_ctrl_c_saves_like_sigterm_and_says_how_to_resume(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    base = ["train.checkpoint_every=0", "train.eval_every=2"]
+    base = [*SMALL, "train.checkpoint_every=0", "train.eval_every=2"]
     code, out, err, saved = _signal_after_step(run_dir, signal.SIGINT, *base)
     assert code == 130, err
     assert saved is not None and 3 <= saved < 500
@@ -434,9 +457,10 @@ def test_ctrl_c_saves_like_sigterm_and_says_how_to_resume(tmp_path):
     last_eval = max(r["step"] for r in _rows(run_dir) if "val_loss" in r)
     assert f"validation at step {last_eval}:" in out  # the last periodic eval, named as such
     assert f"stopped by Ctrl-C at step {saved}, validation is from step {last_eval}" in out
-    resumed = subprocess.run(_command(run_dir, *base, f"train.steps={saved + 1}"), env=_env(),
-                             capture_output=True, text=True)
-    assert resumed.returncode == 0 and f"resuming at step {saved}" in resumed.stdout, resumed.stderr
+    # the resume need not be a process of its own: the CLI in this process, as the user would type it
+    code = main(_command(run_dir, *base, f"train.steps={saved + 1}")[3:])
+    out, err = capsys.readouterr()
+    assert code == 0 and f"resuming at step {saved}" in out, err
 
 
 def test_a_second_ctrl_c_aborts_at_once():
@@ -453,14 +477,17 @@ def test_a_second_ctrl_c_aborts_at_once():
 
 
 @pytest.mark.slow
-def test_resume_skips_a_truncated_newest_checkpoint_with_a_warning(tmp_path):
-    base = RUN + ["train.steps=4", "train.checkpoint_every=2", "train.async_checkpointing=false"]
+def test_resume_skips_a_truncated_newest_checkpoint_with_a_warning(tmp_path, capsys):
+    """No process dies here, so both runs go through the CLI in this process (``main``), not a subprocess."""
     run_dir = tmp_path / "run"
-    subprocess.run(_command(run_dir, *base), check=True, env=_env(), capture_output=True)
+    base = ["train", "configs/quickstart.yaml", *TINY_RUN, "train.checkpoint_every=2", f"train.run_dir={run_dir}"]
+    assert main([*base, "train.steps=4"]) == 0
     _truncate(str(run_dir / "checkpoints" / "4"))
-    resumed = subprocess.run(_command(run_dir, *base, "train.steps=6"), env=_env(), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"checkpoint {run_dir}/checkpoints/4 is damaged" in resumed.stderr and "truncated" in resumed.stderr
-    assert "resuming at step 2" in resumed.stdout
+    capsys.readouterr()
+    code = main([*base, "train.steps=6"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"checkpoint {run_dir}/checkpoints/4 is damaged" in err and "truncated" in err
+    assert "resuming at step 2" in out
     assert sorted(_losses(run_dir)) == list(range(1, 7))
     assert len(glob.glob(str(run_dir / DAMAGED_DIR / "4-*"))) == 1

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import TINY_RUN
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -40,12 +41,10 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from scaling_jax.cli import main
-
-    tmp = tmp_path_factory.mktemp("lm_eval_run")
-    assert main(["train", "configs/quickstart.yaml", *TINY, f"train.run_dir={tmp}/run"]) == 0
-    return str(tmp / "run")
+def run_dir(tiny_trained_run):
+    """The session's shared 1-step run of TINY (trained by ``scaling-jax train``), only read here."""
+    assert [*TINY, "train.async_checkpointing=false"] == TINY_RUN
+    return str(tiny_trained_run)
 
 
 @pytest.fixture(scope="module")

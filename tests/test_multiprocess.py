@@ -8,9 +8,11 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
+from scaling_jax.cli import main
 from scaling_jax.config import load_config
 from scaling_jax.data import pipeline
 from scaling_jax.errors import ConfigError
@@ -55,10 +57,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(run_dir, data, processes: int, *overrides: str) -> list[dict]:
-    """``scaling-jax train`` in ``processes`` processes sharing DEVICES CPU devices; metrics rows of the run."""
-    args = [*RUN, f"data.source={data}", "data.format=jsonl", f"train.run_dir={run_dir}",
+def _args(run_dir, data, *overrides: str) -> list[str]:
+    return [*RUN, f"data.source={data}", "data.format=jsonl", f"train.run_dir={run_dir}",
             "train.shared_filesystem=true", *overrides]  # one machine: every process sees the same disk
+
+
+def _launch(run_dir, data, processes: int, *overrides: str):
+    """Start ``scaling-jax train`` in ``processes`` processes sharing DEVICES CPU devices; returns a function
+    that waits for them and gives the metrics rows of the run."""
+    args = _args(run_dir, data, *overrides)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(DEVICES // processes),
            # the resumed run compiles the same programs again: reuse them (halves its CPU time)
            "JAX_COMPILATION_CACHE_DIR": os.path.join(os.path.dirname(run_dir), "xla-cache"),
@@ -71,18 +78,34 @@ def _train(run_dir, data, processes: int, *overrides: str) -> list[dict]:
                                           "--num-processes", str(processes), "--process-id", str(i)]
         cmd = [sys.executable, "-m", "scaling_jax.cli", "train", DEFAULTS, *args, *flags]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = []
-    for p in procs:
-        try:
-            outputs.append(p.communicate(timeout=600)[0])  # generous: shared CI machines stall
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for i, (p, out) in enumerate(zip(procs, outputs, strict=True)):
-        assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
-    if processes > 1:
-        assert f"on {DEVICES} cpu devices" in outputs[0]  # the mesh spans both processes' devices
+
+    def finish() -> list[dict]:
+        outputs = []
+        for p in procs:
+            try:
+                outputs.append(p.communicate(timeout=600)[0])  # generous: shared CI machines stall
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                raise
+        for i, (p, out) in enumerate(zip(procs, outputs, strict=True)):
+            assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
+        if processes > 1:
+            assert f"on {DEVICES} cpu devices" in outputs[0]  # the mesh spans both processes' devices
+        return read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    return finish
+
+
+def _train(run_dir, data, processes: int, *overrides: str) -> list[dict]:
+    """``scaling-jax train`` in ``processes`` processes sharing DEVICES CPU devices; metrics rows of the run."""
+    return _launch(run_dir, data, processes, *overrides)()
+
+
+def _train_here(run_dir, data, *overrides: str) -> list[dict]:
+    """One process holding all DEVICES devices: this test process itself (conftest gives it 8 CPU devices), through
+    the same CLI; no subprocess start-up to pay."""
+    assert jax.device_count() == DEVICES
+    assert main(["train", DEFAULTS, *_args(run_dir, data, *overrides)]) == 0
     return read_metrics(os.path.join(run_dir, "metrics.jsonl"))
 
 
@@ -100,9 +123,10 @@ def test_two_processes_train_like_one_and_resume_from_their_joint_checkpoint(tmp
     data spans them over "DCN" (mesh.dcn_data=2, ICI data 1 x fsdp 4 within each), so the gradient
     reduction crosses processes. The 2-process run stops at step 3 and resumes from the checkpoint
     both processes wrote, so multi-host save and restore are covered too."""
-    single = _train(tmp_path / "one", corpus, 1, "train.steps=6")
     dcn = ["mesh.dcn_data=2", "mesh.data=1"]  # per slice: data 1 x fsdp 4; the whole mesh is data 2 x fsdp 4
-    _train(tmp_path / "two", corpus, 2, "train.steps=3", *dcn)
+    first_half = _launch(tmp_path / "two", corpus, 2, "train.steps=3", *dcn)
+    single = _train_here(tmp_path / "one", corpus, "train.steps=6")  # while the two processes start up
+    first_half()
     assert (tmp_path / "two" / "checkpoints" / "3").is_dir()
     multi = _train(tmp_path / "two", corpus, 2, "train.steps=6", *dcn)
     saved = load_config(str(tmp_path / "two" / "config.yaml"))

@@ -6,6 +6,7 @@ import os
 import shutil
 
 import pytest
+from conftest import TINY_RUN
 from test_bad_inputs import TINY
 
 from scaling_jax import run_dir as run_dirs
@@ -31,11 +32,11 @@ def _tree_digest(root) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 1-step run whose directory the tests below copy, resume and move around."""
-    root = tmp_path_factory.mktemp("trained")
-    assert main(["train", QUICKSTART, *TINY, f"train.run_dir={root / 'run'}"]) == 0
-    return root / "run"
+def trained(tiny_trained_run):
+    """A 1-step run whose directory the tests below copy, resume and move around (the session's shared run of
+    this TINY, trained by ``main(["train", QUICKSTART, *TINY, ...]) == 0``; only copies of it are changed)."""
+    assert TINY == TINY_RUN
+    return tiny_trained_run
 
 
 def _copy(trained, dest):

@@ -3,12 +3,14 @@ layout (stacked + ``lax.scan`` or a block list) and whatever ``model.remat`` sav
 grow with depth; old configs' values still read; the memory estimate follows the policy."""
 
 import dataclasses
+import functools
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY
 from flax import nnx
 from test_multi_token import _rows
 
@@ -26,7 +28,7 @@ from scaling_jax.train.memory import activation_bytes
 from scaling_jax.train.state import abstract_model, decay_mask, init_state, make_optimizer, state_layout
 from scaling_jax.train.step import batch_shardings, jit_train_step, make_train_step, to_global
 
-SMALL = ["model.layers=3", "model.d_model=32", "model.heads=4", "model.kv_heads=2", "model.head_dim=8",
+SMALL = ["model.layers=2", "model.d_model=32", "model.heads=4", "model.kv_heads=2", "model.head_dim=8",
          "model.d_ff=64", "data.seq_len=16", "data.batch_size=4", "optimizer.warmup_steps=0",
          "optimizer.schedule=constant"]
 
@@ -38,14 +40,30 @@ def _prefix_lm_loss(model, batch):
     return metrics["loss"], metrics
 
 
-def _value_and_grad(config, objective, kind, params):
+MTP = ("objective=mtp", "model.layers=3")  # a 2-block trunk: the scanned trunk still has more than one layer
+
+
+@functools.cache
+def _grad_fn(kind, *overrides):
+    """The jitted loss-and-gradient function of ``SMALL + overrides`` (one trace and compile per distinct
+    program: tests that need the same program with other weights reuse it)."""
+    config = load_config(None, TINY + SMALL + list(overrides))
+    objective = _objective(config, kind)
     graphdef, _, _ = abstract_model(config.model, objective.build_model)
     batch = {k: jnp.asarray(v) for k, v in objective.prepare(_rows(4, 16)).items()}
     if kind == "prefix_lm":
         batch["bidirectional"] = jnp.broadcast_to(jnp.arange(16) < 8, (4, 16)) & (batch["segment_ids"] != 0)
-        fn = jax.value_and_grad(lambda p: _prefix_lm_loss(nnx.merge(graphdef, p), batch), has_aux=True)
-        return jax.jit(fn)(params)
-    return jax.jit(lambda p: objective.value_and_grad(graphdef, p, batch))(params)
+        return jax.jit(jax.value_and_grad(lambda p: _prefix_lm_loss(nnx.merge(graphdef, p), batch), has_aux=True))
+    return jax.jit(lambda p: objective.value_and_grad(graphdef, p, batch))
+
+
+def _value_and_grad(kind, params, *overrides):
+    return _grad_fn(kind, *overrides)(params)
+
+
+def _params(kind, seed, *overrides):
+    config = load_config(None, TINY + SMALL + list(overrides))
+    return nnx.to_pure_dict(nnx.split(_objective(config, kind).build_model(config.model, nnx.Rngs(seed)))[1])
 
 
 def _assert_close(a, b, rtol=1e-5, atol=1e-6):
@@ -58,16 +76,14 @@ def _objective(config, kind):
 
 
 @pytest.mark.parametrize("kind", ["causal", "prefix_lm", "mtp"])
-def test_scanned_and_unscanned_layers_give_the_same_loss_and_gradients(tiny_config, kind):
+def test_scanned_and_unscanned_layers_give_the_same_loss_and_gradients(kind):
     """GQA, packed segments with padding; prefix-LM bidirectional rows; mtp's trunk + head-by-head backward."""
-    extra = ["objective=mtp", "objective.heads=2"] if kind == "mtp" else []
-    scanned = tiny_config(*SMALL, *extra)
-    listed = tiny_config(*SMALL, *extra, "model.scan_layers=false")
-    objective = _objective(scanned, kind)
-    params = nnx.to_pure_dict(nnx.split(objective.build_model(scanned.model, nnx.Rngs(3)))[1])
+    extra = (*MTP, "objective.heads=2") if kind == "mtp" else ()
+    params = _params(kind, 3, *extra)
     assert "layers" in (params.get("trunk") or params)
-    (loss_s, m_s), g_s = _value_and_grad(scanned, objective, kind, params)
-    (loss_l, m_l), g_l = _value_and_grad(listed, _objective(listed, kind), kind, to_layout(params, False))
+    assert jax.tree.leaves(params.get("trunk") or params)[0].shape[0] >= 2  # the scan runs over several layers
+    (loss_s, m_s), g_s = _value_and_grad(kind, params, *extra)
+    (loss_l, m_l), g_l = _value_and_grad(kind, to_layout(params, False), *extra, "model.scan_layers=false")
     assert float(loss_s) == pytest.approx(float(loss_l), rel=1e-6)
     _assert_close(m_s, m_l)
     _assert_close(g_s, to_layout(g_l, True))
@@ -75,24 +91,20 @@ def test_scanned_and_unscanned_layers_give_the_same_loss_and_gradients(tiny_conf
 
 
 @pytest.mark.parametrize("policy", [p for p in remat.REMAT_POLICIES if p != "none"])
-def test_every_remat_policy_gives_the_gradients_of_none(tiny_config, policy):
-    base = tiny_config(*SMALL)
-    objective = CausalLM(base.objective)
-    params = nnx.to_pure_dict(nnx.split(objective.build_model(base.model, nnx.Rngs(4)))[1])
-    (loss_n, _), g_n = _value_and_grad(base, objective, "causal", params)
-    (loss_p, _), g_p = _value_and_grad(tiny_config(*SMALL, f"model.remat={policy}"), objective, "causal", params)
+def test_every_remat_policy_gives_the_gradients_of_none(policy):
+    params = _params("causal", 4)
+    (loss_n, _), g_n = _value_and_grad("causal", params)  # the same jitted program as the scanned causal case
+    (loss_p, _), g_p = _value_and_grad("causal", params, f"model.remat={policy}")
     assert float(loss_p) == pytest.approx(float(loss_n), rel=1e-6)
     _assert_close(g_p, g_n)
 
 
-def test_remat_on_the_unscanned_layout_and_mtp_heads(tiny_config):
+def test_remat_on_the_unscanned_layout_and_mtp_heads():
     """``apply_block`` (block list, mtp heads) under a named-activation policy."""
-    config = tiny_config(*SMALL, "objective=mtp", "model.scan_layers=false")
-    objective = MultiTokenPrediction(config.objective)
-    params = nnx.to_pure_dict(nnx.split(objective.build_model(config.model, nnx.Rngs(5)))[1])
-    (loss_n, _), g_n = _value_and_grad(config, objective, "mtp", params)
-    rematted = tiny_config(*SMALL, "objective=mtp", "model.scan_layers=false", "model.remat=save_qkv_proj")
-    (loss_p, _), g_p = _value_and_grad(rematted, objective, "mtp", params)
+    listed = (*MTP, "objective.heads=2", "model.scan_layers=false")  # the listed mtp program of the test above
+    params = _params("mtp", 5, *listed)
+    (loss_n, _), g_n = _value_and_grad("mtp", params, *listed)
+    (loss_p, _), g_p = _value_and_grad("mtp", params, *listed, "model.remat=save_qkv_proj")
     assert float(loss_p) == pytest.approx(float(loss_n), rel=1e-6)
     _assert_close(g_p, g_n)
 

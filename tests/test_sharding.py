@@ -1,10 +1,14 @@
 """One rule table, any mesh: same numbers, and weights really split as the rules say."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
+from conftest import TINY
 from jax.sharding import PartitionSpec as P
 
+from scaling_jax.config import load_config
 from scaling_jax.data.pipeline import PackedRows
 from scaling_jax.errors import ConfigError
 from scaling_jax.objectives.base import build_objective, make_loss_fn
@@ -24,7 +28,11 @@ def _batch(config, seed=0):
     return objective, objective.prepare(rows)
 
 
-def _loss_and_grads(config, shape):
+@functools.cache
+def _loss_and_grads(shape):
+    """Loss, gradients and sharded initial state of the tiny model on a ``shape`` mesh; cached, so the mesh and
+    rule tests share the (2, 2, 2) run rather than compiling it twice."""
+    config = load_config(None, TINY)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
     mesh = build_mesh(config.mesh, jax.devices()[: int(np.prod(shape))])
     rules = rules_from_config([])
@@ -42,16 +50,16 @@ def _loss_and_grads(config, shape):
     return float(loss), jax.device_get(grads), state
 
 
-def test_meshes_give_the_same_loss_and_gradients(tiny_config):
-    reference_loss, reference_grads, _ = _loss_and_grads(tiny_config(), (1, 1, 1))
+def test_meshes_give_the_same_loss_and_gradients():
+    reference_loss, reference_grads, _ = _loss_and_grads((1, 1, 1))
     for shape in [(8, 1, 1), (1, 8, 1), (2, 2, 2)]:
-        loss, grads, _ = _loss_and_grads(tiny_config(), shape)
+        loss, grads, _ = _loss_and_grads(shape)
         assert loss == pytest.approx(reference_loss, rel=1e-5), shape
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), grads, reference_grads)
 
 
-def test_parameters_are_sharded_as_the_rules_say(tiny_config):
-    _, _, state = _loss_and_grads(tiny_config(), (2, 2, 2))
+def test_parameters_are_sharded_as_the_rules_say():
+    _, _, state = _loss_and_grads((2, 2, 2))
     p = state.params
     assert p["embedding"].sharding.spec == P("tensor", "fsdp")  # (vocab, embed)
     # scanned blocks: the leading `layers` axis stays whole (the rules map it to None)

@@ -33,24 +33,19 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from functools import partial
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
+from scaling_jax import paths
 from scaling_jax.errors import CheckpointError, DataError, UserError
-from scaling_jax.run_dir import CONFIG_FILE
+from scaling_jax.run_dir import CHECKPOINT_DIR, CONFIG_FILE
 
-try:
-    from lm_eval.api.model import LM
-except ImportError as e:  # pragma: no cover - exercised only where lm-eval is missing
-    raise UserError("the lm-eval adapter needs lm-evaluation-harness: pip install 'scaling_jax[lm-eval]' "
-                    "(or pip install lm-eval)") from e
-
+# JAX, NumPy and lm-eval's model base class load where they are first needed (the ``ScalingJaxLM`` class is
+# made on first access), so the command line can refuse a bad run directory before seconds of imports.
 logger = logging.getLogger(__name__)
 
+NEEDS_LM_EVAL = ("the lm-eval adapter needs lm-evaluation-harness: pip install 'scaling_jax[lm-eval]' "
+                 "(or pip install lm-eval)")
 MODEL_NAME = "scaling_jax"
+CLASS_NAME = "ScalingJaxLM"
 MODEL_ALIASES = (MODEL_NAME, "scaling-jax")
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_GEN_TOKS = 256
@@ -73,18 +68,16 @@ class _Scorer:
     at every position, the log-probability of the next token and whether it is the argmax."""
 
     def __init__(self, lm, batch_size: int):
+        import jax
+
         self.graphdef, self.state = lm.graphdef, lm.state
         self.pad_id = lm.tokenizer.pad_id
         self.batch_size = batch_size
+        self._forward = jax.jit(self._logp_and_greedy)  # ``self`` (the graph) is static: one trace per shape
 
-    def __hash__(self):  # jit treats ``self`` as static: identity hashing is what we want
-        return id(self)
-
-    def __eq__(self, other):
-        return self is other
-
-    @partial(jax.jit, static_argnums=(0,))
-    def _forward(self, state, tokens, positions, segment_ids):
+    def _logp_and_greedy(self, state, tokens, positions, segment_ids):
+        import jax
+        import jax.numpy as jnp
         from flax import nnx
 
         from scaling_jax.model.decode import full_logits
@@ -96,6 +89,9 @@ class _Scorer:
 
     def score(self, rows: Sequence[tuple[Sequence[int], Sequence[int]]], progress=None) -> list[tuple[float, bool]]:
         """``(sum of log-probabilities, greedy)`` of each continuation after its context (context non-empty)."""
+        import jax.numpy as jnp
+        import numpy as np
+
         out: list[tuple[float, bool] | None] = [None] * len(rows)
         order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
         for start in range(0, len(order), self.batch_size):
@@ -126,9 +122,15 @@ def _int_arg(flag: str, value, low: int) -> int:
     return int(text)
 
 
-class ScalingJaxLM(LM):
-    """A ``scaling_jax`` run directory as an lm-eval model: ``--model_args run_dir=RUN[,step=N][,max_length=L]
-    [,max_gen_toks=T][,seed=S]``; ``--batch_size`` sets the rows per forward (``auto``: 32)."""
+def _check_run_dir(run_dir: str) -> None:
+    """``run_dir`` has ``config.yaml`` and ``checkpoints/`` (cheap: no JAX, no lm-eval)."""
+    if not paths.exists(paths.join(run_dir, CONFIG_FILE)) or not paths.isdir(paths.join(run_dir, CHECKPOINT_DIR)):
+        raise CheckpointError(f"--model_args run_dir='{run_dir}' is not a scaling_jax run directory (needs "
+                              f"{CONFIG_FILE} and {CHECKPOINT_DIR}/); pass the train.run_dir of a trained run")
+
+
+class _ScalingJaxLMMethods:
+    """The body of ``ScalingJaxLM`` (which is this plus lm-eval's ``LM`` base, made on first access)."""
 
     def __init__(self, run_dir: str | None = None, step=None, batch_size=None, max_length=None,
                  max_gen_toks=DEFAULT_MAX_GEN_TOKS, seed=0, **kwargs):
@@ -141,7 +143,7 @@ class ScalingJaxLM(LM):
             raise UserError(f"--model {MODEL_NAME} needs --model_args run_dir=RUN_DIR[,step=N]: the train.run_dir "
                             "of a trained run")
         from scaling_jax.config import load_config
-        from scaling_jax.eval.harness import check_run_dir, load_run
+        from scaling_jax.eval.harness import load_run
         from scaling_jax.paths import join
 
         step = None if step is None else _int_arg("--model_args step", step, 0)
@@ -151,11 +153,7 @@ class ScalingJaxLM(LM):
         auto = batch_size is None or str(batch_size).startswith("auto")
         self.batch_size = DEFAULT_BATCH_SIZE if auto else _int_arg("--batch_size", batch_size, 1)
         run_dir = str(run_dir)
-        try:
-            check_run_dir(run_dir)
-        except CheckpointError:
-            raise CheckpointError(f"--model_args run_dir='{run_dir}' is not a scaling_jax run directory (needs "
-                                  "config.yaml and checkpoints/); pass the train.run_dir of a trained run") from None
+        _check_run_dir(run_dir)
         self.run = load_run(run_dir, step)
         self.lm = self.run.lm
         self.tokenizer = self.lm.tokenizer
@@ -264,30 +262,88 @@ class ScalingJaxLM(LM):
         return out  # type: ignore[return-value]
 
 
+def _make_class() -> type:
+    """``ScalingJaxLM``: lm-eval's ``LM`` base class with the methods above (imports lm-eval's model API)."""
+    try:
+        from lm_eval.api.model import LM
+    except ImportError as e:  # pragma: no cover - exercised only where lm-eval is missing
+        raise UserError(NEEDS_LM_EVAL) from e
+
+    class ScalingJaxLM(_ScalingJaxLMMethods, LM):
+        """A ``scaling_jax`` run directory as an lm-eval model: ``--model_args run_dir=RUN[,step=N][,max_length=L]
+        [,max_gen_toks=T][,seed=S]``; ``--batch_size`` sets the rows per forward (``auto``: 32)."""
+
+    ScalingJaxLM.__qualname__ = CLASS_NAME  # importable as scaling_jax.eval.lm_eval_adapter:ScalingJaxLM
+    return ScalingJaxLM
+
+
+def __getattr__(name: str):
+    """``ScalingJaxLM`` is made once, on first access (``adapter.ScalingJaxLM``, lm-eval's lazy registry entry)."""
+    if name == CLASS_NAME:
+        globals()[CLASS_NAME] = cls = _make_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def register() -> None:
     """Add ``scaling_jax`` (and ``scaling-jax``) to lm-eval's model registry; idempotent.
 
     lm-eval imports its built-in models only into an empty registry, so they are imported first; the entry is
-    a lazy ``module:Class`` reference, so running this file as ``__main__`` registers the importable class."""
-    import lm_eval.models  # noqa: F401  (the built-in model types, before the registry stops being empty)
-    from lm_eval.api.registry import model_registry
+    a lazy ``module:Class`` reference, so running this file as ``__main__`` registers the importable class (and
+    neither JAX nor lm-eval's model API loads before lm-eval resolves it)."""
+    try:
+        import lm_eval.models  # noqa: F401  (the built-in model types, before the registry stops being empty)
+        from lm_eval.api.registry import model_registry
+    except ImportError as e:  # pragma: no cover - exercised only where lm-eval is missing
+        raise UserError(NEEDS_LM_EVAL) from e
 
     for name in MODEL_ALIASES:
         if name not in model_registry:
-            model_registry.register(name, target=f"scaling_jax.eval.lm_eval_adapter:{ScalingJaxLM.__name__}")
+            model_registry.register(name, target=f"scaling_jax.eval.lm_eval_adapter:{CLASS_NAME}")
 
 
-register()
+if __name__ != "__main__":  # run as a program, ``main`` registers once it has checked its arguments
+    register()
+
+
+def _run_dir_arg(argv: Sequence[str]) -> str | None:
+    """The ``run_dir`` of a ``--model scaling_jax`` evaluation's ``--model_args`` on the command line, where it is
+    plainly there (``key=value`` pairs, no JSON); ``None`` otherwise (lm-eval parses and the model checks)."""
+    if not argv or (argv[0] != "run" and not argv[0].startswith("-")) or {"-h", "--help"} & set(argv):
+        return None
+    model, found, i = None, [], 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        if flag in ("--model", "-M"):
+            model = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+        elif flag in ("--model_args", "-a"):
+            values = [value] if eq else []
+            while not eq and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                i += 1
+                values.append(argv[i])
+            for text in values:
+                if text.lstrip().startswith("{"):
+                    return None
+                found += [item.partition("=")[2].strip() for item in text.split(",")
+                          if item.partition("=")[0].strip() == "run_dir"]
+        i += 1
+    return found[0] if model in MODEL_ALIASES and len(found) == 1 and found[0] else None
 
 
 def main(argv: list[str] | None = None) -> int:
     """lm-eval's command line (``lm_eval.__main__.cli_evaluate``) with ``--model scaling_jax`` registered; a
-    ``UserError`` (bad ``--model_args``, not a run directory) ends it with one ``error:`` line and exit 2."""
-    from lm_eval.__main__ import cli_evaluate
-
-    if argv is not None:
-        sys.argv = ["lm-eval", *argv]
+    ``UserError`` (bad ``--model_args``, not a run directory) ends it with one ``error:`` line and exit 2 (a
+    run directory on the command line is checked first, before lm-eval, its tasks and JAX load)."""
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
+        run_dir = _run_dir_arg(args)
+        if run_dir is not None:
+            _check_run_dir(run_dir)
+        register()
+        from lm_eval.__main__ import cli_evaluate
+
+        if argv is not None:
+            sys.argv = ["lm-eval", *argv]
         cli_evaluate()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

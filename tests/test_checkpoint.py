@@ -40,14 +40,15 @@ def _losses(run_dir):
     return {row["step"]: row["loss"] for row in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "loss" in row}
 
 
-def _wait_for_step(proc, run_dir, step, timeout=180):
+def _wait_for_step(proc, run_dir, step, timeout=180, poll=0.2):
+    """Until ``step`` is logged (a fast model's kill lands near ``step`` only with a short ``poll``)."""
     path = os.path.join(run_dir, "metrics.jsonl")
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, proc.communicate()
         if os.path.exists(path) and max(_losses(run_dir), default=0) >= step:
             return
-        time.sleep(0.2)
+        time.sleep(poll)
     raise AssertionError(f"run did not reach step {step}")
 
 

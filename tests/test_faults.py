@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_checkpoint import _command, _env, _losses, _signal_after_step
+from test_checkpoint import _command, _env, _losses, _signal_after_step, _wait_for_step
 
 from scaling_jax.cli import main
 from scaling_jax.config import load_config
@@ -371,18 +371,6 @@ def test_without_flock_a_dead_holder_is_taken_over_and_a_live_one_refused(tmp_pa
 SMALL = [*TINY_RUN, "train.async_checkpointing=true"]
 
 
-def _await_step(proc, run_dir, step, timeout=180):
-    """``_wait_for_step`` polling every 5 ms: the small model's steps are fast, so a kill lands near ``step``."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        if os.path.exists(path) and max(_losses(run_dir), default=0) >= step:
-            return
-        time.sleep(0.005)
-    raise AssertionError(f"run did not reach step {step}")
-
-
 def _checkpoint_writes(run_dir):
     return glob.glob(os.path.join(run_dir, "checkpoints", "*.orbax-checkpoint-tmp*"))
 
@@ -416,7 +404,7 @@ def test_sigkill_at_five_random_points_gives_a_bitwise_identical_loss_trace(tmp_
         if i == 2:
             mid_write = _kill_during_checkpoint_write(proc, killed)
         else:
-            _await_step(proc, killed, targets[i - (i > 2)])
+            _wait_for_step(proc, killed, targets[i - (i > 2)], poll=0.005)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
         with open(killed / "metrics.jsonl", "rb") as f:

@@ -149,10 +149,6 @@ class _OrbaxThreadErrors(logging.Filter):
 _ORBAX_FILTER = _OrbaxThreadErrors()
 
 
-def _warn(message: str) -> None:
-    log.warning(message)
-
-
 # ----------------------------------------------------------------------------- checkpointer
 
 
@@ -193,7 +189,7 @@ class Checkpointer:
             kept = f"moved to {target} (not deleted)"
         else:
             kept = "left in place"
-        _warn(f"checkpoint {where} is damaged ({problem}); {kept}")
+        log.warning(f"checkpoint {where} is damaged ({problem}); {kept}")
 
     def _newest_intact(self, below: int | None = None, move: bool = True) -> int | None:
         """Newest step (below ``below``) that passes ``damage``; damaged newer ones are reported and, with

@@ -56,8 +56,8 @@ def guard_nonfinite(state, params: dict, opt_state, grads: dict, metrics: dict) 
 class NonFinitePolicy:
     """Host side of ``train.nan_policy``: reads a finished step's flags and says what the loop must do."""
 
-    def __init__(self, policy: str, names: list[str], max_rollbacks: int, is_main: bool = True):
-        self.policy, self.names, self.max_rollbacks, self.is_main = policy, names, max_rollbacks, is_main
+    def __init__(self, policy: str, names: list[str], max_rollbacks: int):
+        self.policy, self.names, self.max_rollbacks = policy, names, max_rollbacks
         self.skipped = 0  # updates dropped in this process's lifetime
         self.rollbacks: dict[int, int] = {}  # checkpoint step -> rollbacks to it
 
@@ -70,7 +70,7 @@ class NonFinitePolicy:
         self.skipped += 1
         self.last = (step, batch_index, self.names[culprit] if culprit < len(self.names) else f"#{culprit}")
         if self.policy == "skip_batch":
-            self._say(f"step {step}: non-finite {self.last[2]} on data batch {batch_index}; update skipped "
+            log.warning(f"step {step}: non-finite {self.last[2]} on data batch {batch_index}; update skipped "
                       f"({self.skipped} so far, train.nan_policy=skip_batch)")
             return "skip"
         return "rollback" if self.policy == "rollback" else "halt"
@@ -92,6 +92,3 @@ class NonFinitePolicy:
             raise self.diverged(f"; already rolled back to the step-{checkpoint_step} checkpoint "
                                 f"{self.max_rollbacks} times (train.max_rollbacks)")
         return checkpoint_step
-
-    def _say(self, message: str) -> None:
-        log.warning(message)

@@ -142,8 +142,7 @@ class Trainer:
         self.writer = metrics_lib.MetricsWriter(self.files.local, tensorboard=t.tensorboard, enabled=self.is_main)
         self.step = int(jax.device_get(self.state.step))
         self.writer.truncate_after(self.step)
-        self.nonfinite = NonFinitePolicy(t.nan_policy, tensor_names(session.abstract.params), t.max_rollbacks,
-                                         self.is_main)
+        self.nonfinite = NonFinitePolicy(t.nan_policy, tensor_names(session.abstract.params), t.max_rollbacks)
         self.position = pipeline.position(self.data_iter, self.step)  # index of the next batch in the data stream
         self.saved = self.step if self.resumed else None  # newest step with a checkpoint
         self.unverified = self.saved if self.resumed and not self.checkpointer.has_digest(self.saved) else None

@@ -20,6 +20,9 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 
+# In the test processes themselves the cache stays off: twice in ~8 full runs a worker aborted (SIGABRT in
+# device_get) in the same resumed-continuation test with it on; the training subprocesses keep it via the env.
+jax.config.update("jax_compilation_cache_dir", None)
 jax.config.update("jax_num_cpu_devices", 8)  # before any JAX op; single-device tests use devices()[:1]
 
 import pytest  # noqa: E402

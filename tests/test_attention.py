@@ -114,6 +114,33 @@ def test_splash_runs_in_shard_map_over_batch_and_heads():
     _assert_matches_xla(sharded, "prefix", 2)
 
 
+def _has_gpu() -> bool:
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.skipif(not _has_gpu(), reason="cuDNN flash attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("kind, kv_heads", [("packed", H), ("prefix", 2)],
+                         ids=["causal-and-packed-mha", "prefix-lm-packed-gqa"])
+def test_cudnn_on_gpu_matches_xla_outputs_and_gradients(kind, kv_heads):
+    """The cuDNN kernel on bf16 inputs against the xla path in float32 on the same (upcast) values: relative
+    error of outputs and gradients at bf16 precision (the kernel accumulates in float32, rounds to bf16)."""
+    gpu = jax.devices("gpu")[0]
+    q, k, v = (jax.device_put(x.astype(jnp.bfloat16), gpu) for x in _qkv(kv_heads))
+    seg, bi = (None if x is None else jax.device_put(x, gpu) for x in _rows(kind))
+    assert ak.resolve("cudnn", gpu.platform, q.dtype, D, gpu) == "cudnn"
+    out_c, grads_c = _loss_and_grads(ak.cudnn_attention, q, k, v, seg, bi)
+    up = lambda x: x.astype(jnp.float32)
+    out_x, grads_x = _loss_and_grads(ak.xla_attention, up(q), up(k), up(v), seg, bi)
+    for name, ref, got in zip(("out", "dq", "dk", "dv"), (out_x, *grads_x), (out_c, *grads_c), strict=True):
+        got = up(got)
+        assert bool(jnp.isfinite(got).all()), f"{name} has non-finite entries"
+        relative = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+        assert relative < 1.5e-2, f"{name}: relative error {relative:.2e}"
+
+
 def test_auto_resolves_to_xla_on_cpu_and_by_platform_elsewhere():
     assert jax.default_backend() == "cpu" and ak.current_platform() == "cpu"
     assert load_config(None, []).model.attention == "auto"

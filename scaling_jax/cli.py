@@ -112,25 +112,61 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert(args: argparse.Namespace) -> int:
-    from scaling_jax.interop import hf_runs
+CONVERT_WAYS = ("from_hf", "from_maxtext", "from_t5x", "to_hf", "to_maxtext")
+# The flags each direction takes; any other one given is a one-line error naming it.
+CONVERT_FLAGS = {"from_hf": ("out", "tokenizer"), "from_maxtext": ("out", "tokenizer", "maxtext_config"),
+                 "from_t5x": ("out", "tokenizer"), "to_hf": ("checkpoint", "step", "dtype"),
+                 "to_maxtext": ("checkpoint", "step")}
 
+
+def _convert(args: argparse.Namespace) -> int:
     _flag(args, "step", int, 0)
-    way, other = ("--from-hf", ("checkpoint", "step", "dtype")) if args.from_hf else ("--to-hf", ("out", "tokenizer"))
-    stray = [f"--{name}" for name in other if getattr(args, name) is not None]
+    name = next(n for n in CONVERT_WAYS if getattr(args, n))
+    way = "--" + name.replace("_", "-")
+    stray = [f"--{f.replace('_', '-')}" for f in ("checkpoint", "step", "dtype", "out", "tokenizer", "maxtext_config")
+             if f not in CONVERT_FLAGS[name] and getattr(args, f) is not None]
     if stray:
         raise UserError(f"{stray[0]} does not apply to convert {way}; drop it (see scaling-jax convert --help)")
-    if args.from_hf:
-        if not args.out:
-            raise UserError("convert --from-hf needs --out RUN_DIR (the run directory to write)")
-        config = hf_runs.import_hf(args.from_hf, args.out, args.overrides, args.tokenizer)
-        m = config.model
-        print(f"imported {args.from_hf}: {m.layers} layers, d_model {m.d_model}, {m.heads} heads "
-              f"({m.kv_heads or m.heads} kv), {m.mlp}, vocab {m.vocab_size}; step-0 checkpoint in {args.out} "
-              f"(tokenizer {config.data.tokenizer}); continue with: scaling-jax train {args.out}/config.yaml")
-        return 0
+    return _convert_import(args, name, way) if name.startswith("from") else _convert_export(args, name, way)
+
+
+def _convert_import(args: argparse.Namespace, name: str, way: str) -> int:
+    if not args.out:
+        raise UserError(f"convert {way} needs --out RUN_DIR (the run directory to write)")
+    source = getattr(args, name)
+    if name == "from_hf":
+        from scaling_jax.interop import hf_runs
+
+        config = hf_runs.import_hf(source, args.out, args.overrides, args.tokenizer)
+    elif name == "from_maxtext":
+        from scaling_jax.interop import maxtext_runs
+
+        config = maxtext_runs.import_maxtext(source, args.out, args.overrides, args.tokenizer,
+                                             args.maxtext_config or ())
+    else:
+        from scaling_jax.interop import t5x
+
+        config = t5x.import_t5x(source, args.out, args.overrides, args.tokenizer)
+    m = config.model
+    print(f"imported {source}: {m.layers} layers, d_model {m.d_model}, {m.heads} heads "
+          f"({m.kv_heads or m.heads} kv), {m.mlp}, vocab {m.vocab_size}; step-0 checkpoint in {args.out} "
+          f"(tokenizer {config.data.tokenizer}); continue with: scaling-jax train {args.out}/config.yaml")
+    return 0
+
+
+def _convert_export(args: argparse.Namespace, name: str, way: str) -> int:
     if not args.checkpoint:
-        raise UserError("convert --to-hf needs --checkpoint RUN_DIR (the run to export)")
+        raise UserError(f"convert {way} needs --checkpoint RUN_DIR (the run to export)")
+    if name == "to_maxtext":
+        from scaling_jax.interop import maxtext_runs
+
+        scan = maxtext_runs.export_layout(args.overrides)
+        out = maxtext_runs.export_maxtext(args.checkpoint, args.to_maxtext, args.step, scan)
+        print(f"exported {args.checkpoint} to {out} (MaxText llama2 parameter checkpoint); run MaxText with "
+              f"{out}/{maxtext_runs.CONFIG_FILE} (it sets load_parameters_path={out}/0/items)")
+        return 0
+    from scaling_jax.interop import hf_runs
+
     if args.overrides:
         raise UserError(f"convert --to-hf takes no config overrides (got {' '.join(args.overrides)})")
     out = hf_runs.export_hf(args.checkpoint, args.to_hf, args.step, args.dtype)
@@ -220,24 +256,35 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def _data_prepare(args: argparse.Namespace) -> int:
-    from scaling_jax.data.prepare import is_prepared, prepare
-    from scaling_jax.data.tokenizer import build_tokenizer
+    import time
 
+    from scaling_jax.data import prepare as prep
+    from scaling_jax.data.tokenizer import build_tokenizer
+    from scaling_jax.scaling import executors
+
+    executors.check_executor(args.executor, args.address)
     _flag(args, "chunk_tokens", int, 1)
     _flag(args, "chunks_per_shard", int, 1)
+    part_mib = _flag(args, "part_mib", float, 0, above=True, hint="input MiB per part, e.g. 64")
     if os.path.exists(args.output) and args.overwrite and not (os.path.isdir(args.output) and (
-            is_prepared(args.output) or not os.listdir(args.output))):
+            prep.is_prepared(args.output) or not os.listdir(args.output))):
         raise UserError(f"--output '{args.output}' exists and is not a prepared data directory; --overwrite only "
                         "replaces one that `data prepare` wrote: choose another --output")
     data = _data_config(args)
+    parallel_map = None
+    if args.executor == "ray":
+        prep.check_parallel(data)
+        parallel_map = executors.make_executor("ray", address=args.address).map  # no Ray: one line, the pip command
     tokenizer = build_tokenizer(data.tokenizer, data.seqio_modules)
-    manifest = prepare(data, tokenizer, args.output, args.chunk_tokens, args.chunks_per_shard, args.overwrite)
+    started = time.perf_counter()
+    manifest = prep.prepare(data, tokenizer, args.output, args.chunk_tokens, args.chunks_per_shard, args.overwrite,
+                            part_bytes=max(1, round(part_mib * 2**20)), parallel_map=parallel_map)
     splits = manifest["splits"]
     print(f"prepared {data.source} -> {args.output}: " + "; ".join(
         f"{name} {s['documents']:,} documents, {s['tokens']:,} tokens in {len(s['shards'])} shard(s)"
-        for name, s in splits.items()) + f" ({tokenizer.kind} tokenizer {tokenizer.fingerprint()}, "
-        f"{manifest['seconds']:.1f} s); train on it with data.source={args.output} "
-        f"data.tokenizer={args.output}/tokenizer")
+        for name, s in splits.items()) + f" ({tokenizer.kind} tokenizer {tokenizer.fingerprint()}; "
+        f"{len(manifest['parts'])} part(s), {args.executor}, {time.perf_counter() - started:.1f} s); train on it "
+        f"with data.source={args.output} data.tokenizer={args.output}/tokenizer")
     return 0
 
 
@@ -290,10 +337,7 @@ def _split(items: list[str] | None) -> list[str] | None:
 def _sweep(args: argparse.Namespace) -> int:
     from scaling_jax.scaling import executors, sweep
 
-    if args.address is not None and args.executor != "ray":
-        raise UserError(f"--address applies to --executor ray, not {args.executor}; drop it or add --executor ray")
-    if args.address is not None and not args.address.strip():
-        raise UserError("--address is empty; pass the Ray head's HOST:6379 (or auto, or ray://HOST:10001)")
+    executors.check_executor(args.executor, args.address)
     spec = sweep.load_sweep(args.spec, args.overrides)
     objectives, sizes = _split(args.objectives), _split(args.sizes)
     if args.dry_run:
@@ -410,17 +454,28 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--devices", default=0, help="device count to plan for (default 0: this machine's)")
     info.set_defaults(func=_info)
 
-    convert = sub.add_parser("convert", help="import a Hugging Face Llama checkpoint as a run, or export a run to one")
+    convert = sub.add_parser("convert", help="import a Hugging Face / MaxText / T5X checkpoint as a run, or export a "
+                             "run to Hugging Face or MaxText")
     way = convert.add_mutually_exclusive_group(required=True)
     way.add_argument("--from-hf", metavar="HF_DIR", help="HF model directory (config.json + *.safetensors)")
+    way.add_argument("--from-maxtext", metavar="CKPT_DIR", help="MaxText checkpoint: CHECKPOINTS/STEP/items (what "
+                     "load_parameters_path names), its step directory, or CHECKPOINTS (latest step)")
+    way.add_argument("--from-t5x", metavar="CKPT_DIR", help="T5X checkpoint directory")
     way.add_argument("--to-hf", metavar="HF_DIR", help="empty or new directory to write the HF model into")
-    convert.add_argument("--out", metavar="RUN_DIR", help="--from-hf: run directory to create")
-    convert.add_argument("--tokenizer", help="--from-hf: tokenizer file or spec when HF_DIR has none")
-    convert.add_argument("--checkpoint", metavar="RUN_DIR", help="--to-hf: run directory to export")
-    convert.add_argument("--step", help="--to-hf: checkpoint step >= 0 (default: latest)")
+    way.add_argument("--to-maxtext", metavar="OUT_DIR", help="empty or new directory to write a MaxText parameter "
+                     "checkpoint (OUT_DIR/0/items) and its maxtext_config.yml into; scan_layers=false unstacks layers")
+    convert.add_argument("--out", metavar="RUN_DIR", help="--from-*: run directory to create")
+    convert.add_argument("--tokenizer", help="--from-*: tokenizer file or spec (byte) when the checkpoint has none")
+    convert.add_argument("--maxtext-config", metavar="FILE", action="append",
+                         help="--from-maxtext: YAML of the MaxText keys the model was trained with (base_emb_dim, "
+                              "base_num_query_heads, ...; repeatable, later files win; missing keys take MaxText's "
+                              "base.yml defaults)")
+    convert.add_argument("--checkpoint", metavar="RUN_DIR", help="--to-*: run directory to export")
+    convert.add_argument("--step", help="--to-*: checkpoint step >= 0 (default: latest)")
     convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                          help="--to-hf: weight dtype (default: the run's model.param_dtype)")
-    convert.add_argument("overrides", nargs="*", help="--from-hf: dotted overrides such as data.source=... ")
+    convert.add_argument("overrides", nargs="*", help="--from-*: dotted overrides such as data.source=...; "
+                         "--from-maxtext also takes MaxText keys (base_emb_dim=64, scan_layers=false)")
     convert.set_defaults(func=_convert)
 
     tok = sub.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="action", required=True)
@@ -444,6 +499,13 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--chunk-tokens", default=8192, help="tokens per record (>= 1)")
     prep.add_argument("--chunks-per-shard", default=4096, help="records per ArrayRecord file (>= 1)")
     prep.add_argument("--overwrite", action="store_true", help="replace an output directory an earlier prepare wrote")
+    prep.add_argument("--part-mib", default=64, help="input MiB per part (> 0): files are grouped in order into "
+                                                     "parts, each tokenized on its own (one task with --executor ray)")
+    prep.add_argument("--executor", choices=("local", "ray"), default="local",
+                      help="local: the parts one after another in this process (default); ray: every part a Ray "
+                           "task (--output on storage every node sees); both write the same files")
+    prep.add_argument("--address", help="--executor ray: the cluster's HOST:6379, auto or ray://HOST:10001 "
+                                        "(default: RAY_ADDRESS, else a new local Ray)")
     prep.add_argument("overrides", nargs="*", help="dotted data overrides such as data.source=... data.tokenizer=...")
     prep.set_defaults(func=_data_prepare)
     ev = sub.add_parser("eval", help="score checkpoints on BIG-bench-style tasks; PassUntil and its scaling law")

@@ -47,8 +47,17 @@ class ModelConfig:
     remat: str = "none"
     scan_layers: bool = True  # blocks stacked on a `layers` axis and scanned: compile time flat in depth
     # Training attention kernel: auto (splash on TPU, cudnn on GPU where it fits, else xla) | xla (explicit mask)
-    # | splash (Pallas TPU kernel; interpret mode elsewhere) | cudnn. KV-cache decoding always uses xla.
+    # | splash (Pallas TPU kernel; interpret mode elsewhere) | cudnn. KV-cache decoding always uses xla, and so does
+    # every choice when position=t5_relative: a position bias cannot go through the splash kernel.
     attention: str = "auto"
+    # Positions: rope (rotary, per-document positions) | t5_relative (T5 / T5X: learned per-head attention biases
+    # by bucketed query-key distance, one table shared by all layers, causal buckets; no rotation)
+    position: str = "rope"
+    relative_buckets: int = 32  # t5_relative: half exact distances, half log-spaced up to relative_max_distance
+    relative_max_distance: int = 128  # t5_relative: distances from here on share the last bucket
+    # Output logits: none | rsqrt_d_model (divided by sqrt(d_model), as T5X's decoder-only models with tied
+    # embeddings do)
+    logits_scale: str = "none"
 
 
 @dataclass
@@ -74,6 +83,9 @@ class DataConfig:
     shuffle_seed: int = 0
     num_threads: int = 1  # grain read threads
     prefetch: int = 8  # batches prefetched by grain
+    # Worker processes for the host transforms (packing, the objective's prepare, e.g. UL2's denoisers); 0: grain
+    # threads in the trainer's process. Batches and checkpoints are the same either way.
+    worker_processes: int = 0
     # A jsonl line that is not UTF-8 JSON with the text field, or a 64 KiB piece of a text file that is not UTF-8:
     # error (names file and byte offset) | skip (counted in a warning)
     malformed_lines: str = "error"
@@ -200,6 +212,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "minimal", "save_dots", "save_qkv_proj", "offload"),
     "model.attention": ("auto", "xla", "splash", "cudnn"),
+    "model.position": ("rope", "t5_relative"),
+    "model.logits_scale": ("none", "rsqrt_d_model"),
     "data.format": ("auto", "text", "jsonl", "parquet"),
     "optimizer.schedule": ("cosine", "wsd", "constant"),
     "objective.name": ("causal", "mtp", "ul2", "finetune"),
@@ -467,6 +481,8 @@ def _check_data(d: DataConfig, prefix: str) -> None:
     _check(f"{prefix}shuffle_seed", d.shuffle_seed, d.shuffle_seed >= 0, ">= 0")
     _check(f"{prefix}num_threads", d.num_threads, d.num_threads >= 1, ">= 1")
     _check(f"{prefix}prefetch", d.prefetch, d.prefetch >= 0, ">= 0", "0 disables prefetching")
+    _check(f"{prefix}worker_processes", d.worker_processes, d.worker_processes >= 0, ">= 0",
+           "0 runs the transforms in grain threads of the trainer's process")
 
 
 def _check_data_lists(config: Config) -> None:
@@ -506,8 +522,9 @@ def validate(config: Config) -> None:
     if m.kv_heads < 0 or m.heads % kv:
         raise ConfigError(f"model.kv_heads={m.kv_heads} must divide model.heads={m.heads} "
                           "(or be 0 for multi-head attention)")
-    if m.head_dim % 2:
+    if m.head_dim % 2 and m.position == "rope":
         raise ConfigError(f"model.head_dim={m.head_dim} must be even for rotary embeddings")
+    _validate_relative(config)
     if d.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
                           "lower data.seq_len or raise model.max_seq_len")
@@ -544,6 +561,20 @@ def validate(config: Config) -> None:
                 or (isinstance(target, list) and all(isinstance(a, str) for a in target))):
             raise ConfigError(f"mesh.rules entry {rule!r} must map to a mesh axis name, a list of names or null")
     _check_data_lists(config)
+
+
+def _validate_relative(config: Config) -> None:
+    """T5 relative-position buckets: half exact distances, half log-spaced out to a larger maximum distance."""
+    m = config.model
+    if m.position != "t5_relative":
+        return
+    _check("model.relative_buckets", m.relative_buckets, m.relative_buckets >= 2, ">= 2")
+    _check("model.relative_max_distance", m.relative_max_distance, m.relative_max_distance > m.relative_buckets // 2,
+           f"> model.relative_buckets // 2 = {m.relative_buckets // 2}", "the log-spaced buckets span the distances "
+           "between the exact ones and this maximum (T5's default is 128 with 32 buckets)")
+    if config.objective.name == "mtp":
+        raise ConfigError("objective=mtp does not support model.position=t5_relative yet (its head-by-head backward "
+                          "differentiates only the RoPE model's parameters); use objective=causal or ul2")
 
 
 def _validate_stage(config: Config) -> None:

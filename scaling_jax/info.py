@@ -39,6 +39,14 @@ def describe(config: Config, num_devices: int, platform: str | None = None) -> d
     }
 
 
+def _positions(m) -> str:
+    """The position scheme where it is not the default RoPE (and T5X's logit scaling)."""
+    if getattr(m, "position", "rope") == "rope":
+        return ""
+    scale = ", logits / sqrt(d_model)" if m.logits_scale == "rsqrt_d_model" else ""
+    return f", T5 relative positions ({m.relative_buckets} buckets, max distance {m.relative_max_distance}){scale}"
+
+
 def format_report(config: Config, info: dict) -> str:
     m = config.model
     mem = info["memory_per_device_bytes"]
@@ -46,7 +54,7 @@ def format_report(config: Config, info: dict) -> str:
     lines = [
         f"model          {m.series}: {m.layers} layers, d_model {m.d_model}, {m.heads} heads"
         f" ({m.kv_heads or m.heads} kv) x {m.head_dim}, d_ff {m.d_ff}, {m.mlp}, vocab {m.vocab_size},"
-        f" {'tied' if m.tie_embeddings else 'untied'} embeddings",
+        f" {'tied' if m.tie_embeddings else 'untied'} embeddings" + _positions(m),
         f"parameters     {info['params_total']:,} total, {info['params_non_embedding']:,} non-embedding (N)",
         f"FLOPs/token    {info['flops_per_token']:.4g} = 6N_matmul {info['flops_per_token_6N']:.4g}"
         f" + attention {info['attention_flops_per_token']:.4g} (seq_len {config.data.seq_len})",

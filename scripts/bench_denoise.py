@@ -2,20 +2,25 @@
 
 The transform runs on the host inside grain; if it were slower than the jitted step the
 device would wait for data. Both are measured in this process on the same config: the
-transform on real packed rows of the embedded corpus, the step on one prepared batch.
+transform on real packed rows of the embedded corpus, the step on one prepared batch. With
+``--workers 0,4,8`` the whole training stream (shuffle, batch, transform; what the trainer
+iterates) is also timed with that many grain worker processes (``data.worker_processes``; 0:
+threads in this process), first batch excluded.
 
-    python scripts/bench_denoise.py [CONFIG] [key=value ...] [--seconds S]
+    python scripts/bench_denoise.py [CONFIG] [key=value ...] [--seconds S] [--workers 0,4,8]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import jax
 import numpy as np
 
 from scaling_jax.config import load_config
+from scaling_jax.data.pipeline import make_iterator
 from scaling_jax.train.session import build_session
 from scaling_jax.train.step import to_global
 
@@ -54,11 +59,27 @@ def step_tokens_per_s(session, batch: dict) -> float:
     return batch["inputs"].size * STEPS / (time.perf_counter() - start)
 
 
+def stream_tokens_per_s(session, workers: int, seconds: float) -> float:
+    """The trainer's batch stream with ``workers`` worker processes: model-batch tokens per second."""
+    cfg = dataclasses.replace(session.config.data, worker_processes=workers)
+    stream = make_iterator(session.train_ds, cfg)
+    try:
+        next(stream)  # start-up (worker processes import the pipeline) is not throughput
+        batches, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            last = next(stream)
+            batches += 1
+        return batches * last["inputs"].size / elapsed
+    finally:
+        stream.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", default="configs/quickstart.yaml")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum time the transform is measured")
+    parser.add_argument("--workers", default="", help="comma-separated worker-process counts for the stream")
     args = parser.parse_args()
     config = load_config(args.config, ["objective=ul2", *args.overrides])
     session = build_session(config)
@@ -72,6 +93,9 @@ def main() -> None:
     print(f"MoD transform    : {transform:12,.0f} tokens/s (host, one thread)")
     print(f"trainer step     : {trainer:12,.0f} tokens/s ({config.model.series}, jitted step)")
     print(f"ratio            : {transform / trainer:12.1f}x  (goal >= 10x)")
+    for workers in [int(w) for w in args.workers.split(",") if w]:
+        stream = stream_tokens_per_s(session, workers, args.seconds)
+        print(f"stream, {workers:2d} worker processes: {stream:12,.0f} tokens/s = {stream / trainer:8.1f}x the trainer")
     print(f"last batch       : {sample['loss_mask'].mean():.1%} of slots are loss targets, "
           f"{(sample['segment_ids'] == 0).mean():.1%} padding")
 

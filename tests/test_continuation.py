@@ -84,7 +84,7 @@ def test_ul2r_child_first_loss_is_the_parent_under_the_new_objective(parent, ul2
 
     child_session = build_session(config)
     stream = pipeline.make_iterator(child_session.train_ds, config.data)
-    pipeline.seek(stream, PARENT_STEPS)  # the same data as the parent's: the child reads on past its rows
+    stream.seek(PARENT_STEPS)  # the same data as the parent's: the child reads on past its rows
     batch = next(stream)
     assert batch["bidirectional"].any()  # the first batch is a UL2 (prefix-LM) batch
     graphdef = abstract_model(config.model, child_session.objective.build_model)[0]

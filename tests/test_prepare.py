@@ -1,8 +1,15 @@
-"""Pre-tokenized ArrayRecord shards: prepare -> read gives back the exact token stream and rows, the
-manifest counts what was written, and training reads the shards through the usual pipeline."""
+"""Pre-tokenized ArrayRecord shards: prepare -> read gives back the exact token stream and rows (written as
+independent parts, rows crossing short chunks and parts; a format-1 directory still reads), parts written in
+any order give the same bytes, the manifest counts what was written, training reads the shards through the
+usual pipeline, and the ``--executor`` flags of ``data prepare`` fail in one line before anything is written.
+Ray itself: tests/test_prepare_ray.py."""
 
 import dataclasses
+import filecmp
+import itertools
 import json
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -19,24 +26,33 @@ from scaling_jax.train.session import DataBundle
 SEQ = 24
 
 
-def corpus_dir(tmp_path):
+def corpus_dir(tmp_path, files: int = 2):
+    """``files`` jsonl files of the same 121 lines; with more than 2, also a file of one 2-byte document, whose
+    part is shorter than a row."""
     rng = np.random.default_rng(0)
     words = ["alpha", "beta", "gamma", "delta", "héllo", "中文", "\n", "  "]
     (tmp_path / "docs").mkdir(exist_ok=True)
     lines = [json.dumps({"text": " ".join(rng.choice(words, size=rng.integers(1, 60)))}) for _ in range(120)]
     lines.insert(5, json.dumps({"text": ""}))  # empty documents are skipped, as in the in-memory path
-    (tmp_path / "docs" / "a.jsonl").write_text("\n".join(lines[:70]) + "\n")
-    (tmp_path / "docs" / "b.jsonl").write_text("\n".join(lines[70:]) + "\n")
+    cuts = [0, 70, len(lines)] if files == 2 else np.linspace(0, len(lines), files + 1).astype(int).tolist()
+    for i, (a, b) in enumerate(itertools.pairwise(cuts)):
+        (tmp_path / "docs" / f"{chr(ord('a') + i)}.jsonl").write_text("\n".join(lines[a:b]) + "\n")
+    if files > 2:
+        (tmp_path / "docs" / "aa.jsonl").write_text(json.dumps({"text": "hi"}) + "\n")
     return dataclasses.replace(DataConfig(), source=str(tmp_path / "docs"), val_fraction=0.2, seq_len=SEQ)
+
+
+def prepare_parts(cfg, out, **kwargs):
+    """Every file its own part (part_bytes=1), tiny chunks and shards: rows cross records, short chunks, parts
+    and files."""
+    return prep.prepare(cfg, ByteTokenizer(), str(out), chunk_tokens=37, chunks_per_shard=2, log=None, part_bytes=1,
+                        **kwargs)
 
 
 @pytest.fixture
 def prepared(tmp_path):
-    cfg = corpus_dir(tmp_path)
-    tok = ByteTokenizer()
-    # tiny chunks and shards, so rows cross record and file boundaries
-    manifest = prep.prepare(cfg, tok, str(tmp_path / "prepared"), chunk_tokens=37, chunks_per_shard=9, log=None)
-    return cfg, tok, tmp_path / "prepared", manifest
+    cfg = corpus_dir(tmp_path, files=5)
+    return cfg, ByteTokenizer(), tmp_path / "prepared", prepare_parts(cfg, tmp_path / "prepared")
 
 
 @pytest.mark.parametrize("split", ["train", "validation"])
@@ -51,6 +67,106 @@ def test_shards_give_back_the_exact_stream_and_rows(prepared, split):
         for key in ("tokens", "segment_ids"):
             np.testing.assert_array_equal(rows[i][key], reference[i][key])
     assert rows.num_documents == len(docs)
+
+
+def test_rows_cross_parts_and_short_chunks(prepared):
+    cfg, tok, out, manifest = prepared
+    assert len(manifest["parts"]) == 6 and [p["first"] for p in manifest["parts"]][:2] == ["a.jsonl", "aa.jsonl"]
+    rows = prep.ShardRows(str(out), "train", SEQ, tok)
+    spans = [(rows._record(i * SEQ)[0], rows._record(i * SEQ + SEQ)[0]) for i in range(len(rows))]
+    part_of = [s["part"] for s in manifest["splits"]["train"]["shards"] for _ in range(s["chunks"])]
+    assert any(part_of[first] != part_of[last] for first, last in spans)  # a row across a part boundary
+    assert max(last - first for first, last in spans) >= 2  # ... and across a part shorter than a row
+
+
+def write_format_1(prepared_dir, out, chunks_per_shard=3):
+    """The layout before parts: each split one stream of full chunks (the last may be short) in rotating shards
+    ``SPLIT-NNNNN.array_record``; ``format_version`` 1, ``seconds`` in the manifest."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    manifest = prep.read_manifest(str(prepared_dir))
+    chunk, splits = manifest["chunk_tokens"], {}
+    for split, info in manifest["splits"].items():
+        stream = prep.ShardRows(str(prepared_dir), split, SEQ, ByteTokenizer()).tokens(0, info["tokens"])
+        chunks = [stream[i : i + chunk] for i in range(0, stream.size, chunk)]
+        shards = []
+        for n, first in enumerate(range(0, len(chunks), chunks_per_shard)):
+            group = chunks[first : first + chunks_per_shard]
+            writer = ArrayRecordWriter(str(out / f"{split}-{n:05d}.array_record"), prep.WRITER_OPTIONS)
+            for c in group:
+                writer.write(c.tobytes())
+            writer.close()
+            shards.append({"file": f"{split}-{n:05d}.array_record", "chunks": len(group),
+                           "tokens": sum(c.size for c in group), "documents": sum(int((c == 1).sum()) for c in group)})
+        splits[split] = {**{k: v for k, v in info.items() if k != "shards"}, "shards": shards}
+    keep = ("source", "format", "text_field", "val_fraction", "max_docs", "tokenizer", "dtype", "chunk_tokens")
+    (out / prep.MANIFEST).write_text(json.dumps({"format_version": 1, **{k: manifest[k] for k in keep},
+                                                 "splits": splits, "seconds": 0.1}))
+
+
+def test_a_format_1_directory_still_reads(prepared, tmp_path):
+    cfg, tok, out, _ = prepared
+    old = tmp_path / "v1"
+    old.mkdir()
+    write_format_1(out, old)
+    for split in ("train", "validation"):
+        new_rows, old_rows = prep.ShardRows(str(out), split, SEQ, tok), prep.ShardRows(str(old), split, SEQ, tok)
+        assert len(old_rows) == len(new_rows) > 0 and old_rows.num_documents == new_rows.num_documents
+        np.testing.assert_array_equal(old_rows.tokens(0, old_rows.num_tokens), new_rows.tokens(0, new_rows.num_tokens))
+        for i in range(0, len(old_rows), 5):
+            np.testing.assert_array_equal(old_rows[i]["tokens"], new_rows[i]["tokens"])
+    (old / prep.MANIFEST).write_text(json.dumps({"format_version": 3}))
+    with pytest.raises(DataError, match=r"has format_version 3, this version reads 1, 2; run 'scaling-jax data "
+                                        r"prepare' again$"):
+        prep.ShardRows(str(old), "train", SEQ, tok)
+
+
+def same_files(a, b) -> bool:
+    """Both directory trees hold the same file names with the same bytes."""
+    compared = filecmp.dircmp(a, b)
+    if compared.left_only or compared.right_only or compared.funny_files:
+        return False
+    _, mismatch, errors = filecmp.cmpfiles(a, b, compared.common_files, shallow=False)
+    return not mismatch and not errors and all(same_files(os.path.join(a, d), os.path.join(b, d))
+                                                for d in compared.common_dirs)
+
+
+def test_parts_written_in_any_order_give_the_same_bytes(prepared, tmp_path):
+    """What a parallel executor may do: here the parts are written last to first."""
+    cfg, _, out, manifest = prepared
+    backwards = lambda fn, jobs: [fn(job) for job in reversed(jobs)][::-1]
+    assert prepare_parts(cfg, tmp_path / "backwards", parallel_map=backwards) == manifest
+    assert same_files(out, tmp_path / "backwards")
+    with pytest.raises(DataError, match=r"^data.max_docs=5 keeps the first documents of the whole stream"):
+        prepare_parts(dataclasses.replace(cfg, max_docs=5), tmp_path / "never", parallel_map=backwards)
+    assert not (tmp_path / "never").exists()
+
+
+def test_parts_written_where_this_machine_does_not_read_fail_in_one_line(tmp_path):
+    """A Ray node that does not share --output's disk: its tasks find no temporary directory, or write to
+    another disk at the same path."""
+    cfg = corpus_dir(tmp_path, files=5)
+    (tmp_path / "elsewhere").mkdir()
+    for where, message in ((tmp_path / "missing", r"^'.*missing' \(the prepare's temporary output\) does not exist "
+                                                  r"on .*; put --output on storage every Ray node mounts"),
+                           (tmp_path / "elsewhere", r"^\d+ shard file\(s\) such as train-00000-00000.array_record "
+                                                    r"were written where .* is not this machine's; put --output")):
+        other_disk = lambda fn, jobs, where=where: [fn(dataclasses.replace(j, directory=str(where)), ByteTokenizer())
+                                                    for j in jobs]
+        with pytest.raises(DataError, match=message):
+            prepare_parts(cfg, tmp_path / "out", parallel_map=other_disk)
+    assert sorted(os.listdir(tmp_path)) == ["docs", "elsewhere"]
+
+
+def test_max_docs_keeps_the_first_documents_across_parts(tmp_path):
+    cfg = dataclasses.replace(corpus_dir(tmp_path, files=5), max_docs=30)
+    manifest = prepare_parts(cfg, tmp_path / "out")
+    train = load_documents(cfg, "train")
+    assert manifest["splits"]["train"]["documents"] == len(train) == 30
+    rows = prep.ShardRows(str(tmp_path / "out"), "train", SEQ, ByteTokenizer())
+    reference = PackedRows(tokenize_documents(train, ByteTokenizer()), SEQ, 1, 2)
+    np.testing.assert_array_equal(rows.tokens(0, rows.num_tokens), reference.stream)
+    assert 1 < len(manifest["parts"]) < 6  # the parts after the 30th training document are not read
 
 
 def test_manifest_counts_tokens_documents_shards_and_tokenizer(prepared):
@@ -156,3 +272,25 @@ def test_trains_from_shards_with_its_own_tokenizer_and_resume_refuses_another(tm
     with pytest.raises(CheckpointError) as e:
         train(load_config(None, [*tiny, "data.tokenizer=byte:512", "train.steps=4"]))
     assert f"data.tokenizer={run / 'tokenizer'}" in str(e.value)
+
+
+def _prepare_cli(capsys, tmp_path, *args):
+    code = main(["data", "prepare", "--output", str(tmp_path / "out"), *args])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_executor_flags_of_data_prepare_fail_in_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    source = f"data.source={corpus_dir(tmp_path).source}"
+    cases = [(["--executor", "dask"], "argument --executor: invalid choice: 'dask'"),
+             (["--address", "10.0.0.2:6379", source], "--address applies to --executor ray, not local"),
+             (["--executor", "ray", "--address", " ", source], "--address is empty"),
+             (["--part-mib", "0", source], "--part-mib 0 must be a number > 0"),
+             (["--executor", "ray", "data.source=hf:some/set"],
+              "data prepare --executor ray reads files or stdlib, not data.source='hf:some/set'"),
+             (["--executor", "ray", source, "data.max_docs=10"], "data.max_docs=10 keeps the first documents"),
+             (["--executor", "ray", source], 'error: --executor ray needs Ray, which is not installed: pip install')]
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as it does where Ray is not installed
+    for args, message in cases:
+        code, err = _prepare_cli(capsys, tmp_path, *args)
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], (args, err)
+    assert sorted(os.listdir(tmp_path)) == ["docs"]  # no output, no temporary directory

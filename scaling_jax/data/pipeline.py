@@ -17,6 +17,7 @@ batches; its checkpointed state is still one index.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 
 import grain
@@ -106,29 +107,81 @@ def train_dataset(rows: Sequence | list[tuple[Sequence, float]], cfg: DataConfig
     return ds[process_index::process_count].map(transform)
 
 
-def make_iterator(ds: grain.MapDataset, cfg: DataConfig) -> grain.DatasetIterator:
-    options = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch)
-    return iter(ds.to_iter_dataset(options))
+class BatchStream:
+    """The training batches from any global index, read by grain threads or by worker processes.
+
+    The stream is a random-access ``MapDataset``, so its whole position is the index of the next batch: the
+    checkpointed state is ``{"next_index": i}`` whatever reads it, a continuation seeks by index, and a run may
+    change ``data.worker_processes`` between resumes. With ``worker_processes > 0`` grain's ``mp_prefetch``
+    runs the host transforms (packing, the objective's ``prepare``, e.g. UL2's denoisers) in that many
+    processes, out of reach of the trainer's GIL; batches arrive in the same order as with threads (worker w
+    computes batches w, w + W, ..., delivered round robin). Seeking reopens the pipeline at the new index.
+    """
+
+    def __init__(self, ds: grain.MapDataset, cfg: DataConfig, index: int = 0):
+        self.ds, self.cfg, self.index = ds, cfg, index
+        self._it: grain.DatasetIterator | None = None
+
+    def _open(self) -> grain.DatasetIterator:
+        options = grain.ReadOptions(num_threads=self.cfg.num_threads, prefetch_buffer_size=self.cfg.prefetch)
+        ds = (self.ds[self.index:] if self.index else self.ds).to_iter_dataset(options)
+        if self.cfg.worker_processes:
+            _absl_flags_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.cfg.worker_processes,
+                                                             per_worker_buffer_size=max(1, self.cfg.prefetch // 2)))
+        return iter(ds)
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> Rows:
+        if self._it is None:
+            self._it = self._open()
+        batch = next(self._it)
+        self.index += 1
+        return batch
+
+    def seek(self, index: int) -> None:
+        """Continue from global batch ``index`` (a continuation reads on from where its parent stopped)."""
+        if index != self.index or self._it is None:
+            self.close()
+            self.index = int(index)
+
+    def close(self) -> None:
+        """Stop worker processes (a thread pipeline just ends)."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "close"):
+            it.close()
+
+    # grain's orbax CheckpointHandler treats any iterator that is not its own DatasetIterator as one whose
+    # state is bytes; the file it writes holds the same JSON ({"next_index": i}) as for grain's own iterators.
+    def get_state(self) -> bytes:
+        return json.dumps({"next_index": self.index}, indent=4).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.seek(next_index(json.loads(state), 0))
+
+    def start_prefetch(self) -> None:
+        """Called by grain's checkpoint handler after a restore; the pipeline opens on the next batch."""
+
+
+def _absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags, which a program that never ran absl's ``app.run`` has not
+    parsed; parse none (all defaults) once."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_iterator(ds: grain.MapDataset, cfg: DataConfig) -> BatchStream:
+    return BatchStream(ds, cfg)
 
 
 def next_index(state: object, default: int) -> int:
-    """The next global batch named by a training iterator's state (live or as saved in a checkpoint's
-    ``data`` item), ``default`` if the state does not say."""
+    """The next global batch named by a training iterator's state (as saved in a checkpoint's ``data`` item),
+    ``default`` if the state does not say."""
     return int(state.get("next_index", default)) if isinstance(state, dict) else default
-
-
-def position(data_iter: grain.DatasetIterator, default: int) -> int:
-    """Index of the next global batch the training iterator yields (``default`` if its state does not say)."""
-    return next_index(data_iter.get_state(), default)
-
-
-def seek(data_iter: grain.DatasetIterator, index: int) -> None:
-    """Move a training iterator to global batch ``index`` (a continuation reads on from where its parent
-    stopped). The stream is a random-access ``MapDataset``, so its iterator state is the next index."""
-    state = data_iter.get_state()
-    if not (isinstance(state, dict) and "next_index" in state):
-        raise DataError(f"cannot move this data iterator to batch {index}: its state {state!r} has no next_index")
-    data_iter.set_state({**state, "next_index": int(index)})
 
 
 def eval_batches(rows: PackedRows, cfg: DataConfig, num_batches: int, process_index: int, process_count: int,

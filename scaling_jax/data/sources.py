@@ -348,15 +348,52 @@ def _read_parquet(path: str, name: str, field: str) -> Iterator[Document]:
             row += 1
 
 
+def _read_file(cfg: DataConfig, name: str, path: str) -> Iterator[Document]:
+    fmt = _format_of(path, cfg.format)
+    if fmt == "jsonl":
+        return _read_jsonl(path, name, cfg.text_field, cfg.malformed_lines == "skip")
+    if fmt == "parquet":
+        return _read_parquet(path, name, cfg.text_field)
+    return _read_text(path, name, cfg.malformed_lines == "skip")
+
+
 def _file_documents(cfg: DataConfig) -> Iterator[Document]:
     for name, path in _source_files(cfg.source):
-        fmt = _format_of(path, cfg.format)
-        if fmt == "jsonl":
-            yield from _read_jsonl(path, name, cfg.text_field, cfg.malformed_lines == "skip")
-        elif fmt == "parquet":
-            yield from _read_parquet(path, name, cfg.text_field)
+        yield from _read_file(cfg, name, path)
+
+
+class SourceFile(NamedTuple):
+    """One file of a file or stdlib source: ``data prepare`` groups them, in source order, into parts."""
+
+    name: str  # the file's document name (prefix), relative to the source's fixed directory
+    path: str  # a local path or URL
+    size: int  # bytes, to balance the parts
+
+
+def _size(path: str) -> int:
+    if not is_url(path):
+        return os.path.getsize(path)
+    import fsspec
+
+    fs, inner = fsspec.core.url_to_fs(path)
+    return int(fs.size(inner))
+
+
+def source_files(cfg: DataConfig) -> list[SourceFile]:
+    """The files behind ``cfg.source`` in source order (the stdlib corpus's too); ``hf:`` data sets have none."""
+    if cfg.source == "stdlib":
+        root = _stdlib_dir()
+        return [SourceFile(p.relative_to(root).as_posix(), str(p), p.stat().st_size) for p in stdlib_files()]
+    return [SourceFile(name, path, _size(path)) for name, path in _source_files(cfg.source)]
+
+
+def file_documents(cfg: DataConfig, files: Iterable[SourceFile]) -> Iterator[Document]:
+    """The documents of some of ``source_files(cfg)``, exactly as ``source_documents`` reads them."""
+    for file in files:
+        if cfg.source == "stdlib":
+            yield Document(file.name, _decode_stdlib(pathlib.Path(file.path).read_bytes()))
         else:
-            yield from _read_text(path, name, cfg.malformed_lines == "skip")
+            yield from _read_file(cfg, file.name, file.path)
 
 
 def _hf_documents(cfg: DataConfig) -> Iterator[Document]:

@@ -101,6 +101,10 @@ def hf_config_from_model(m: ModelConfig, dtype: str, special_ids: Mapping[str, i
     if m.d_model % m.heads:
         raise CheckpointError(f"model.d_model={m.d_model} is not a multiple of model.heads={m.heads}; "
                               "transformers' LlamaConfig refuses that shape, so it cannot be exported")
+    for field, value, llama in (("position", m.position, "rope"), ("logits_scale", m.logits_scale, "none")):
+        if value != llama:
+            raise CheckpointError(f"model.{field}={value} has no Llama counterpart (Llama uses {field} {llama}), "
+                                  "so the run cannot be exported to Hugging Face")
     ids = dict(special_ids or {})
     out = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": m.vocab_size,

@@ -13,6 +13,7 @@ Training attention is described by what the rows hold, not by a materialised mas
 - ``auto``: splash on TPU, cudnn on GPU when cuDNN can run the shape and dtype, xla elsewhere (CPU).
 
 KV-cache decoding keeps the xla path with its explicit slot mask (``Attention.cached`` / ``model/decode.py``).
+A ``MaskSpec`` carrying an additive ``bias`` (``model.position=t5_relative``) always runs xla.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class MaskSpec:
 
     segment_ids: jax.Array
     bidirectional: jax.Array | None = None
+    # Additive attention logits ``[batch, heads, q, k]`` (T5 relative-position biases, ``position_bias.py``): only
+    # the xla kernel takes it (splash has no bias input), so ``resolve`` picks xla when it is present.
+    bias: jax.Array | None = None
 
 
 def attention_mask(segment_ids: jax.Array, bidirectional: jax.Array | None = None) -> jax.Array:
@@ -97,12 +101,16 @@ def cudnn_supports(dtype: jnp.dtype, head_dim: int, device: jax.Device | None = 
 
 
 def resolve(implementation: str, platform: str, dtype: jnp.dtype, head_dim: int,
-            device: jax.Device | None = None) -> str:
+            device: jax.Device | None = None, bias: bool = False) -> str:
     """The kernel that runs: ``auto`` picks by platform; ``cudnn`` falls back to ``xla`` off GPU and where cuDNN
     cannot run the dtype / head dim (/ ``device``), so one config also runs on a CPU box. ``splash`` is honoured
-    anywhere: off TPU it is the interpret-mode emulation (exact, very slow)."""
+    anywhere: off TPU it is the interpret-mode emulation (exact, very slow). With an attention ``bias`` (T5
+    relative positions) every choice runs ``xla``: splash takes no bias, and the cuDNN path (which could take
+    one) is not exercised on GPU here."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"model.attention={implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}")
+    if bias:
+        return "xla"
     if implementation == "auto":
         if platform == "tpu":
             return "splash"
@@ -117,7 +125,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSp
     """Attention of ``q [b, t, heads, d]`` over ``k, v [b, t, kv_heads, d]`` (GQA when kv_heads < heads),
     softmax scale ``1/sqrt(d)``, with the kernel ``implementation`` resolves to on this platform."""
     device = current_device()
-    kind = resolve(implementation, device.platform, q.dtype, q.shape[-1], device)
+    kind = resolve(implementation, device.platform, q.dtype, q.shape[-1], device, bias=spec.bias is not None)
+    if kind == "xla" and spec.bias is not None:
+        return xla_attention(q, k, v, spec.segment_ids, spec.bidirectional, spec.bias)
     if kind == "splash":
         return splash_attention(q, k, v, spec.segment_ids, spec.bidirectional)
     if kind == "cudnn":
@@ -129,9 +139,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSp
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
-                  bidirectional: jax.Array | None = None) -> jax.Array:
-    """The reference path: explicit mask, ``jax.nn.dot_product_attention`` (XLA's einsum-softmax-einsum)."""
-    return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids, bidirectional))
+                  bidirectional: jax.Array | None = None, bias: jax.Array | None = None) -> jax.Array:
+    """The reference path: explicit mask, ``jax.nn.dot_product_attention`` (XLA's einsum-softmax-einsum); an
+    additive ``bias`` ``[batch, heads, q, k]`` joins the scaled logits before the mask."""
+    mask = attention_mask(segment_ids, bidirectional)
+    if bias is None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), mask=mask)
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,

@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from scaling_jax.model.layers import Block
-from scaling_jax.model.transformer import Decoder
+from scaling_jax.model.transformer import Decoder, slot_distance
 
 # {"trunk": keys and values of the decoder's blocks: one stacked pair [layers, ...] when its blocks are scanned,
 # else a list of pairs; "heads": [one (keys, values) pair per MTP head in use]}. Keys are
@@ -146,41 +146,51 @@ def _take(x: jax.Array, at: jax.Array, axis: int = 1) -> jax.Array:
     return jnp.sum(jnp.where(hit, x, jnp.zeros((), x.dtype)), axis=axis, keepdims=True)
 
 
-def _block(block: Block, x: jax.Array, positions: jax.Array, mask: jax.Array, write, query=None):
+def chunk_bias(decoder: Decoder, index: jax.Array, batch: int, chunk: int, max_len: int) -> jax.Array | None:
+    """Relative-position biases ``[batch, heads, chunk, max_len]`` of a chunk written from slot ``index`` (see
+    ``chunk_mask``); None for a RoPE model."""
+    bias = decoder.relative_bias(slot_distance(index, chunk, max_len))
+    return None if bias is None else jnp.broadcast_to(bias, (batch, *bias.shape[1:]))
+
+
+def _block(block: Block, x: jax.Array, positions: jax.Array, mask: jax.Array, write, query=None, bias=None):
     """One block over a chunk whose keys and values ``write(k, v) -> (new cache, (keys, values))`` stores.
 
     ``query`` (``[batch]`` chunk offsets) computes the block's output only there (``[batch, 1, d]``): the
     keys and values of the whole chunk depend only on its input, so a head whose other outputs are never
-    used still keeps its cache complete for later steps."""
+    used still keeps its cache complete for later steps. ``bias``: ``chunk_bias`` (relative positions)."""
     q, k, v = block.attn.qkv(block.attn_norm(x), positions)
     cache, (keys, values) = write(k, v)
     if query is not None:
         q, x, mask = _take(q, query), _take(x, query), _take(mask, query, axis=2)
+        bias = None if bias is None else _take(bias, query, axis=2)
     keys = jnp.transpose(keys, (0, 2, 1, 3)).astype(q.dtype)  # [batch, slots, kv_heads, head_dim], as attend wants
     values = jnp.transpose(values, (0, 3, 1, 2)).astype(q.dtype)
     if 1 < q.shape[1] <= UNROLL_QUERIES:  # a speculative chunk: one query at a time (see UNROLL_QUERIES)
-        attn = jnp.concatenate([block.attn.attend(q[:, t:t + 1], keys, values, mask[:, :, t:t + 1])
+        attn = jnp.concatenate([block.attn.attend(q[:, t:t + 1], keys, values, mask[:, :, t:t + 1],
+                                                  None if bias is None else bias[:, :, t:t + 1])
                                 for t in range(q.shape[1])], axis=1)
     else:
-        attn = block.attn.attend(q, keys, values, mask)
+        attn = block.attn.attend(q, keys, values, mask, bias)
     x = x + attn
     return x + block.mlp(block.mlp_norm(x)), cache
 
 
-def _head_block(block: Block, x, positions, mask, kv, index, query=None):
+def _head_block(block: Block, x, positions, mask, kv, index, query=None, bias=None):
     def write(k, v):
         new = (write_kv(kv[0], k, index, False), write_kv(kv[1], v, index, True))
         return new, new
 
-    return _block(block, x, positions, mask, write, query)
+    return _block(block, x, positions, mask, write, query, bias)
 
 
-def run_trunk(decoder: Decoder, x: jax.Array, positions: jax.Array, mask: jax.Array, cache, index: jax.Array):
+def run_trunk(decoder: Decoder, x: jax.Array, positions: jax.Array, mask: jax.Array, cache, index: jax.Array,
+              bias: jax.Array | None = None):
     """The decoder's blocks over a chunk written at ``index`` (see ``write_slots``), before the final norm."""
     if not decoder.scan_layers:
         new = []
         for block, kv in zip(decoder.blocks, cache, strict=True):
-            x, kv = _head_block(block, x, positions, mask, kv, index)
+            x, kv = _head_block(block, x, positions, mask, kv, index, bias=bias)
             new.append(kv)
         return x, new
     graphdef, params = nnx.split(decoder.layers)
@@ -193,7 +203,7 @@ def run_trunk(decoder: Decoder, x: jax.Array, positions: jax.Array, mask: jax.Ar
             new = (write_kv(ck, k, index, False, i), write_kv(cv, v, index, True, i))
             return new, tuple(jax.lax.dynamic_index_in_dim(c, i, 0, keepdims=False) for c in new)
 
-        return _block(nnx.merge(graphdef, layer), h, positions, mask, write), None
+        return _block(nnx.merge(graphdef, layer), h, positions, mask, write, bias=bias), None
 
     layers = jax.tree.leaves(cache)[0].shape[0]
     (x, cache), _ = jax.lax.scan(body, (x, tuple(cache)), (params, jnp.arange(layers)))
@@ -210,13 +220,14 @@ def forward_cached(model: nnx.Module, tokens: jax.Array, positions: jax.Array, k
     """
     decoder, heads = model_parts(model)
     mask = chunk_mask(key_valid, index, tokens.shape[1])
-    x, trunk_cache = run_trunk(decoder, decoder.embed(tokens), positions, mask, cache["trunk"], index)
+    bias = chunk_bias(decoder, index, *tokens.shape, key_valid.shape[1])
+    x, trunk_cache = run_trunk(decoder, decoder.embed(tokens), positions, mask, cache["trunk"], index, bias)
     if not heads:
         x = x if query is None else _take(x, query)
         return decoder.logits(decoder.final_norm(x))[None], {"trunk": trunk_cache, "heads": []}
     logits, head_cache = [], []
     for block, kv in zip(heads, cache["heads"], strict=False):  # the heads the cache holds
-        h, kv = _head_block(block, x, positions, mask, kv, index, query)
+        h, kv = _head_block(block, x, positions, mask, kv, index, query, bias)
         logits.append(decoder.logits(decoder.final_norm(h)))
         head_cache.append(kv)
     return jnp.stack(logits), {"trunk": trunk_cache, "heads": head_cache}
@@ -278,8 +289,9 @@ def speculative_step(model: nnx.Module, state: dict, key_valid: jax.Array, eos_i
     batch, c = guesses.shape
     positions = state["pos"][:, None] + jnp.arange(c, dtype=jnp.int32)
     mask = chunk_mask(key_valid, slot, c)
-    x, trunk_cache = run_trunk(decoder, decoder.embed(guesses), positions, mask, state["cache"]["trunk"], slot)
-    h, head_cache = _head_block(heads[0], x, positions, mask, state["cache"]["heads"][0], slot)
+    bias = chunk_bias(decoder, slot, batch, c, key_valid.shape[1])
+    x, trunk_cache = run_trunk(decoder, decoder.embed(guesses), positions, mask, state["cache"]["trunk"], slot, bias)
+    h, head_cache = _head_block(heads[0], x, positions, mask, state["cache"]["heads"][0], slot, bias=bias)
     verify = greedy(decoder.logits(decoder.final_norm(h)))  # [batch, c]
     # matches[:, j]: drafts 1..j+1 all equal head 1's predictions (a running AND: cheaper than cumprod here)
     agree = guesses[:, 1:] == verify[:, :-1]
@@ -291,7 +303,7 @@ def speculative_step(model: nnx.Module, state: dict, key_valid: jax.Array, eos_i
     last = accepted - 1
     drafts, head_caches = [_take(verify, last)[:, 0]], [head_cache]
     for block, kv in zip(heads[1:c], state["cache"]["heads"][1:], strict=True):
-        h, kv = _head_block(block, x, positions, mask, kv, slot, query=last)
+        h, kv = _head_block(block, x, positions, mask, kv, slot, query=last, bias=bias)
         drafts.append(greedy(decoder.logits(decoder.final_norm(h))[:, 0]))
         head_caches.append(kv)
     advance = jnp.where(active, accepted, 0)

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class ParamCounts:
     total: int
-    embedding: int  # the input embedding table (the unembedding too when untied)
+    # the input embedding table (the unembedding too when untied, and a T5 relative-position bias table: Kaplan's
+    # N leaves out positional embeddings)
+    embedding: int
     non_embedding: int  # Kaplan's N: what scaling laws are fitted against
     matmul: int  # parameters used in matmuls per token, unembedding included (FLOPs basis)
 
@@ -26,6 +28,8 @@ def param_counts(model, extra_layers: int = 0, output_heads: int = 1) -> ParamCo
     mlp = 3 * d * model.d_ff  # gate, up, down
     per_layer = attn + mlp + 2 * d  # two RMSNorm scales
     embed = v * d * (1 if model.tie_embeddings else 2)
+    if getattr(model, "position", "rope") == "t5_relative":  # one [heads, buckets] table; a lookup, no matmul
+        embed += model.heads * model.relative_buckets
     total = L * per_layer + d + embed  # + final norm
     non_embedding = total - embed
     matmul = L * (attn + mlp) + output_heads * v * d

@@ -58,14 +58,16 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Multi-head or grouped-query attention with RoPE; the kernel is ``model.attention`` (see
-    ``attention_kernels``) for a ``MaskSpec``, xla for an explicit mask (KV-cache decoding)."""
+    """Multi-head or grouped-query attention with RoPE (or, ``model.position=t5_relative``, no rotation: the
+    decoder's relative-position biases reach the logits through the mask); the kernel is ``model.attention``
+    (see ``attention_kernels``) for a ``MaskSpec``, xla for an explicit mask (KV-cache decoding)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.d_model, cfg.heads, cfg.kv_heads or cfg.heads, cfg.head_dim
         init = nnx.initializers.normal(cfg.init_std)
         out_init = nnx.initializers.normal(cfg.init_std / (2 * cfg.layers) ** 0.5)
         self.rope_theta = cfg.rope_theta
+        self.rotary = cfg.position == "rope"
         self.implementation = cfg.attention
         self.wq = make_param(rngs, init, (d, h, hd), ("embed", "heads", "kv"), cfg.param_dtype)
         self.wk = make_param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "kv"), cfg.param_dtype)
@@ -83,27 +85,33 @@ class Attention(nnx.Module):
         q = checkpoint_name(jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype)), "query_proj")
         k = checkpoint_name(jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dtype)), "key_proj")
         v = checkpoint_name(jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype)), "value_proj")
-        q = constrain(rope(q, positions, self.rope_theta), ("batch", "length", "heads", "kv"))
-        k = constrain(rope(k, positions, self.rope_theta), ("batch", "length", "kv_heads", "kv"))
+        if self.rotary:
+            q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+        q = constrain(q, ("batch", "length", "heads", "kv"))
+        k = constrain(k, ("batch", "length", "kv_heads", "kv"))
         return q, k, constrain(v, ("batch", "length", "kv_heads", "kv"))
 
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, bias: jax.Array | None = None) -> jax.Array:
+        """``bias``: additive logits ``[batch, heads, q, k]`` for an explicit mask (a ``MaskSpec`` carries its own)."""
         if isinstance(mask, MaskSpec):
             out = dot_product_attention(q, k, v, mask, self.implementation)
-        else:
+        elif bias is None:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), mask=mask)
         out = constrain(out, ("batch", "length", "heads", "kv"))
         return checkpoint_name(jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(q.dtype)), "out_proj")
 
     def cached(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: tuple[jax.Array, jax.Array],
-               index: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+               index: jax.Array, bias: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Inference: write this chunk's keys/values into ``cache`` (``[batch, max_len, kv_heads, head_dim]``
-        each) at slot ``index`` and attend over the whole cache (``mask``: ``[batch, 1, chunk, max_len]``)."""
+        each) at slot ``index`` and attend over the whole cache (``mask``: ``[batch, 1, chunk, max_len]``;
+        ``bias``: relative-position biases of the same query and key slots, per head)."""
         q, k, v = self.qkv(x, positions)
         start = (0, index, 0, 0)
         cache_k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
         cache_v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
-        return self.attend(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask), (cache_k, cache_v)
+        return self.attend(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask, bias), (cache_k, cache_v)
 
 
 class GatedMLP(nnx.Module):
@@ -140,8 +148,8 @@ class Block(nnx.Module):
         return constrain(x + self.mlp(self.mlp_norm(x)), ACT)
 
     def cached(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: tuple[jax.Array, jax.Array],
-               index: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+               index: jax.Array, bias: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """The same block at inference, reading and extending a KV cache (see ``Attention.cached``)."""
-        attn, cache = self.attn.cached(self.attn_norm(x), positions, mask, cache, index)
+        attn, cache = self.attn.cached(self.attn_norm(x), positions, mask, cache, index, bias)
         x = x + attn
         return x + self.mlp(self.mlp_norm(x)), cache

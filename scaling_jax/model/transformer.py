@@ -16,6 +16,7 @@ Blocks have one of two parameter layouts (``model.scan_layers``):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +27,7 @@ from flax import nnx
 
 from scaling_jax.config import ModelConfig
 from scaling_jax.model.layers import ACT, Block, Mask, MaskSpec, RMSNorm, make_param
+from scaling_jax.model.position_bias import position_distance, relative_bias
 from scaling_jax.model.remat import checkpoint_policy, policy_name, remat
 from scaling_jax.parallel.sharding import active_mesh, constrain
 
@@ -74,6 +76,11 @@ class Decoder(nnx.Module):
         else:
             self.blocks = nnx.List([Block(cfg, rngs) for _ in range(n)])
         self.final_norm = RMSNorm(cfg.d_model, cfg, rngs)
+        # model.position=t5_relative: one [heads, buckets] table of attention biases shared by every block
+        self.position_bias = (make_param(rngs, init, (cfg.heads, cfg.relative_buckets), ("heads", None),
+                                         cfg.param_dtype) if cfg.position == "t5_relative" else None)
+        self.relative_max_distance = cfg.relative_max_distance
+        self.logits_scale = cfg.logits_scale
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                  bidirectional: jax.Array | None = None) -> jax.Array:
@@ -91,8 +98,22 @@ class Decoder(nnx.Module):
         table = constrain(self.embedding[...], (None, None))
         return constrain(jnp.take(table, tokens, axis=0).astype(self.dtype), ACT)
 
+    def relative_bias(self, distance: jax.Array) -> jax.Array | None:
+        """Relative-position attention biases ``[batch, heads, q, k]`` for query-minus-key ``distance``
+        ``[batch, q, k]``; None for a RoPE model."""
+        if self.position_bias is None:
+            return None
+        return relative_bias(self.position_bias[...], distance, self.relative_max_distance, self.dtype)
+
+    def with_position_bias(self, mask: Mask, positions: jax.Array) -> Mask:
+        """``mask`` carrying this model's relative-position biases (computed once, shared by every block)."""
+        if self.position_bias is None or not isinstance(mask, MaskSpec) or mask.bias is not None:
+            return mask
+        return dataclasses.replace(mask, bias=self.relative_bias(position_distance(positions)))
+
     def apply_block(self, block: Block, x: jax.Array, positions: jax.Array, mask: Mask) -> jax.Array:
         """One (unstacked) block under the remat policy: the unscanned layout and objectives' head blocks."""
+        mask = self.with_position_bias(mask, positions)
         if self.remat == "none":
             return block(x, positions, mask)
         policy = checkpoint_policy(self.remat, _policy_device())
@@ -100,6 +121,7 @@ class Decoder(nnx.Module):
 
     def run_blocks(self, x: jax.Array, positions: jax.Array, mask: Mask) -> jax.Array:
         """All of this decoder's blocks, before the final norm."""
+        mask = self.with_position_bias(mask, positions)
         if not self.scan_layers:
             for block in self.blocks:
                 x = self.apply_block(block, x, positions, mask)
@@ -121,17 +143,18 @@ class Decoder(nnx.Module):
     def run_blocks_cached(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache,
                           index: jax.Array) -> tuple[jax.Array, KVCache]:
         """Inference: every block reads and extends its KV cache (see ``Attention.cached``)."""
+        bias = self.relative_bias(slot_distance(index, x.shape[1], mask.shape[-1]))
         if not self.scan_layers:
             new = []
             for block, kv in zip(self.blocks, cache, strict=True):
-                x, kv = block.cached(x, positions, mask, kv, index)
+                x, kv = block.cached(x, positions, mask, kv, index, bias)
                 new.append(kv)
             return x, new
         graphdef, params = nnx.split(self.layers)
 
         def body(h: jax.Array, xs):
             layer, kv = xs
-            return nnx.merge(graphdef, layer).cached(h, positions, mask, kv, index)
+            return nnx.merge(graphdef, layer).cached(h, positions, mask, kv, index, bias)
 
         return jax.lax.scan(body, x, (params, cache))
 
@@ -143,7 +166,17 @@ class Decoder(nnx.Module):
         else:
             w = self.unembedding[...].astype(hidden.dtype)
             out = jnp.einsum("btd,dv->btv", hidden, w, preferred_element_type=jnp.float32)
+        if self.logits_scale == "rsqrt_d_model":  # T5X's decoder-only models with tied embeddings
+            out = out / jnp.sqrt(jnp.float32(hidden.shape[-1]))
         return constrain(out, ("batch", "length", "vocab"))
+
+
+def slot_distance(index: jax.Array, chunk: int, max_len: int) -> jax.Array:
+    """``[1 or batch, chunk, max_len]`` query-minus-key distances of a KV-cache chunk written from slot ``index``
+    (one for all rows, or ``[batch]``). A row's positions advance with its slots (a left-padded prompt, then one
+    slot per token), so for every key a query may see, the slot distance is the position distance."""
+    q_slot = jnp.reshape(index, (-1, 1)) + jnp.arange(chunk)
+    return q_slot[:, :, None] - jnp.arange(max_len)[None, None, :]
 
 
 # ----------------------------------------------------------------------------- parameter layouts

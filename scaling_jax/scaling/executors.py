@@ -11,11 +11,15 @@ or preemption: ``train`` checkpoints and returns, the task raises ``RunPreempted
 ``max_retries`` times; the retry calls ``train`` on the same run directory, which resumes from its latest
 checkpoint (the dead attempt's run-directory lock is a ``flock`` the kernel dropped with the process). The
 driver alone writes ``manifest.json``. Ray is imported only here, and only when a ray executor is made.
+
+``RayExecutor.map`` is the same engine for work that is not a run: ``data prepare --executor ray`` maps
+``write_part`` over a corpus's parts, one task per part (workers are reused; a dead one's task is retried).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -56,11 +60,11 @@ class RayOptions:
                 **self.resources}
         return {k: v for k, v in want.items() if v}
 
-    def describe(self) -> str:
+    def describe(self, what: str = "run") -> str:
         ask = ", ".join(f"{v:g} {k}" for k, v in self.request().items()) or "no resources"
         n = self.max_retries
         retries = "retried without limit" if n < 0 else f"up to {n} {'retry' if n == 1 else 'retries'}"
-        return f"each run asks for {ask}; {retries}"
+        return f"each {what} asks for {ask}; {retries}"
 
 
 def _number(value: Any) -> float:
@@ -242,10 +246,59 @@ class RayExecutor:
         if failure is not None:
             raise failure
 
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any], say: Callable[[str], None] = print) -> list:
+        """``[fn(item) for item in items]`` with every item a Ray task (``data prepare``'s parts), in order.
 
-def make_executor(name: str, options: RayOptions | None = None, address: str | None = None) -> Executor:
+        A task whose worker or node dies is retried (``max_retries``); the first task that raises cancels the
+        others and its error is raised here: a user error keeps its one line, anything else its remote traceback.
+        ``fn`` must be importable on the workers (a module-level function of this package)."""
+        if not items:
+            return []
+        ray = self._connect(say)
+        options = {k: v for k, v in self.options.task_options().items() if k not in ("retry_exceptions", "max_calls")}
+        remote = ray.remote(**options)(fn)
+        refs = [remote.options(name=f"{fn.__name__}-{i}").remote(item) for i, item in enumerate(items)]
+        say(f"ray: {len(refs)} {fn.__name__} task(s); {self.options.describe('task')}")
+        try:
+            return _gather(ray, refs, say)
+        except BaseException:
+            for ref in refs:
+                ray.cancel(ref, force=True)  # a no-op for finished tasks; stops the rest
+            ray.wait(refs, num_returns=len(refs), timeout=10)  # none still writing when the caller cleans up
+            raise
+
+
+def _gather(ray, refs: list, say: Callable[[str], None]) -> list:
+    """The tasks' results in submission order, waiting on all at once; the first failure raises."""
+    index = {ref: i for i, ref in enumerate(refs)}
+    results: list[Any] = [None] * len(refs)
+    pending, last_said = list(refs), time.monotonic()
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+        for ref in ready:
+            try:
+                results[index[ref]] = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                raise (e.cause if isinstance(e.cause, UserError) else e) from None
+            except ray.exceptions.RayError as e:  # its worker or node died more than max_retries times
+                raise UserError(f"task {index[ref]} of {len(refs)} was lost ({_one_line(e)}); "
+                                "check `ray status` and run the command again") from None
+        if pending and time.monotonic() - last_said > 10:
+            last_said = time.monotonic()
+            say(f"ray: {len(refs) - len(pending)}/{len(refs)} tasks done")
+    return results
+
+
+def check_executor(name: str, address: str | None) -> None:
+    """The ``--executor`` / ``--address`` pair of any command that takes them, checked before any work."""
     if name not in EXECUTORS:
         raise UserError(f"--executor {name} is unknown; choose one of {', '.join(EXECUTORS)}")
-    if address and name != "ray":
+    if address is not None and name != "ray":
         raise UserError(f"--address applies to --executor ray, not {name}; drop it or add --executor ray")
+    if address is not None and not address.strip():
+        raise UserError("--address is empty; pass the Ray head's HOST:6379 (or auto, or ray://HOST:10001)")
+
+
+def make_executor(name: str, options: RayOptions | None = None, address: str | None = None) -> Executor:
+    check_executor(name, address)
     return LocalExecutor() if name == "local" else RayExecutor(options, address)

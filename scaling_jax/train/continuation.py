@@ -99,7 +99,8 @@ def split_checkpoint_path(path: str) -> tuple[str, int]:
     return paths.dirname(paths.dirname(path)), int(paths.basename(path))
 
 
-STREAM_FREE_FIELDS = ("batch_size", "num_threads", "prefetch")  # data fields that do not change the row stream
+# data fields that do not change the row stream
+STREAM_FREE_FIELDS = ("batch_size", "num_threads", "prefetch", "worker_processes")
 
 
 def parent_data_index(run_dir: str, step: int, meta: CheckpointMeta) -> int:

@@ -127,6 +127,7 @@ class Trainer:
             self.data_iter = pipeline.make_iterator(session.train_ds, d)
             self._begin(start)
         except BaseException:
+            self.data_iter.close()
             self.checkpointer.close()
             raise
         self._measure()
@@ -143,7 +144,7 @@ class Trainer:
         self.step = int(jax.device_get(self.state.step))
         self.writer.truncate_after(self.step)
         self.nonfinite = NonFinitePolicy(t.nan_policy, tensor_names(session.abstract.params), t.max_rollbacks)
-        self.position = pipeline.position(self.data_iter, self.step)  # index of the next batch in the data stream
+        self.position = self.data_iter.index  # index of the next batch in the data stream
         self.saved = self.step if self.resumed else None  # newest step with a checkpoint
         self.unverified = self.saved if self.resumed and not self.checkpointer.has_digest(self.saved) else None
         if self.unverified is not None:
@@ -193,7 +194,7 @@ class Trainer:
                            "run_dir": paths.absolute(self.t.run_dir), "parent": begin.parent,
                            "parent_step": begin.parent_step, "start_step": self.offset["step"]}
             if begin.data_index:
-                pipeline.seek(self.data_iter, begin.data_index)
+                self.data_iter.seek(begin.data_index)
         else:
             check_compatible(CheckpointMeta.from_json(checkpointer.read_meta(latest)), config,
                              session.tokenizer.fingerprint(),
@@ -305,7 +306,7 @@ class Trainer:
         target = self.nonfinite.rollback_target(checkpointer.latest_step(set_aside_damaged=True))
         self.state, _ = checkpointer.restore(target, s.abstract, s.state_sharding, self.data_iter)
         self.step = self.saved = int(jax.device_get(self.state.step))
-        resumed = pipeline.position(self.data_iter, self.step)
+        resumed = self.data_iter.index
         for _ in range(bad_batch + 1 - resumed):
             next(self.data_iter)
         self.position = max(bad_batch + 1, resumed)
@@ -390,6 +391,7 @@ class Trainer:
             self.profile.stop(self.step)
         self.bar.close()
         self.writer.close()
+        self.data_iter.close()  # stops data worker processes
         try:
             self.checkpointer.close()
         finally:

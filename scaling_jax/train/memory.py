@@ -99,16 +99,20 @@ def activation_bytes(config: Config, num_devices: int, platform: str | None = No
     data, fsdp, tensor = mesh_shape(config.mesh, num_devices)
     local_batch = d.batch_size / (data * fsdp)
     width = np.dtype(m.dtype).itemsize / 2
-    fused = platform is not None and resolve_attention(m.attention, platform, m.dtype, m.head_dim) != "xla"
+    relative = m.position == "t5_relative"
+    fused = platform is not None and resolve_attention(m.attention, platform, m.dtype, m.head_dim,
+                                                       bias=relative) != "xla"
     scores = 0.0 if fused else 5 * m.heads * d.seq_len / m.d_model
     full_layer = d.seq_len * local_batch * m.d_model * (34 + scores) * width / tensor
+    # t5_relative: one [batch, heads, S, S] bias shared by all layers, and its gradient
+    bias = 2 * local_batch * m.heads * d.seq_len ** 2 * np.dtype(m.dtype).itemsize / tensor if relative else 0.0
     if policy_name(m.remat) == "none":
         layers = m.layers * full_layer
     else:
         saved = d.seq_len * local_batch * remat_saved_per_token(m, d.seq_len, tensor) * 2 * width
         layers = m.layers * saved + full_layer
     logits = 2 * 4 * local_batch * d.seq_len * m.vocab_size / tensor
-    return layers + logits
+    return layers + logits + bias
 
 
 def memory_per_device(config: Config, num_devices: int, objective: Objective | None = None,

@@ -27,6 +27,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+# Speculative greedy equals plain greedy only under the same arithmetic: a verifying call scores a chunk of
+# positions at once, and at a GPU's default float32 matmul precision (TF32) its rounding differs from one-token
+# calls enough to flip near-tied argmaxes (seen on an H200). Full float32 keeps the outputs comparable.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 
 def ensure_run(run_dir: str, heads: int, steps: int) -> None:

@@ -91,6 +91,7 @@ def _panel(ax, series: dict, x_key: str, x_label: str) -> None:
             handles += [twin.errorbar(x[keep], p, yerr=[p - lo, hi - p], fmt="s--", color="C1", capsize=3,
                                       label="PassUntil PU (95% CI)")]
             twin.set_ylabel("PassUntil PU", color="C1")
+            twin.set_ylim(lo.min() / 1.25, hi.max() * 1.25)  # the whole interval in view (autoscale cut it)
     ax.legend(handles=handles, loc="upper left", fontsize=8)
 
 

@@ -20,7 +20,7 @@ from scaling_jax.model.attention_kernels import MaskSpec, dot_product_attention
 from scaling_jax.model.attention_kernels import attention_mask as attention_mask  # re-exported: callers import it here
 from scaling_jax.parallel.sharding import constrain
 
-ACT = ("batch", "length", "embed")
+ACT = ("batch", "length", "activation_embed")
 # What a block's attention is told about its rows: a MaskSpec (segment ids and prefix flags; the kernel that
 # model.attention picks builds its own mask form) or an explicit boolean mask [batch, 1, q, k] (always xla).
 Mask = MaskSpec | jax.Array

@@ -25,6 +25,8 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("batch", ("data", "fsdp")),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
+    ("activation_embed", "tensor"),  # the residual stream between blocks (what remat saves per layer): split, as
+    # MaxText does, so a tensor-parallel mesh does not keep every saved layer input whole on each tensor shard
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),

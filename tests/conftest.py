@@ -69,3 +69,42 @@ LONGEST_FIRST = ("test_faults.py", "test_multiprocess.py", "test_lm_eval_adapter
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file is kept
+
+
+def assert_fixture_script_reproduces(script_name: str, fixtures: str, variants, tmp_path, **tolerance) -> None:
+    """Run ``tests/fixtures/SCRIPT_NAME.py``'s ``make_fixture(variant, out)`` again (where its framework is
+    installed) and compare the fresh ``reference.npz`` with the committed one: same inputs, same logits."""
+    import importlib.util
+
+    import numpy as np
+
+    path = os.path.join(os.path.dirname(fixtures), f"{script_name}.py")
+    spec = importlib.util.spec_from_file_location(script_name, path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for variant in variants:
+        fresh = np.load(os.path.join(script.make_fixture(variant, str(tmp_path)), "reference.npz"))
+        stored = np.load(os.path.join(fixtures, variant, "reference.npz"))
+        np.testing.assert_array_equal(fresh["input_ids"], stored["input_ids"])
+        np.testing.assert_allclose(fresh["logits"], stored["logits"], **tolerance)
+
+
+def decoder_logits(params: dict, cfg, input_ids):
+    """Our decoder's logits for ``input_ids`` (one document per row) with ``params`` (a pure dict in our layout):
+    what an imported checkpoint is compared against the source framework's own logits with."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from scaling_jax.model.transformer import Decoder
+
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
+
+    @jax.jit
+    def forward(params, ids):
+        nnx.replace_by_pure_dict(state, params)
+        model = nnx.merge(graphdef, state)
+        positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+        return model.logits(model(ids, positions, jnp.ones_like(ids)))
+
+    return np.asarray(forward(jax.tree.map(jnp.asarray, params), jnp.asarray(input_ids)))

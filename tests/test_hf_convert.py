@@ -15,9 +15,9 @@ import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_fixture_script_reproduces, decoder_logits
 from flax import nnx
 
 from scaling_jax.config import ModelConfig, load_config
@@ -35,19 +35,6 @@ def _fixture(variant: str) -> tuple[str, ModelConfig, dict]:
     path = os.path.join(FIXTURES, variant)
     cfg = ModelConfig(**hc.model_fields_from_hf(hc.read_hf_config(path)))
     return path, cfg, dict(np.load(os.path.join(path, "reference.npz")))
-
-
-def _our_logits(params: dict, cfg: ModelConfig, input_ids: np.ndarray) -> np.ndarray:
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
-
-    @jax.jit
-    def forward(params, ids):
-        nnx.replace_by_pure_dict(state, params)
-        model = nnx.merge(graphdef, state)
-        positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-        return model.logits(model(ids, positions, jnp.ones_like(ids)))
-
-    return np.asarray(forward(jax.tree.map(jnp.asarray, params), jnp.asarray(input_ids)))
 
 
 def _random_params(cfg: ModelConfig, seed: int) -> dict:
@@ -73,7 +60,7 @@ def test_imported_hf_llama_reproduces_transformers_logits(variant, scan):
     cfg = dataclasses.replace(cfg, scan_layers=scan)
     params = hc.params_from_hf(hc.load_hf_tensors(path), cfg)
     assert ("layers" in params) == scan and ("blocks" in params) != scan
-    logits = _our_logits(params, cfg, ref["input_ids"])
+    logits = decoder_logits(params, cfg, ref["input_ids"])
     np.testing.assert_allclose(logits, ref["logits"], **TOL)
     assert np.abs(ref["logits"]).max() > 1.0  # the comparison is not between near-zero numbers
 
@@ -95,7 +82,7 @@ def test_wrong_rope_layout_would_be_caught():
     interleave = np.stack([np.arange(hd // 2), np.arange(hd // 2) + hd // 2], axis=1).reshape(-1)
     for name in ("wq", "wk"):  # every layer at once: the blocks are stacked on `layers`
         params["layers"]["attn"][name] = params["layers"]["attn"][name][..., interleave]
-    err = np.abs(_our_logits(params, cfg, ref["input_ids"]) - ref["logits"]).max()
+    err = np.abs(decoder_logits(params, cfg, ref["input_ids"]) - ref["logits"]).max()
     assert err > 1e-2
 
 
@@ -129,7 +116,7 @@ def test_our_model_survives_export_and_import_with_identical_logits(tmp_path, ml
     cfg_back = ModelConfig(**hc.model_fields_from_hf(hc.read_hf_config(str(tmp_path))))
     back = hc.params_from_hf(hc.load_hf_tensors(str(tmp_path)), cfg_back)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12))
-    np.testing.assert_array_equal(_our_logits(back, cfg_back, ids), _our_logits(params, cfg, ids))
+    np.testing.assert_array_equal(decoder_logits(back, cfg_back, ids), decoder_logits(params, cfg, ids))
 
 
 def test_bfloat16_export_loads_back_rounded(tmp_path):
@@ -227,7 +214,8 @@ def test_imported_run_trains_from_the_hf_weights_and_exports_them_back(tmp_path)
     exported = json.loads((out / "config.json").read_text())
     assert exported["scaling_jax"]["step"] == 1 and exported["scaling_jax"]["tokenizer"] == "byte:384"
     cfg = ModelConfig(**hc.model_fields_from_hf(exported))
-    np.testing.assert_allclose(_our_logits(hc.params_from_hf(back, cfg), cfg, ref["input_ids"]), ref["logits"], **TOL)
+    logits = decoder_logits(hc.params_from_hf(back, cfg), cfg, ref["input_ids"])
+    np.testing.assert_allclose(logits, ref["logits"], **TOL)
     with pytest.raises(CheckpointError, match="not an empty directory"):
         hf_runs.export_hf(run, str(out))
     with pytest.raises(CheckpointError, match="already holds a run"):
@@ -279,7 +267,7 @@ def test_import_copies_the_hf_tokenizer_into_the_run_and_grows_the_vocab(tmp_pat
 
 
 @pytest.mark.parametrize("mlp, tied", [("swiglu", False), ("geglu", True)])
-def test_transformers_loads_our_export_with_our_logits(tmp_path, mlp, tied):
+def test_transformers_loads_our_export_withdecoder_logits(tmp_path, mlp, tied):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     cfg = load_config(None, ["model.layers=2", "model.d_model=32", "model.heads=4", "model.kv_heads=2",
@@ -293,23 +281,13 @@ def test_transformers_loads_our_export_with_our_logits(tmp_path, mlp, tied):
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 16))
     with torch.no_grad():
         theirs = model(input_ids=torch.tensor(ids)).logits.float().numpy()
-    np.testing.assert_allclose(_our_logits(params, cfg, ids), theirs, **TOL)
+    np.testing.assert_allclose(decoder_logits(params, cfg, ids), theirs, **TOL)
 
 
 def test_fixture_script_reproduces_the_stored_reference(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_hf_llama_fixture",
-                                                  os.path.join(os.path.dirname(FIXTURES), "make_hf_llama_fixture.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    for variant in VARIANTS:
-        fresh = np.load(os.path.join(script.make_fixture(variant, str(tmp_path)), "reference.npz"))
-        stored = np.load(os.path.join(FIXTURES, variant, "reference.npz"))
-        np.testing.assert_array_equal(fresh["input_ids"], stored["input_ids"])
-        np.testing.assert_allclose(fresh["logits"], stored["logits"], **TOL)
+    assert_fixture_script_reproduces("make_hf_llama_fixture", FIXTURES, VARIANTS, tmp_path, **TOL)
 
 
 def test_convert_command_round_trips_through_the_cli(tmp_path, capsys):

@@ -12,10 +12,10 @@ import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
+from conftest import assert_fixture_script_reproduces, decoder_logits
 from flax import nnx
 
 from scaling_jax.cli import main
@@ -49,19 +49,6 @@ def _import(variant: str, scan: bool = True) -> tuple[dict, ModelConfig, dict, d
     return mw.params_from_maxtext(weights, cfg, keys["scan_layers"]), cfg, ref, weights
 
 
-def _our_logits(params: dict, cfg: ModelConfig, input_ids: np.ndarray) -> np.ndarray:
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
-
-    @jax.jit
-    def forward(params, ids):
-        nnx.replace_by_pure_dict(state, params)
-        model = nnx.merge(graphdef, state)
-        positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-        return model.logits(model(ids, positions, jnp.ones_like(ids)))
-
-    return np.asarray(forward(jax.tree.map(jnp.asarray, params), jnp.asarray(input_ids)))
-
-
 def _paths(tree: dict) -> list[str]:
     return sorted("/".join(p) for p in mw.flatten(tree))
 
@@ -74,7 +61,7 @@ def test_imported_maxtext_checkpoint_reproduces_maxtexts_own_logits(variant, sca
     """Into either of our layouts, from MaxText's scanned (layers on axis 1) or unscanned (layers_N) one."""
     params, cfg, ref, _ = _import(variant, scan)
     assert ("layers" in params) == scan
-    logits = _our_logits(params, cfg, ref["input_ids"])
+    logits = decoder_logits(params, cfg, ref["input_ids"])
     np.testing.assert_allclose(logits, ref["logits"], **TOL)
     assert np.abs(ref["logits"]).max() > 1.0 and ref["logits"].std() > 0.5  # not a comparison of near-zeros
 
@@ -96,7 +83,7 @@ def test_wrong_rope_layout_would_be_caught():
     interleave = np.stack([np.arange(hd // 2), np.arange(hd // 2) + hd // 2], axis=1).reshape(-1)
     for name in ("wq", "wk"):
         params["layers"]["attn"][name] = params["layers"]["attn"][name][..., interleave]
-    assert np.abs(_our_logits(params, cfg, ref["input_ids"]) - ref["logits"]).max() > 1e-2
+    assert np.abs(decoder_logits(params, cfg, ref["input_ids"]) - ref["logits"]).max() > 1e-2
 
 
 def test_query_scale_and_tied_logit_normalisation_would_be_caught():
@@ -104,10 +91,10 @@ def test_query_scale_and_tied_logit_normalisation_would_be_caught():
     (ours is applied in attention), and its tied logits are divided by sqrt(emb_dim)."""
     params, cfg, ref, _ = _import("scanned_gqa")
     params["layers"]["attn"]["wq"] = params["layers"]["attn"]["wq"] / np.sqrt(cfg.head_dim)  # as stored
-    assert np.abs(_our_logits(params, cfg, ref["input_ids"]) - ref["logits"]).max() > 1e-2
+    assert np.abs(decoder_logits(params, cfg, ref["input_ids"]) - ref["logits"]).max() > 1e-2
     params, cfg, ref, _ = _import("unscanned_tied")
     unscaled = ModelConfig(**{**cfg.__dict__, "logits_scale": "none"})
-    assert np.abs(_our_logits(params, unscaled, ref["input_ids"]) - ref["logits"]).max() > 1e-1
+    assert np.abs(decoder_logits(params, unscaled, ref["input_ids"]) - ref["logits"]).max() > 1e-1
 
 
 # ----------------------------------------------------------------------------- export
@@ -306,14 +293,4 @@ def test_export_refusals_are_one_line(tmp_path, capsys):
 def test_fixture_script_reproduces_the_stored_reference(tmp_path):
     """Only where MaxText is installed (its own venv; ~2 minutes on CPU): the script regenerates the same logits."""
     pytest.importorskip("maxtext")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_maxtext_fixture",
-                                                  os.path.join(os.path.dirname(FIXTURES), "make_maxtext_fixture.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    for variant in VARIANTS:
-        fresh = np.load(os.path.join(script.make_fixture(variant, str(tmp_path)), "reference.npz"))
-        stored = np.load(os.path.join(FIXTURES, variant, "reference.npz"))
-        np.testing.assert_array_equal(fresh["input_ids"], stored["input_ids"])
-        np.testing.assert_allclose(fresh["logits"], stored["logits"], **TOL)
+    assert_fixture_script_reproduces("make_maxtext_fixture", FIXTURES, VARIANTS, tmp_path, **TOL)

@@ -15,9 +15,10 @@ import shutil
 from scaling_jax.config import Config, ModelConfig, parse_overrides
 from scaling_jax.data.tokenizer import build_tokenizer
 from scaling_jax.errors import CheckpointError, ConfigError
+from scaling_jax.interop import runs
 from scaling_jax.interop.hf_weights import (
     DEFAULT_SHARD_BYTES,
-    SHAPE_FIELDS,
+    FIXED_FIELDS,
     find_tokenizer,
     hf_config_from_model,
     hf_from_params,
@@ -28,7 +29,6 @@ from scaling_jax.interop.hf_weights import (
     resize_vocab,
     save_hf_tensors,
 )
-from scaling_jax.interop.runs import Source, check_new_dir, check_out, import_run, read_run_params, write_new_dir
 
 
 def _export_tokenizer(config: Config, out_dir: str) -> tuple[dict[str, int], str]:
@@ -49,25 +49,16 @@ def import_hf(hf_dir: str, run_dir: str, overrides: list[str] | None = None, tok
     train, mesh, dtypes; ``model.vocab_size`` may only grow); a shape field that disagrees with
     config.json is an error. On any error a run directory this call created is removed again.
     """
-    check_out(run_dir)
+    runs.check_out(run_dir)
     if not os.path.isdir(hf_dir):
         raise CheckpointError(f"--from-hf '{hf_dir}' is not a directory; pass a Hugging Face model directory")
     hf = read_hf_config(hf_dir)
     fields = model_fields_from_hf(hf, os.path.join(hf_dir, "config.json"))
     user = parse_overrides(overrides or [])
-    for key, value in user.items():
-        name = key.removeprefix("model.")
-        if key.startswith("model.") and name in SHAPE_FIELDS and name != "vocab_size" and value != fields[name]:
-            raise ConfigError(f"{key}={value!r} contradicts the checkpoint's config.json ({fields[name]!r}); "
-                              "drop the override: the weights fix the model's shape")
-    if tokenizer and "data.tokenizer" in user:
-        raise ConfigError("give the tokenizer once: --tokenizer or data.tokenizer=, not both")
-    source_tok = build_tokenizer(find_tokenizer(hf_dir, hf, tokenizer or user.pop("data.tokenizer", None)))
-    needed = max(fields["vocab_size"], source_tok.vocab_size)  # our pad / mode / sentinel ids may lie above HF's
-    fields["vocab_size"] = user.pop("model.vocab_size", needed)
-    if not isinstance(fields["vocab_size"], int) or fields["vocab_size"] < needed:
-        raise ConfigError(f"model.vocab_size={fields['vocab_size']!r} must be an integer >= {needed} (the checkpoint's "
-                          "and the tokenizer's vocabulary); the embedding can grow, never shrink")
+    runs.check_model_overrides(user, fields, FIXED_FIELDS, "the checkpoint's config.json",
+                               "drop the override: the weights fix the model's shape")
+    source_tok = build_tokenizer(find_tokenizer(hf_dir, hf, runs.tokenizer_choice(tokenizer, user)))
+    fields["vocab_size"] = runs.grown_vocab_size(fields["vocab_size"], source_tok, user)
 
     def make_params(config: Config) -> dict:
         params = params_from_hf(load_hf_tensors(hf_dir), _hf_shape(config.model, hf), config.model.param_dtype,
@@ -75,7 +66,7 @@ def import_hf(hf_dir: str, run_dir: str, overrides: list[str] | None = None, tok
         return resize_vocab(params, config.model.vocab_size)
 
     settings = {f"model.{k}": v for k, v in fields.items()} | user
-    return import_run(run_dir, Source("hf", "hf-llama", hf_dir), source_tok, settings, make_params)
+    return runs.import_run(run_dir, runs.Source("hf", "hf-llama", hf_dir), source_tok, settings, make_params)
 
 
 def export_hf(run_dir: str, out_dir: str, step: int | None = None, dtype: str | None = None,
@@ -84,8 +75,8 @@ def export_hf(run_dir: str, out_dir: str, step: int | None = None, dtype: str | 
 
     The directory appears complete or not at all (written beside it, then renamed).
     """
-    check_new_dir(out_dir, "--to-hf")
-    config, step, params = read_run_params(run_dir, step)
+    runs.check_new_dir(out_dir, "--to-hf")
+    config, step, params = runs.read_run_params(run_dir, step)
     m = config.model
     dtype = dtype or m.param_dtype
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -102,7 +93,7 @@ def export_hf(run_dir: str, out_dir: str, step: int | None = None, dtype: str | 
                       indent=2)
         save_hf_tensors(hf_from_params(params, m, dtype), tmp, max_shard_bytes)
 
-    return write_new_dir(out_dir, "--to-hf", write)
+    return runs.write_new_dir(out_dir, "--to-hf", write)
 
 
 def _hf_shape(m: ModelConfig, hf: dict) -> ModelConfig:

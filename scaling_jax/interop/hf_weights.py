@@ -37,6 +37,7 @@ from scaling_jax.model.transformer import LAYERS, block_key, to_layout
 HF_TO_MLP = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
 MLP_TO_HF = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}
 SHAPE_FIELDS = ("layers", "d_model", "heads", "kv_heads", "head_dim", "d_ff", "mlp", "tie_embeddings", "vocab_size")
+FIXED_FIELDS = SHAPE_FIELDS[:-1]  # what an import's overrides may not change (the vocabulary may grow)
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # HF tokenizers JSON first, then SentencePiece
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved; recomputed from rope_theta

@@ -21,6 +21,7 @@ import yaml
 from scaling_jax.config import Config, ModelConfig, parse_overrides
 from scaling_jax.data.tokenizer import build_tokenizer
 from scaling_jax.errors import ConfigError
+from scaling_jax.interop import runs
 from scaling_jax.interop.hf_weights import resize_vocab
 from scaling_jax.interop.maxtext_files import (
     find_items,
@@ -32,13 +33,12 @@ from scaling_jax.interop.maxtext_files import (
 )
 from scaling_jax.interop.maxtext_weights import (
     DEFAULTS,
-    SHAPE_FIELDS,
+    FIXED_FIELDS,
     maxtext_from_params,
     maxtext_keys_from_model,
     model_fields_from_maxtext,
     params_from_maxtext,
 )
-from scaling_jax.interop.runs import Source, check_new_dir, check_out, import_run, read_run_params, write_new_dir
 
 CONFIG_FILE = "maxtext_config.yml"  # written next to an export: MaxText runs it (base_config: base.yml)
 EXPORT_RECORD = "scaling_jax_export.json"  # provenance of an export (MaxText's config refuses unknown keys)
@@ -104,27 +104,18 @@ def import_maxtext(ckpt_dir: str, run_dir: str, overrides: list[str] | None = No
     everything the weights do not fix (data, optimizer, train, mesh; ``model.vocab_size`` may only grow). A
     shape that disagrees with the tensors is an error, and a failed import leaves no run directory.
     """
-    check_out(run_dir)
+    runs.check_out(run_dir)
     items = find_items(ckpt_dir)
     ours, theirs = split_overrides(overrides or [])
     keys = read_maxtext_keys(config_files, theirs)
     fields = model_fields_from_maxtext(keys, "MaxText config")
     scan_layers, scan_axis = checkpoint_scan_layers(keys, items), int(keys.get("param_scan_axis", 1))
     user = parse_overrides(ours)
-    for key, value in user.items():
-        name = key.removeprefix("model.")
-        if key.startswith("model.") and name in SHAPE_FIELDS and name != "vocab_size" and value != fields[name]:
-            raise ConfigError(f"{key}={value!r} contradicts the MaxText config ({fields[name]!r}); set the MaxText "
-                              "key instead (e.g. base_emb_dim=...), or drop the override")
-    if tokenizer and "data.tokenizer" in user:
-        raise ConfigError("give the tokenizer once: --tokenizer or data.tokenizer=, not both")
-    spec = find_tokenizer(ckpt_dir, items, keys, config_files, tokenizer or user.pop("data.tokenizer", None))
+    runs.check_model_overrides(user, fields, FIXED_FIELDS, "the MaxText config",
+                               "set the MaxText key instead (e.g. base_emb_dim=...), or drop the override")
+    spec = find_tokenizer(ckpt_dir, items, keys, config_files, runs.tokenizer_choice(tokenizer, user))
     source_tok = build_tokenizer(spec)
-    needed = max(fields["vocab_size"], source_tok.vocab_size)  # our pad / mode / sentinel ids may lie above
-    fields["vocab_size"] = user.pop("model.vocab_size", needed)
-    if not isinstance(fields["vocab_size"], int) or fields["vocab_size"] < needed:
-        raise ConfigError(f"model.vocab_size={fields['vocab_size']!r} must be an integer >= {needed} (the checkpoint's "
-                          "and the tokenizer's vocabulary); the embedding can grow, never shrink")
+    fields["vocab_size"] = runs.grown_vocab_size(fields["vocab_size"], source_tok, user)
     checkpoint_vocab = int(keys.get("vocab_size", DEFAULTS["vocab_size"]))
 
     def make_params(config: Config) -> dict:
@@ -134,7 +125,8 @@ def import_maxtext(ckpt_dir: str, run_dir: str, overrides: list[str] | None = No
         return resize_vocab(params, config.model.vocab_size)
 
     settings = {f"model.{k}": v for k, v in fields.items()} | user
-    return import_run(run_dir, Source("maxtext", "maxtext-llama", ckpt_dir), source_tok, settings, make_params)
+    source = runs.Source("maxtext", "maxtext-llama", ckpt_dir)
+    return runs.import_run(run_dir, source, source_tok, settings, make_params)
 
 
 def export_layout(overrides: Sequence[str]) -> bool | None:
@@ -152,8 +144,8 @@ def export_maxtext(run_dir: str, out_dir: str, step: int | None = None, scan_lay
     it inherits MaxText's base.yml). Layers are stacked (``scan_layers``) as the run's ``model.scan_layers``
     unless ``scan_layers`` says otherwise. The directory appears complete or not at all.
     """
-    check_new_dir(out_dir, "--to-maxtext")
-    config, step, params = read_run_params(run_dir, step)
+    runs.check_new_dir(out_dir, "--to-maxtext")
+    config, step, params = runs.read_run_params(run_dir, step)
     m: ModelConfig = config.model
     scan = m.scan_layers if scan_layers is None else scan_layers
     keys = maxtext_keys_from_model(m, scan)  # refuses what MaxText cannot represent before anything is written
@@ -176,4 +168,4 @@ def export_maxtext(run_dir: str, out_dir: str, step: int | None = None, scan_lay
         with open(os.path.join(tmp, EXPORT_RECORD), "w") as f:
             json.dump(record, f, indent=2)
 
-    return write_new_dir(out_dir, "--to-maxtext", write)
+    return runs.write_new_dir(out_dir, "--to-maxtext", write)

@@ -56,9 +56,8 @@ REQUIRED: dict[str, Any] = {
 }
 ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu"}
 MLP_TO_ACTIVATION = {"swiglu": "silu", "geglu": "gelu"}
-# Our ModelConfig fields the weights fix (an override may not contradict them).
-SHAPE_FIELDS = ("layers", "d_model", "heads", "kv_heads", "head_dim", "d_ff", "mlp", "tie_embeddings",
-                "vocab_size", "logits_scale")
+# Our ModelConfig fields the weights fix (an override may not contradict them; the vocabulary may grow).
+FIXED_FIELDS = ("layers", "d_model", "heads", "kv_heads", "head_dim", "d_ff", "mlp", "tie_embeddings", "logits_scale")
 
 
 # ----------------------------------------------------------------------------- configs

@@ -54,6 +54,32 @@ def check_out(run_dir: str, flag: str = "--out") -> None:
         raise CheckpointError(f"{flag} '{run_dir}' already holds a run; choose a new or empty run directory")
 
 
+def check_model_overrides(user: Mapping, fields: Mapping, fixed: tuple[str, ...], source: str, fix: str) -> None:
+    """A ``model.*`` override of a field the checkpoint fixes (its shape) must agree with it."""
+    for key, value in user.items():
+        name = key.removeprefix("model.")
+        if key.startswith("model.") and name in fixed and value != fields[name]:
+            raise ConfigError(f"{key}={value!r} contradicts {source} ({fields[name]!r}); {fix}")
+
+
+def tokenizer_choice(tokenizer: str | None, user: dict) -> str | None:
+    """``--tokenizer`` or ``data.tokenizer=`` (taken out of ``user``), never both."""
+    if tokenizer and "data.tokenizer" in user:
+        raise ConfigError("give the tokenizer once: --tokenizer or data.tokenizer=, not both")
+    return tokenizer or user.pop("data.tokenizer", None)
+
+
+def grown_vocab_size(checkpoint_rows: int, tokenizer: Tokenizer, user: dict) -> int:
+    """The run's vocabulary: ``model.vocab_size=`` (taken out of ``user``) or the larger of the checkpoint's rows
+    and the tokenizer's ids (our pad / mode / sentinel ids may lie above the source's); it can grow, never shrink."""
+    needed = max(checkpoint_rows, tokenizer.vocab_size)
+    size = user.pop("model.vocab_size", needed)
+    if not isinstance(size, int) or size < needed:
+        raise ConfigError(f"model.vocab_size={size!r} must be an integer >= {needed} (the checkpoint's and the "
+                          "tokenizer's vocabulary); the embedding can grow, never shrink")
+    return size
+
+
 def import_run(run_dir: str, source: Source, tokenizer: Tokenizer, settings: Mapping,
                make_params: Callable[[Config], dict]) -> Config:
     """Claim ``run_dir`` and write an imported run into it; on any error a directory this call created is

@@ -37,7 +37,14 @@ import numpy as np
 from scaling_jax.config import Config, parse_overrides
 from scaling_jax.errors import CheckpointError, ConfigError
 from scaling_jax.interop.hf_weights import resize_vocab
-from scaling_jax.interop.runs import Source, check_out, import_run
+from scaling_jax.interop.runs import (
+    Source,
+    check_model_overrides,
+    check_out,
+    grown_vocab_size,
+    import_run,
+    tokenizer_choice,
+)
 from scaling_jax.interop.t5x_checkpoint import find_checkpoint, leaf_shape, read_array, read_leaves
 from scaling_jax.interop.t5x_vocab import T5_EXTRA_IDS, t5x_tokenizer
 from scaling_jax.model.transformer import to_layout
@@ -213,11 +220,7 @@ def _model_settings(fields: dict, gin: dict[str, str], user: dict, where: str) -
              "relative_max_distance": T5X_MAX_DISTANCE, "norm_eps": T5X_NORM_EPS,
              "mlp": gin_mlp(gin, where) or "geglu",
              "logits_scale": "rsqrt_d_model" if fields["tie_embeddings"] else "none"}
-    for key, value in user.items():
-        name = key.removeprefix("model.")
-        if key.startswith("model.") and name in FIXED_FIELDS and value != model[name]:
-            raise ConfigError(f"{key}={value!r} contradicts the T5X checkpoint ({model[name]!r}); drop the override: "
-                              "the weights fix it")
+    check_model_overrides(user, model, FIXED_FIELDS, "the T5X checkpoint", "drop the override: the weights fix it")
     return {f"model.{k}": v for k, v in model.items()}
 
 
@@ -237,9 +240,7 @@ def import_t5x(ckpt_dir: str, run_dir: str, overrides: list[str] | None = None, 
     gin, gin_dir = read_gin(ckpt)
     user = parse_overrides(overrides or [])
     settings = _model_settings(fields, gin, user, ckpt)
-    if tokenizer and "data.tokenizer" in user:
-        raise ConfigError("give the tokenizer once: --tokenizer or data.tokenizer=, not both")
-    spec = tokenizer or user.pop("data.tokenizer", None)
+    spec = tokenizer_choice(tokenizer, user)
     gin_vocab, extra_ids = gin_vocabulary(gin, gin_dir)
     if spec is None:
         if gin_vocab is None or not os.path.isfile(gin_vocab):
@@ -256,12 +257,7 @@ def import_t5x(ckpt_dir: str, run_dir: str, overrides: list[str] | None = None, 
             raise ConfigError(f"{ckpt}: the tokenizer has {seqio_size} ids (with {extra_ids} extra ids) but the "
                               f"checkpoint's embedding only {fields['vocab_size']} rows; pass the model's own "
                               "SentencePiece file")
-        needed = max(fields["vocab_size"], source_tok.vocab_size)  # our pad / mode / sentinel ids may lie above
-        vocab = user.pop("model.vocab_size", needed)
-        if not isinstance(vocab, int) or vocab < needed:
-            raise ConfigError(f"model.vocab_size={vocab!r} must be an integer >= {needed} (the checkpoint's and the "
-                              "tokenizer's vocabulary); the embedding can grow, never shrink")
-        settings["model.vocab_size"] = vocab
+        settings["model.vocab_size"] = grown_vocab_size(fields["vocab_size"], source_tok, user)
 
         def make_params(config: Config) -> dict:
             m = config.model

@@ -43,7 +43,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"
     # What the backward pass recomputes instead of saving: none | full | minimal | save_dots | save_qkv_proj |
-    # offload (names as MaxText's remat_policy; older configs' true / false mean full / none)
+    # offload | full_offload (names as MaxText's remat_policy; older configs' true / false mean full / none)
     remat: str = "none"
     scan_layers: bool = True  # blocks stacked on a `layers` axis and scanned: compile time flat in depth
     # Training attention kernel: auto (splash on TPU, cudnn on GPU where it fits, else xla) | xla (explicit mask)
@@ -210,7 +210,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.mlp": ("geglu", "swiglu"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "full", "minimal", "save_dots", "save_qkv_proj", "offload"),
+    "model.remat": ("none", "full", "minimal", "save_dots", "save_qkv_proj", "offload", "full_offload"),
     "model.attention": ("auto", "xla", "splash", "cudnn"),
     "model.position": ("rope", "t5_relative"),
     "model.logits_scale": ("none", "rsqrt_d_model"),

@@ -35,7 +35,8 @@ GIB = 2**30
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 # Our remat policy -> MaxText's remat_policy (same intent; MaxText has no "none": its "minimal" saves most)
 REMAT = {"full": "full", "minimal": "minimal", "save_dots": "save_dot_with_context_except_mlp",
-         "save_qkv_proj": "save_qkv_proj", "offload": "minimal_offloaded"}
+         "save_qkv_proj": "save_qkv_proj", "offload": "minimal_offloaded",
+         "full_offload": "custom decoder_layer_input=offload"}
 ATTENTION = {"xla": "dot_product", "splash": "flash", "auto": "flash"}
 MLP = {"swiglu": '["silu","linear"]', "geglu": '["gelu","linear"]'}
 # TensorCores per chip in MaxText's topology names (v4 / v5p count cores: v5p-128 is 64 chips)
@@ -69,7 +70,7 @@ def maxtext_args(config: Config, topology: str, out_dir: str) -> list[str]:
             f"logits_via_embedding={str(m.tie_embeddings).lower()}", f"mlp_activations={MLP[m.mlp]}",
             f"normalization_layer_epsilon={m.norm_eps}", f"rope_max_timescale={int(m.rope_theta)}",
             f"max_target_length={d.seq_len}", f"per_device_batch_size={d.batch_size // chips}",
-            "dtype=bfloat16", "weight_dtype=float32", f"remat_policy={REMAT[m.remat]}",
+            "dtype=bfloat16", "weight_dtype=float32", *f"remat_policy={REMAT[m.remat]}".split(),
             f"attention={ATTENTION[m.attention]}", f"scan_layers={str(m.scan_layers).lower()}",
             f"ici_fsdp_parallelism={chips // tensor}", f"ici_tensor_parallelism={tensor}", "ici_data_parallelism=1",
             f"compile_topology={name}", "compile_topology_num_slices=1", "dataset_type=synthetic",

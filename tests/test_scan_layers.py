@@ -189,6 +189,7 @@ def test_memory_estimate_follows_the_remat_policy(tiny_config):
     order = ["none", "save_dots", "minimal", "save_qkv_proj", "full"]
     assert all(by_policy[a] > by_policy[b] for a, b in zip(order, order[1:], strict=False))
     assert by_policy["offload"] == by_policy["full"]  # offloaded activations live in host memory
+    assert by_policy["full_offload"] < by_policy["full"]  # and so do the block inputs that full keeps
     assert by_policy["full"] == activation_bytes(tiny_config(*SMALL, "data.seq_len=64", "model.remat=true"), 1)
 
 

@@ -18,6 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 from scaling_jax.config import ModelConfig
 from scaling_jax.model.attention_kernels import MaskSpec, dot_product_attention
 from scaling_jax.model.attention_kernels import attention_mask as attention_mask  # re-exported: callers import it here
+from scaling_jax.model.remat import BLOCK_INPUT
 from scaling_jax.parallel.sharding import constrain
 
 ACT = ("batch", "length", "activation_embed")
@@ -144,6 +145,7 @@ class Block(nnx.Module):
         self.mlp = GatedMLP(cfg, rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: Mask) -> jax.Array:
+        x = checkpoint_name(x, BLOCK_INPUT)  # what remat=full_offload parks on the host
         x = constrain(x + self.attn(self.attn_norm(x), positions, mask), ACT)
         return constrain(x + self.mlp(self.mlp_norm(x)), ACT)
 

@@ -11,6 +11,9 @@ memory). Every policy computes the same numbers: only memory and time differ.
 - ``save_dots``: save every matmul output, the attention scores (``QK^T``) and their product with ``V`` too.
 - ``save_qkv_proj``: save only the query/key/value projections (tagged with ``checkpoint_name``).
 - ``offload``: like ``minimal`` over the tagged projections, but kept in pinned host memory.
+- ``full_offload``: like ``full``, but each block's input (the one tensor ``full`` keeps per layer, tagged
+  ``block_input``) waits in pinned host memory: device memory holds no per-layer activation at all
+  (MaxText's ``remat_policy=custom decoder_layer_input=offload``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import jax
 
 from scaling_jax.errors import ConfigError
 
-REMAT_POLICIES = ("none", "full", "minimal", "save_dots", "save_qkv_proj", "offload")
+REMAT_POLICIES = ("none", "full", "minimal", "save_dots", "save_qkv_proj", "offload", "full_offload")
+BLOCK_INPUT = "block_input"  # the name a block gives its input (layers.Block), for full_offload
 QKV_NAMES = ("query_proj", "key_proj", "value_proj")
 PROJ_NAMES = QKV_NAMES + ("out_proj", "mlpwi_0", "mlpwi_1", "mlpwo")  # every weight matmul of a block
 LEGACY = {True: "full", False: "none"}  # model.remat was a bool
@@ -54,13 +58,14 @@ def checkpoint_policy(name: str, device: jax.Device | None = None) -> Callable |
         return policies.dots_saveable
     if name == "save_qkv_proj":
         return policies.save_only_these_names(*QKV_NAMES)
-    if name == "offload":
+    if name in ("offload", "full_offload"):
         device = device or jax.devices()[0]
         if not supports_offload(device):
-            raise ConfigError(f"model.remat=offload needs host memory offload, which the {device.platform} platform "
+            raise ConfigError(f"model.remat={name} needs host memory offload, which the {device.platform} platform "
                               f"({device.device_kind}) does not offer; use model.remat=minimal or full")
+        offloaded = list(PROJ_NAMES) if name == "offload" else [BLOCK_INPUT]
         return policies.save_and_offload_only_these_names(
-            names_which_can_be_saved=[], names_which_can_be_offloaded=list(PROJ_NAMES),
+            names_which_can_be_saved=[], names_which_can_be_offloaded=offloaded,
             offload_src="device", offload_dst="pinned_host")
     raise ConfigError(f"model.remat={name!r} is not one of {', '.join(REMAT_POLICIES)}")
 

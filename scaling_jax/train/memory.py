@@ -79,13 +79,15 @@ def sharded_param_bytes(config: Config, num_devices: int, objective: Objective |
 
 def remat_saved_per_token(m, seq_len: int, tensor: int) -> float:
     """Elements per token one layer keeps for the backward pass under remat policy ``m.remat`` (not ``none``):
-    its input (the scan carry), plus what the policy saves on the device (``offload`` keeps its on the host)."""
+    its input (the scan carry; on the host under ``full_offload``), plus what the policy saves on the device
+    (``offload`` keeps its on the host)."""
     kv = m.kv_heads or m.heads
     qkv = (m.heads + 2 * kv) * m.head_dim / tensor
     projections = qkv + 2 * m.d_model + 2 * m.d_ff / tensor  # + attention out and MLP down (d), gate and up (d_ff)
     saved = {"full": 0.0, "offload": 0.0, "save_qkv_proj": qkv, "minimal": projections,
-             "save_dots": projections + m.heads * (seq_len + m.head_dim) / tensor}  # + QK^T scores and PV
-    return m.d_model + saved[policy_name(m.remat)]
+             "save_dots": projections + m.heads * (seq_len + m.head_dim) / tensor,  # + QK^T scores and PV
+             "full_offload": -m.d_model / tensor}
+    return m.d_model / tensor + saved[policy_name(m.remat)]
 
 
 def activation_bytes(config: Config, num_devices: int, platform: str | None = None) -> float:

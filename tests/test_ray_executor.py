@@ -158,7 +158,7 @@ def test_a_request_that_no_node_offers_is_named_before_the_runs_wait(ray_cluster
     said = []
     executors.RayExecutor(executors.RayOptions(resources={"TPU": 4}))._connect(said.append)
     assert said == ["warning: no node of the Ray cluster offers {'CPU': 1.0, 'TPU': 4} (what one run asks for); "
-                    "the runs wait until such a node joins (check the sweep file's ray section and `ray status`)"]
+                    "the runs wait until such a node joins (check the resources asked for and `ray status`)"]
     said.clear()
     executors.RayExecutor(executors.RayOptions(num_cpus=2))._connect(said.append)  # this Ray has 2 CPUs
     assert said == []

@@ -194,7 +194,7 @@ class RayExecutor:
             raise UserError(f"cannot reach the Ray head at {self.address} ({(e.strerror or str(e)).lower()}); start "
                             "it with `ray start --head --port=6379` or fix --address") from None
 
-    def _connect(self, say: Callable[[str], None]):
+    def _connect(self, say: Callable[[str], None], what: str = "run"):
         import ray
 
         if not ray.is_initialized():
@@ -209,8 +209,8 @@ class RayExecutor:
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
         request = self.options.request()
         if not any(all(node.get(k, 0) >= v for k, v in request.items()) for node in nodes):
-            say(f"warning: no node of the Ray cluster offers {request} (what one run asks for); the runs wait "
-                "until such a node joins (check the sweep file's ray section and `ray status`)")
+            say(f"warning: no node of the Ray cluster offers {request} (what one {what} asks for); the {what}s wait "
+                "until such a node joins (check the resources asked for and `ray status`)")
         return ray
 
     def run(self, runs: Sequence[Any], train_fn: TrainFn, started: Started, finished: Finished,
@@ -254,7 +254,7 @@ class RayExecutor:
         ``fn`` must be importable on the workers (a module-level function of this package)."""
         if not items:
             return []
-        ray = self._connect(say)
+        ray = self._connect(say, "task")
         options = {k: v for k, v in self.options.task_options().items() if k not in ("retry_exceptions", "max_calls")}
         remote = ray.remote(**options)(fn)
         refs = [remote.options(name=f"{fn.__name__}-{i}").remote(item) for i, item in enumerate(items)]

@@ -112,7 +112,6 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-CONVERT_WAYS = ("from_hf", "from_maxtext", "from_t5x", "to_hf", "to_maxtext")
 # The flags each direction takes; any other one given is a one-line error naming it.
 CONVERT_FLAGS = {"from_hf": ("out", "tokenizer"), "from_maxtext": ("out", "tokenizer", "maxtext_config"),
                  "from_t5x": ("out", "tokenizer"), "to_hf": ("checkpoint", "step", "dtype"),
@@ -121,7 +120,7 @@ CONVERT_FLAGS = {"from_hf": ("out", "tokenizer"), "from_maxtext": ("out", "token
 
 def _convert(args: argparse.Namespace) -> int:
     _flag(args, "step", int, 0)
-    name = next(n for n in CONVERT_WAYS if getattr(args, n))
+    name = next(n for n in CONVERT_FLAGS if getattr(args, n))
     way = "--" + name.replace("_", "-")
     stray = [f"--{f.replace('_', '-')}" for f in ("checkpoint", "step", "dtype", "out", "tokenizer", "maxtext_config")
              if f not in CONVERT_FLAGS[name] and getattr(args, f) is not None]

@@ -143,7 +143,7 @@ class BatchStream:
 
     def seek(self, index: int) -> None:
         """Continue from global batch ``index`` (a continuation reads on from where its parent stopped)."""
-        if index != self.index or self._it is None:
+        if index != self.index:
             self.close()
             self.index = int(index)
 

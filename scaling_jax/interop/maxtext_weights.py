@@ -158,16 +158,6 @@ def flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...]
     return out
 
 
-def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return out
-
-
 def _set(tree: dict, path: str, value: Any) -> None:
     parts = path.split("/")
     for part in parts[:-1]:

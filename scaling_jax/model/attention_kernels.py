@@ -126,13 +126,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSp
     softmax scale ``1/sqrt(d)``, with the kernel ``implementation`` resolves to on this platform."""
     device = current_device()
     kind = resolve(implementation, device.platform, q.dtype, q.shape[-1], device, bias=spec.bias is not None)
-    if kind == "xla" and spec.bias is not None:
-        return xla_attention(q, k, v, spec.segment_ids, spec.bidirectional, spec.bias)
     if kind == "splash":
         return splash_attention(q, k, v, spec.segment_ids, spec.bidirectional)
     if kind == "cudnn":
         return cudnn_attention(q, k, v, spec.segment_ids, spec.bidirectional)
-    return xla_attention(q, k, v, spec.segment_ids, spec.bidirectional)
+    return xla_attention(q, k, v, spec.segment_ids, spec.bidirectional, spec.bias)
 
 
 # ----------------------------------------------------------------------------- xla and cudnn
@@ -142,10 +140,8 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Arr
                   bidirectional: jax.Array | None = None, bias: jax.Array | None = None) -> jax.Array:
     """The reference path: explicit mask, ``jax.nn.dot_product_attention`` (XLA's einsum-softmax-einsum); an
     additive ``bias`` ``[batch, heads, q, k]`` joins the scaled logits before the mask."""
-    mask = attention_mask(segment_ids, bidirectional)
-    if bias is None:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask)
-    return jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), mask=mask)
+    return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype),
+                                        mask=attention_mask(segment_ids, bidirectional))
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,

@@ -96,10 +96,8 @@ class Attention(nnx.Module):
         """``bias``: additive logits ``[batch, heads, q, k]`` for an explicit mask (a ``MaskSpec`` carries its own)."""
         if isinstance(mask, MaskSpec):
             out = dot_product_attention(q, k, v, mask, self.implementation)
-        elif bias is None:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
         else:
-            out = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), mask=mask)
+            out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask)
         out = constrain(out, ("batch", "length", "heads", "kv"))
         return checkpoint_name(jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(q.dtype)), "out_proj")
 

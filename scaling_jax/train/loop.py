@@ -144,7 +144,6 @@ class Trainer:
         self.step = int(jax.device_get(self.state.step))
         self.writer.truncate_after(self.step)
         self.nonfinite = NonFinitePolicy(t.nan_policy, tensor_names(session.abstract.params), t.max_rollbacks)
-        self.position = self.data_iter.index  # index of the next batch in the data stream
         self.saved = self.step if self.resumed else None  # newest step with a checkpoint
         self.unverified = self.saved if self.resumed and not self.checkpointer.has_digest(self.saved) else None
         if self.unverified is not None:
@@ -307,9 +306,7 @@ class Trainer:
         self.state, _ = checkpointer.restore(target, s.abstract, s.state_sharding, self.data_iter)
         self.step = self.saved = int(jax.device_get(self.state.step))
         resumed = self.data_iter.index
-        for _ in range(bad_batch + 1 - resumed):
-            next(self.data_iter)
-        self.position = max(bad_batch + 1, resumed)
+        self.data_iter.seek(max(bad_batch + 1, resumed))  # past the bad window, without computing its batches
         self.writer.truncate_after(self.step)
         self.writer.write({"step": self.step, "rollback_from_step": bad_step,
                            "skipped_data_batches": [resumed, bad_batch]})
@@ -341,7 +338,6 @@ class Trainer:
         try:
             while self.step < t.steps and not preemption.should_stop(self.step):
                 batch = to_global(next(self.data_iter), s.batch_sharding)
-                self.position += 1
                 self.state, device_metrics = s.step_fn(self.state, batch)
                 if self.flush():
                     continue
@@ -366,6 +362,11 @@ class Trainer:
                 if hook.after_log and self.flush():
                     return
                 hook.fn(self.step)
+
+    @property
+    def position(self) -> int:
+        """Index of the next batch in the data stream (what a checkpoint records as its data position)."""
+        return self.data_iter.index
 
     def wall(self) -> float:
         """Wall-clock seconds of training so far, earlier sessions of this run included."""

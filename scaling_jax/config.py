@@ -155,6 +155,9 @@ class TrainConfig:
     async_checkpointing: bool = True
     peak_flops_per_device: float = 0.0  # for MFU; 0: look up by device kind
     progress: bool = True
+    # Project the final training loss from the curve so far (L = L_inf + (S_c/S)^α_S, refitted every 5% of the run
+    # from 10% on): final≈X[lo,hi] in the progress postfix, projected_final_loss(_low/_high) in metrics rows
+    project_loss: bool = True
     tensorboard: bool = True
     plot: bool = True
     # Non-finite loss or gradients: halt (stop, naming step, batch and tensor) | skip_batch (drop that update,

@@ -105,6 +105,15 @@ def test_compute_optimal_allocation_matches_numeric_minimiser():
         assert alloc.n * alloc.d * 6 == pytest.approx(c)
 
 
+def test_optimum_on_a_measured_flops_grid_is_the_closed_form_when_flops_are_6n():
+    sizes = np.geomspace(1e9, 1e12, 7)  # brackets the optimum at 1e22 FLOPs (~3e10 parameters)
+    n_opt, inside = laws.optimal_n_at_compute(EPOCH, 1e22, sizes, 6 * sizes, points=20001)
+    assert inside and n_opt == pytest.approx(laws.chinchilla_optimal(EPOCH, 1e22).n, rel=1e-3)
+    # FLOPs/token growing slower than N (a vocabulary projection's share) moves the optimum to larger N
+    assert laws.optimal_n_at_compute(EPOCH, 1e22, sizes, 6 * sizes + 6e10)[0] > n_opt
+    assert laws.optimal_n_at_compute(EPOCH, 1e26, sizes, 6 * sizes) == (pytest.approx(1e12), False)  # not bracketed
+
+
 def test_fitted_law_reproduces_chinchilla_allocation(chinchilla_fit):
     published = laws.chinchilla_optimal(EPOCH, CHINCHILLA_COMPUTE)
     # the published fit itself lands near the Chinchilla model (70B params, 1.4T tokens, ~20 tokens/param)

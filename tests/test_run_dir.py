@@ -2,6 +2,7 @@
 failed fresh start leaves nothing behind."""
 
 import hashlib
+import json
 import os
 import shutil
 
@@ -83,6 +84,19 @@ def test_resume_by_directory_from_another_working_directory(trained, tmp_path, m
     assert "resuming at step 1" in capsys.readouterr().out
     assert Checkpointer(str(copy), 3).latest_step() == 2
     assert os.listdir(elsewhere) == []
+
+
+def test_resuming_a_finished_run_keeps_its_validation_in_the_summary(trained, tmp_path):
+    """No step is left, so nothing is evaluated: the summary still reports the run's last logged validation."""
+    copy = _copy(trained, tmp_path / "done")
+    with open(copy / run_dirs.SUMMARY_FILE) as f:
+        before = json.load(f)
+    assert "val_loss" in before
+    assert main(["resume", str(copy)]) == 0
+    with open(copy / run_dirs.SUMMARY_FILE) as f:
+        after = json.load(f)
+    assert (after["val_loss"], after["val_bpb"], after["val_step"]) == (before["val_loss"], before["val_bpb"],
+                                                                       before["step"])
 
 
 def test_resume_refuses_what_is_not_a_run_and_a_second_run_dir(trained, tmp_path, capsys):

@@ -454,6 +454,32 @@ def chinchilla_optimal(params: dict[str, float], compute, flops_per_param_token:
     return Allocation(c, g * scaled ** (beta / (alpha + beta)), scaled ** (alpha / (alpha + beta)) / g)
 
 
+def optimal_n_at_compute(params: dict[str, float], compute: float, n, flops_per_token,
+                         points: int = 2001) -> tuple[float, bool]:
+    """Approach 3's loss-minimising N at a real compute C = FLOPs/token(N) · D, for grids whose FLOPs per token
+    are not 6N (a tiny model spends most of them on the vocabulary projection, so C = 6ND would misplace every
+    budget). ``n`` / ``flops_per_token``: the grid's sizes and their measured FLOPs per token, interpolated
+    log-log between sizes; the search stays inside the grid's N. Returns (N_opt, inside), ``inside`` False when
+    the minimum is at the grid's edge (the budget's optimum is not bracketed)."""
+    ln, lf = np.log(np.asarray(n, float)), np.log(np.asarray(flops_per_token, float))
+    order = np.argsort(ln)
+    grid = np.linspace(ln.min(), ln.max(), points)
+    tokens = compute / np.exp(np.interp(grid, ln[order], lf[order]))
+    best = int(np.argmin(chinchilla(np.exp(grid), tokens, **params)))
+    return float(np.exp(grid[best])), 0 < best < points - 1
+
+
+def optimal_n_interval(fit: Fit, compute: float, n, flops_per_token) -> tuple[float, float, float]:
+    """``optimal_n_at_compute`` of a Chinchilla fit with the percentile interval over its bootstrap refits."""
+    best = optimal_n_at_compute(fit.params, compute, n, flops_per_token)[0]
+    draws = [optimal_n_at_compute(dict(zip(fit.params, row, strict=True)), compute, n, flops_per_token)[0]
+             for row in fit.samples]
+    if not draws:
+        return best, math.nan, math.nan
+    lo, hi = np.quantile(draws, fit._quantiles())
+    return best, float(lo), float(hi)
+
+
 # ---------------------------------------------------------------------------------------------- IsoFLOP (2)
 
 

@@ -50,7 +50,7 @@ MANIFEST = "manifest.json"
 COSMETIC = {"train.progress", "train.tensorboard", "train.plot", "train.async_checkpointing",
             "train.keep_checkpoints", "train.peak_flops_per_device", "train.eval_every", "train.checkpoint_every",
             "train.check_memory", "train.shared_filesystem", "train.profile_steps", "train.profile_skip",
-            "model.remat", "model.attention"}  # how a run is done, not what it computes
+            "train.project_loss", "model.remat", "model.attention"}  # how a run is done, not what it computes
 BUDGET_KINDS = ("tokens_per_param", "tokens", "flops")
 SPEC_KEYS = ("name", "base", "overrides", "out_dir", "objectives", "sizes", "budgets", "seeds", "warmup_fraction",
              "evals_per_run", "checkpoints_per_run", "ray")

@@ -32,6 +32,7 @@ from scaling_jax.train.health import NonFinitePolicy, tensor_names
 from scaling_jax.train.hooks import Hook, ProfileTrace
 from scaling_jax.train.lock import acquire_run_lock, release_run_lock
 from scaling_jax.train.preemption import StopRequest, watch_maintenance
+from scaling_jax.train.projection import LiveProjection
 from scaling_jax.train.session import Session, build_session, sync_run_tokenizer
 from scaling_jax.train.start import StageStart, StartSpec
 from scaling_jax.train.step import to_global
@@ -142,7 +143,7 @@ class Trainer:
         self.peak = t.peak_flops_per_device or metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind)
         self.writer = metrics_lib.MetricsWriter(self.files.local, tensorboard=t.tensorboard, enabled=self.is_main)
         self.step = int(jax.device_get(self.state.step))
-        self.writer.truncate_after(self.step)
+        kept_rows = self.writer.truncate_after(self.step)
         self.nonfinite = NonFinitePolicy(t.nan_policy, tensor_names(session.abstract.params), t.max_rollbacks)
         self.saved = self.step if self.resumed else None  # newest step with a checkpoint
         self.unverified = self.saved if self.resumed and not self.checkpointer.has_digest(self.saved) else None
@@ -151,8 +152,13 @@ class Trainer:
                         "checked: a damaged array would load as wrong numbers")
         self.pending: tuple | None = None  # (step, device metrics, batch index) not yet fetched to the host
         self.stopped_by: str | None = None  # "SIGTERM" / "Ctrl-C" when a stop request ended the run early
-        self.last_eval: dict = {}
+        # a resumed run's summary keeps the validation it already logged (a run resumed at its last step evaluates
+        # nothing new; one stopped after a periodic eval may not reach the next)
+        self.last_eval: dict = last_validation(kept_rows)
         self.bar = metrics_lib.ProgressBar(t.steps, self.step, enabled=self.is_main and t.progress)
+        self.projection = LiveProjection(t.steps, skip_until=config.optimizer.warmup_steps,
+                                         enabled=self.is_main and t.project_loss)
+        self.projection.resume(kept_rows)
         self.hooks: list[Hook] = []
         self.add_hook(self.evaluate, every=t.eval_every, after_log=True, name="eval")
         self.add_hook(lambda step: self.checkpoint(self.wall()), every=t.checkpoint_every, name="checkpoint")
@@ -239,9 +245,13 @@ class Trainer:
                "step_time": dt, "tokens_per_s": self.tokens_per_step / dt, "wall_time": wall}
         if self.peak:
             row["mfu"] = self.flops_per_step / dt / (self.peak * jax.device_count())
+        projected = self.projection.observe(step, row["loss"])  # refitted now and then, not every step
+        if projected is not None:
+            row.update(projected.metrics())
         self.writer.write(row)
         self.logged_any = True
-        self.bar.update(step, row["loss"], row["tokens_per_s"], **({"mfu": row["mfu"]} if "mfu" in row else {}))
+        self.bar.update(step, row["loss"], row["tokens_per_s"], note=self.projection.label(),
+                        **({"mfu": row["mfu"]} if "mfu" in row else {}))
 
     # ------------------------------------------------------------------------- evaluation and checkpoints
 
@@ -307,7 +317,10 @@ class Trainer:
         self.step = self.saved = int(jax.device_get(self.state.step))
         resumed = self.data_iter.index
         self.data_iter.seek(max(bad_batch + 1, resumed))  # past the bad window, without computing its batches
-        self.writer.truncate_after(self.step)
+        kept_rows = self.writer.truncate_after(self.step)
+        if self.is_main:  # the summary must not name a validation the log no longer has
+            self.last_eval = last_validation(kept_rows)
+        self.projection.forget_after(self.step)
         self.writer.write({"step": self.step, "rollback_from_step": bad_step,
                            "skipped_data_batches": [resumed, bad_batch]})
         self.say(f"warning: non-finite {self.nonfinite.last[2]} at step {bad_step}; rolled back to the step-"
@@ -417,6 +430,11 @@ class Trainer:
                 metrics_lib.plot_loss(self.files.local, self.session.data.baseline_bpb)
             self.files.push()
         return summary
+
+
+def last_validation(rows: list[dict]) -> dict:
+    """The newest validation row of a run's logged rows ({} if none)."""
+    return next((r for r in reversed(rows) if "val_loss" in r), {})
 
 
 def train(config: Config, start: Start | None = None) -> dict:

@@ -185,18 +185,21 @@ class MetricsWriter:
                 if key != "step" and _is_number(value):
                     tb.add_scalar(key, value, step)
 
-    def truncate_after(self, step: int) -> None:
+    def truncate_after(self, step: int) -> list[dict]:
         """Exact resume from a checkpoint at ``step``: drop logged rows past it (and any torn line) so the
-        log matches what the resumed run will re-log. The rewrite is atomic; a missing file is fine."""
+        log matches what the resumed run will re-log. The rewrite is atomic; a missing file is fine.
+        Returns the rows kept (none where this process does not write the log)."""
         if not self._enabled:
-            return
+            return []
         self._close_handles()
         self._purge_step = step + 1
         try:
             rows = read_metrics(self.path)
         except FileNotFoundError:
-            return
-        _atomic_write_bytes(self.path, b"".join(_encode_row(r) for r in rows if r["step"] <= step))
+            return []
+        kept = [r for r in rows if r["step"] <= step]
+        _atomic_write_bytes(self.path, b"".join(_encode_row(r) for r in kept))
+        return kept
 
     def _close_handles(self) -> None:
         """Close the JSONL handle and the TB writer; both reopen lazily on the next write."""
@@ -215,11 +218,12 @@ class MetricsWriter:
 # ---------------------------------------------------------------------------------------------- progress
 
 
-def _format_postfix(loss: float, tokens_per_s: float, extra: dict[str, float]) -> str:
-    """Compact 'loss=2.3456 tok/s=12345 mfu=0.412' so the bar fits a terminal line."""
+def _format_postfix(loss: float, tokens_per_s: float, extra: dict[str, float], note: str = "") -> str:
+    """Compact 'loss=2.3456 tok/s=12345 mfu=0.412' so the bar fits a terminal line; ``note`` (preformatted,
+    e.g. the projected final loss 'final≈2.345[2.30,2.40]') goes last, as given."""
     parts = [f"loss={loss:.4f}", f"tok/s={tokens_per_s:.0f}"]
     parts += [f"{k}={v:.4g}" if _is_number(v) else f"{k}={v}" for k, v in extra.items()]
-    return " ".join(parts)
+    return " ".join(parts + ([note] if note else []))
 
 
 def _isatty(stream: Any) -> bool:
@@ -253,12 +257,12 @@ class ProgressBar:
         self._bar: tqdm | None = None
         self._closed = not enabled
 
-    def update(self, step: int, loss: float, tokens_per_s: float, **extra: float) -> None:
-        """Move to absolute ``step`` and show loss and throughput."""
+    def update(self, step: int, loss: float, tokens_per_s: float, note: str = "", **extra: float) -> None:
+        """Move to absolute ``step`` and show loss and throughput (and ``note``, a preformatted postfix entry)."""
         if self._closed:
             return
         self._step = step
-        self._postfix = _format_postfix(loss, tokens_per_s, extra)
+        self._postfix = _format_postfix(loss, tokens_per_s, extra, note)
         if self._tty:
             if self._bar is None:  # made at the first completed step, so tqdm's rate leaves compilation out
                 self._bar = tqdm(total=self._total, initial=step, unit="step", mininterval=0.5, dynamic_ncols=True,

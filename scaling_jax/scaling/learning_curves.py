@@ -20,7 +20,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import optimize
 
 from scaling_jax.errors import DataError
 from scaling_jax.scaling import laws
@@ -33,6 +32,7 @@ from scaling_jax.train.projection import (
     BatchLaw,
     Projection,
     after_burn_in,
+    best_least_squares,
     bin_means,
     kaplan_ns,
     loss_at_step,
@@ -183,16 +183,7 @@ def _fit_groups(groups: list[Group], starts: list[np.ndarray] | None = None) -> 
         return None
     bounds = ([-np.inf, ALPHA_N_BOUNDS[0], -np.inf, ALPHA_S_BOUNDS[0]],
               [np.inf, ALPHA_N_BOUNDS[1], np.inf, ALPHA_S_BOUNDS[1]])
-    best, best_cost = None, np.inf
-    for start in starts or _starts(ln, ls, ly):
-        try:
-            res = optimize.least_squares(_residuals, start, args=(ln, ls, ly), bounds=bounds, method="trf",
-                                         x_scale="jac", xtol=1e-10, ftol=1e-10, gtol=1e-10, max_nfev=500)
-        except ValueError:
-            continue
-        if np.isfinite(res.cost) and res.cost < best_cost:
-            best, best_cost = res.x, res.cost
-    return best
+    return best_least_squares(_residuals, starts or _starts(ln, ls, ly), (ln, ls, ly), bounds, max_nfev=500)
 
 
 def _natural(p: np.ndarray) -> np.ndarray:

@@ -126,13 +126,6 @@ class LossHistory:
             self.points = [tuple(np.mean(self.points[i:i + 2], axis=0)) for i in range(0, len(self.points), 2)]
             self.stride *= 2
 
-    def resume(self, rows: list[dict]) -> None:
-        """A resumed run's logged training losses (its metrics rows), so its projection need not wait for new ones."""
-        if self.enabled:
-            for row in rows:
-                if "loss" in row:
-                    self.history.add(row["step"], row["loss"])
-
     def forget_after(self, step: int) -> None:
         """A rollback to ``step``: the steps past it will be trained again."""
         self.points = [p for p in self.points if p[0] <= step]
@@ -181,23 +174,29 @@ def _curve_starts(ls: np.ndarray, ly: np.ndarray) -> list[np.ndarray]:
     return starts
 
 
+def best_least_squares(residuals: Callable, starts, args: tuple, bounds: tuple, max_nfev: int) -> np.ndarray | None:
+    """The lowest-cost bounded least-squares solution over several starts (None if none converged): a curve
+    law's loss surface has flat valleys where a single start stalls."""
+    best, best_cost = None, np.inf
+    for start in starts:
+        try:
+            res = optimize.least_squares(residuals, start, args=args, bounds=bounds, method="trf", x_scale="jac",
+                                         xtol=1e-10, ftol=1e-10, gtol=1e-10, max_nfev=max_nfev)
+        except ValueError:
+            continue
+        if np.isfinite(res.cost) and res.cost < best_cost:
+            best, best_cost = res.x, res.cost
+    return best
+
+
 def _fit_curve(ls: np.ndarray, ly: np.ndarray, starts: list[np.ndarray]) -> np.ndarray | None:
     """(L_inf, log S_c, α_S) by least squares on log loss, L_inf in [0, min L), α_S in ALPHA_S_BOUNDS."""
     if np.ptp(ls) == 0:
         return None
     lower = [0.0, -np.inf, ALPHA_S_BOUNDS[0]]
     upper = [float(np.exp(ly.min())) * (1 - 1e-9), np.inf, ALPHA_S_BOUNDS[1]]
-    best, best_cost = None, np.inf
-    for start in starts:
-        x0 = np.clip(start, [0.0, -np.inf, lower[2]], [upper[0] * (1 - 1e-6), np.inf, upper[2]])
-        try:
-            res = optimize.least_squares(_curve_residuals, x0, args=(ls, ly), bounds=(lower, upper), method="trf",
-                                         x_scale="jac", xtol=1e-10, ftol=1e-10, gtol=1e-10, max_nfev=200)
-        except ValueError:
-            continue
-        if np.isfinite(res.cost) and res.cost < best_cost:
-            best, best_cost = res.x, res.cost
-    return best
+    clipped = [np.clip(x, [0.0, -np.inf, lower[2]], [upper[0] * (1 - 1e-6), np.inf, upper[2]]) for x in starts]
+    return best_least_squares(_curve_residuals, clipped, (ls, ly), (lower, upper), max_nfev=200)
 
 
 def _law(p: np.ndarray) -> Callable[[float], float]:

@@ -205,7 +205,8 @@ def _writable_out(out: str, default_in: str | None = None) -> None:
 
     flag = "--out" if default_in is None else "the default output directory"
     if paths.is_remote(out):
-        raise UserError(f"--out '{out}' must be a local directory; write locally and copy the files up")
+        fix = "write locally and copy the files up" if default_in is None else "pass --out LOCAL_DIR"
+        raise UserError(f"{flag} '{out}' must be a local directory; {fix}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"{flag} '{out}' is a file; pass --out DIR (a new or existing directory)")
     probe = os.path.abspath(out)

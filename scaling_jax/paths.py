@@ -68,6 +68,11 @@ def exists(path: str) -> bool:
     return fs.exists(p)
 
 
+def isfile(path: str) -> bool:
+    fs, p = _fs(path)
+    return fs.isfile(p)
+
+
 def isdir(path: str) -> bool:
     fs, p = _fs(path)
     return fs.isdir(p)

@@ -9,6 +9,8 @@ Runs of a sweep with ``seeds`` that differ only by seed form one point: the repo
 ± the Student-t 95% interval of that mean and the number of seeds (``seed_points``), the fit plots draw it
 with error bars, and the fits take every seed's run as a row of its own.
 Matplotlib is driven through Figure + Agg (no pyplot state), as in ``train.metrics``.
+Sweep and run directories may be in a bucket (``gs://``): everything is read through ``scaling_jax.paths``.
+A bucket ``out_dir`` is drawn in a local temporary directory and its files uploaded when done.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 import yaml
 
+from scaling_jax import paths as storage  # (not `paths`: the functions below take a list of paths by that name)
 from scaling_jax.errors import DataError
 from scaling_jax.run_dir import CONFIG_FILE, SUMMARY_FILE
 from scaling_jax.scaling import laws
@@ -53,8 +57,8 @@ class RunRecord:
 
 def _read_json(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        with storage.open_file(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         where = f"line {e.lineno}" if isinstance(e, json.JSONDecodeError) else f"byte {e.start}: not UTF-8"
         raise DataError(f"'{path}' is not valid JSON ({where}); restore it or rerun the command that wrote "
@@ -96,13 +100,13 @@ def run_curve(rows: list[dict]) -> list[dict]:
 
 
 def _load_run_dir(run_dir: str, run_id: str, objective: str, size: str, status: str) -> RunRecord:
-    path = os.path.join(run_dir, METRICS_FILE)
+    path = storage.join(run_dir, METRICS_FILE)
     try:
-        rows = read_metrics(path) if os.path.isfile(path) else []
+        rows = read_metrics(path) if storage.isfile(path) else []
     except ValueError as e:  # a damaged line other than a torn last one
         raise DataError(f"{str(e).splitlines()[0]}; repair or delete that line to report the run") from None
-    summary = _read_json(os.path.join(run_dir, SUMMARY_FILE)) if os.path.isfile(
-        os.path.join(run_dir, SUMMARY_FILE)) else {}
+    summary_path = storage.join(run_dir, SUMMARY_FILE)
+    summary = _read_json(summary_path) if storage.isfile(summary_path) else {}
     curve = run_curve(rows)
     last = curve[-1] if curve else {}
     return RunRecord(run_id, objective, size, float(summary.get("non_embedding_params", 0)),
@@ -115,7 +119,7 @@ def _load_run_dir(run_dir: str, run_id: str, objective: str, size: str, status: 
 def check_report_paths(paths: list[str]) -> None:
     """Every path is a sweep directory or a run directory (cheap: checked before any output is written)."""
     for path in paths:
-        if not (os.path.isfile(os.path.join(path, MANIFEST)) or os.path.isfile(os.path.join(path, METRICS_FILE))):
+        if not (storage.isfile(storage.join(path, MANIFEST)) or storage.isfile(storage.join(path, METRICS_FILE))):
             raise DataError(f"'{path}' is neither a sweep directory ({MANIFEST}) nor a run directory "
                             f"({METRICS_FILE}); pass the directories `sweep` or `train` wrote")
 
@@ -124,8 +128,8 @@ def load_runs(paths: list[str]) -> list[RunRecord]:
     """Runs of every sweep directory (manifest order) and every single run directory given."""
     records = []
     for path in paths:
-        if os.path.isfile(os.path.join(path, MANIFEST)):
-            for e in _manifest_runs(os.path.join(path, MANIFEST)):
+        if storage.isfile(storage.join(path, MANIFEST)):
+            for e in _manifest_runs(storage.join(path, MANIFEST)):
                 rec = _load_run_dir(e["run_dir"], e["run_id"], e["objective"], e["size"], e["status"])
                 rec.n, rec.tokens, rec.flops = float(e["n"]), float(e["tokens"]), float(e["flops"])
                 rec.seed, rec.source = e.get("seed"), path
@@ -133,23 +137,23 @@ def load_runs(paths: list[str]) -> list[RunRecord]:
                 if e["status"] != "done":  # an unfinished run's last eval is not its final loss
                     rec.val_loss = rec.val_bpb = None
                 records.append(rec)
-        elif os.path.isfile(os.path.join(path, METRICS_FILE)):
+        elif storage.isfile(storage.join(path, METRICS_FILE)):
             config = {}
-            if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+            config_path = storage.join(path, CONFIG_FILE)
+            if storage.isfile(config_path):
                 try:
-                    with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
-                        config = yaml.safe_load(f) or {}
+                    with storage.open_file(config_path, "rb") as f:
+                        config = yaml.safe_load(f.read().decode("utf-8")) or {}
                 except (UnicodeDecodeError, yaml.YAMLError):
-                    raise DataError(f"'{os.path.join(path, CONFIG_FILE)}' is not valid YAML; restore the run's "
-                                    "config") from None
+                    raise DataError(f"'{config_path}' is not valid YAML; restore the run's config") from None
                 config = config if isinstance(config, dict) else {}
-            summary_path = os.path.join(path, SUMMARY_FILE)
-            done = os.path.isfile(summary_path) and not _read_json(summary_path).get("preempted", False)
+            summary_path = storage.join(path, SUMMARY_FILE)
+            done = storage.isfile(summary_path) and not _read_json(summary_path).get("preempted", False)
             objective = config.get("objective") or {}
             objective = objective.get("name", "?") if isinstance(objective, dict) else str(objective)
             model = config.get("model")
             size = model.get("series", "custom") if isinstance(model, dict) else "custom"
-            rec = _load_run_dir(path, os.path.basename(os.path.normpath(path)), objective, size,
+            rec = _load_run_dir(path, _name(path), objective, size,
                                 "done" if done else "interrupted")
             rec.point, rec.source = rec.run_id, path
             records.append(rec)
@@ -158,6 +162,11 @@ def load_runs(paths: list[str]) -> list[RunRecord]:
     if not records:
         raise DataError("no runs found in " + ", ".join(paths))
     return records
+
+
+def _name(path: str) -> str:
+    """The last component of a run or sweep directory (``gs://b/sweeps/x/`` -> ``x``)."""
+    return storage.basename(path) if storage.is_remote(path) else os.path.basename(os.path.normpath(path))
 
 
 # ---------------------------------------------------------------------------------------------- fits
@@ -508,7 +517,19 @@ def _noise_section(records: list[RunRecord]) -> list[str]:
 
 
 def write_report(paths: list[str], out_dir: str, target_flops: float | None = None, n_boot: int = 200) -> str:
-    """Plots, fits and ``report.md`` / ``report.json`` for the runs under ``paths``; returns report.md's path."""
+    """Plots, fits and ``report.md`` / ``report.json`` for the runs under ``paths``; returns report.md's path.
+
+    A bucket ``out_dir``: the report is written to a local temporary directory, then each file uploaded (every
+    upload is a whole object, so a reader sees each file old or new, never half)."""
+    if storage.is_remote(out_dir):
+        with tempfile.TemporaryDirectory(prefix="scaling_jax-report-") as local:
+            write_report(paths, local, target_flops, n_boot)
+            storage.makedirs(out_dir)
+            for name in sorted(os.listdir(local)):
+                with open(os.path.join(local, name), "rb") as src, storage.open_file(storage.join(out_dir, name),
+                                                                                      "wb") as dst:
+                    dst.write(src.read())
+        return storage.join(out_dir, "report.md")
     records = load_runs(paths)
     finished = _finished(records)
     os.makedirs(out_dir, exist_ok=True)
@@ -523,7 +544,7 @@ def write_report(paths: list[str], out_dir: str, target_flops: float | None = No
                                                 os.path.join(out_dir, "fit_loss_vs_params.png"))))
         images.append(os.path.basename(plot_fit(records, fits, "flops", "loss_vs_compute",
                                                 os.path.join(out_dir, "fit_loss_vs_compute.png"), target)))
-    lines = [f"# Scaling report: {', '.join(os.path.basename(os.path.normpath(p)) for p in paths)}", "",
+    lines = [f"# Scaling report: {', '.join(_name(p) for p in paths)}", "",
              f"{len(records)} runs ({len(finished)} finished) from {', '.join(paths)}. Loss is next-token "
              "validation loss for every objective, so objectives share one axis.", "", "## Runs", "",
              *_runs_table(records), "", *_seeds_section(records), "## Curves", ""]

@@ -6,6 +6,8 @@ points taken early on one long schedule is the mistake Hoffmann et al. §3 and t
 analysis warn about). Runs live in ``out_dir/RUN_ID``; ``manifest.json`` records every run's config, N,
 tokens, FLOPs, wall-clock, final validation loss and status. Re-running the command skips finished runs and
 resumes an interrupted one from its latest checkpoint (``train`` does that for a run directory).
+``out_dir`` may be a bucket (``gs://bucket/sweeps/NAME``): run directories, their status and ``manifest.json``
+are read and written through ``scaling_jax.paths``, as a single run's ``train.run_dir`` is.
 
 Sizes: ``passuntil:1..3`` (a range), ``passuntil:2``, ``kaplan:4x256``, or a mapping of model fields with a
 ``name``. Budgets: ``{tokens_per_param: 20}`` (N = non-embedding parameters of the size's base model, the same
@@ -39,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from scaling_jax import paths
 from scaling_jax.config import Config, load_config, to_dict
 from scaling_jax.data.tokenizer import resolved_config
 from scaling_jax.errors import ConfigError
@@ -282,7 +285,7 @@ def plan(spec: SweepSpec, objectives: list[str] | None = None, sizes: list[str] 
                            "optimizer.warmup_steps": min(steps, round(spec.warmup_fraction * steps)),
                            "train.eval_every": math.ceil(steps / spec.evals_per_run),  # the last lands on the end
                            "train.checkpoint_every": math.ceil(steps / spec.checkpoints_per_run),
-                           "train.run_dir": os.path.join(spec.out_dir, run_id)}
+                           "train.run_dir": paths.join(spec.out_dir, run_id)}
                     config = load_config(spec.base, run)
                     config.model.vocab_size = probe.model.vocab_size  # as the trainer will resolve it
                     runs.append(PlannedRun(run_id, obj_label, size_label, label, config, counts.non_embedding,
@@ -295,18 +298,16 @@ def plan(spec: SweepSpec, objectives: list[str] | None = None, sizes: list[str] 
 
 
 def _read_json(path: str) -> dict | None:
+    """A JSON file, local or in a bucket; None when it is missing or unreadable as JSON."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(paths.read_text(path))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
 
 def _write_json(path: str, data: Any) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=float)
-    os.replace(tmp, path)
+    """Atomic on both kinds of path: temp file + rename locally, a single upload to a bucket."""
+    paths.write_text(path, json.dumps(data, indent=2, default=float))
 
 
 def _normalised(config_dict: dict) -> dict:
@@ -317,8 +318,8 @@ def run_status(run: PlannedRun) -> str:
     """done (summary of the full run), interrupted (started, unfinished) or pending; refuses a run directory
     made by a different config, which would otherwise be resumed with another schedule."""
     run_dir = run.config.train.run_dir
-    saved_path = os.path.join(run_dir, CONFIG_FILE)
-    if os.path.isfile(saved_path):
+    saved_path = paths.join(run_dir, CONFIG_FILE)
+    if paths.isfile(saved_path):
         saved = _normalised(to_dict(load_config(saved_path, saved_run=True)))
         current = _normalised(to_dict(run.config))
         diff = sorted(f"{s}.{k}" for s in current for k in current[s]
@@ -327,27 +328,27 @@ def run_status(run: PlannedRun) -> str:
         if diff:
             raise ConfigError(f"run directory {run_dir} was made by a different config ({diff[0]} differs); "
                               "point the sweep's out_dir elsewhere or delete that run")
-    summary = _read_json(os.path.join(run_dir, SUMMARY_FILE))
+    summary = _read_json(paths.join(run_dir, SUMMARY_FILE))
     if summary and summary.get("step") == run.steps and not summary.get("preempted"):
         return "done"
-    return "interrupted" if os.path.isdir(run_dir) and os.listdir(run_dir) else "pending"
+    return "interrupted" if paths.listdir(run_dir) else "pending"  # (listdir: [] when there is none)
 
 
 def final_validation(run_dir: str) -> dict:
     """Final validation loss/bpb from summary.json, else the last validation row of metrics.jsonl."""
     from scaling_jax.train.metrics import read_metrics
 
-    summary = _read_json(os.path.join(run_dir, SUMMARY_FILE)) or {}
+    summary = _read_json(paths.join(run_dir, SUMMARY_FILE)) or {}
     if "val_loss" in summary:
         return {k: summary[k] for k in ("val_loss", "val_bpb") if k in summary}
-    path = os.path.join(run_dir, METRICS_FILE)
-    rows = [r for r in read_metrics(path) if "val_loss" in r] if os.path.isfile(path) else []
+    path = paths.join(run_dir, METRICS_FILE)
+    rows = [r for r in read_metrics(path) if "val_loss" in r] if paths.isfile(path) else []
     return {k: rows[-1][k] for k in ("val_loss", "val_bpb") if k in rows[-1]} if rows else {}
 
 
 def manifest_entry(run: PlannedRun, status: str) -> dict:
     run_dir = run.config.train.run_dir
-    summary = _read_json(os.path.join(run_dir, SUMMARY_FILE)) or {}
+    summary = _read_json(paths.join(run_dir, SUMMARY_FILE)) or {}
     entry = {"run_id": run.run_id, "objective": run.objective, "size": run.size, "budget": run.budget,
              "run_dir": run_dir, "status": status, "n": run.n, "n_base": run.n_base, "params": run.params,
              "tokens": run.tokens, "flops": run.flops, "steps": run.steps,
@@ -361,7 +362,7 @@ def manifest_entry(run: PlannedRun, status: str) -> dict:
 
 def write_manifest(spec: SweepSpec, entries: dict[str, dict]) -> str:
     """All runs of the sweep (earlier ones from the existing manifest kept), rewritten atomically."""
-    path = os.path.join(spec.out_dir, MANIFEST)
+    path = paths.join(spec.out_dir, MANIFEST)
     old = _read_json(path) or {}
     runs = {r["run_id"]: r for r in old.get("runs", [])}
     runs.update(entries)
@@ -389,7 +390,10 @@ def run_sweep(spec: SweepSpec, objectives: list[str] | None = None, sizes: list[
         from scaling_jax.train.loop import train as train_fn
     executor = executor or LocalExecutor()
     runs = run_order(plan(spec, objectives, sizes))
-    os.makedirs(spec.out_dir, exist_ok=True)
+    if paths.is_remote(spec.out_dir):  # a bucket: prove it is reachable and writable before any run starts
+        paths.prepare_dir(spec.out_dir, "out_dir")
+    else:
+        os.makedirs(spec.out_dir, exist_ok=True)
     entries = {r.run_id: manifest_entry(r, run_status(r)) for r in runs}
     write_manifest(spec, entries)
     heads, todo = {}, []

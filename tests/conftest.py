@@ -63,8 +63,8 @@ def tiny_trained_run(tmp_path_factory):
 # end with one worker finishing a long file while the other idles. Measured with --durations on 2 workers.
 LONGEST_FIRST = ("test_faults.py", "test_scan_layers.py", "test_decode.py", "test_checkpoint.py", "test_run_dir.py",
                  "test_multiprocess.py", "test_continuation.py", "test_ray_executor.py", "test_gcs_run.py",
-                 "test_multi_token.py", "test_lm_eval_adapter.py", "test_sharding.py", "test_eval_tasks.py",
-                 "test_bad_inputs.py", "test_t5x_convert.py", "test_train.py", "test_sweep.py",
+                 "test_gcs_sweep.py", "test_multi_token.py", "test_lm_eval_adapter.py", "test_sharding.py",
+                 "test_eval_tasks.py", "test_bad_inputs.py", "test_t5x_convert.py", "test_train.py", "test_sweep.py",
                  "test_maxtext_convert.py", "test_prepare.py", "test_hf_convert.py", "test_emergence.py")
 
 

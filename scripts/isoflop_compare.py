@@ -4,8 +4,9 @@
 
 Runs (or reuses) the sweep's runs, then fits both ways on the same finished runs:
 
-* approach 2: per compute budget a parabola in log N through that budget's final losses; its minimum is the
-  budget's N_opt, and N_opt(C) = (C/C_c)^a is fitted over the budgets (bootstrap interval of that law);
+* approach 2: per compute budget a parabola in log N through the five sizes around that budget's lowest final
+  loss; its minimum is the budget's N_opt, with a residual-bootstrap interval (``laws.profile_minimum``), and
+  the slope of log N_opt against log C over the budgets is the exponent a;
 * approach 3: L(N, D) = E + A/N^α + B/D^β over every run (Huber loss, Hoffmann's initialisation grid,
   bootstrap refits); its N_opt at a budget is the loss minimum along that budget's FLOPs, using the sizes'
   measured FLOPs per token (not 6N: in models this small the vocabulary projection dominates).
@@ -30,26 +31,35 @@ def compare(entries: list[dict], n_boot: int) -> list[str]:
     if len(done) < 6:
         raise UserError(f"need >= 6 finished runs (>= 2 budgets x 3 sizes), have {len(done)}")
     n, d, c, loss = (np.array([e[k] for e in done], float) for k in ("n", "tokens", "flops", "val_loss"))
-    iso = laws.fit_isoflop(n, d, loss, compute=c, n_boot=n_boot)
     chinchilla = laws.fit_chinchilla(n, d, loss, n_boot=n_boot)
     sizes = np.unique(n)
     flops_per_token = np.array([np.median(c[n == s] / d[n == s]) for s in sizes])
     params = ", ".join(f"{k}={v:.4g} [{lo:.3g}, {hi:.3g}]" for (k, v), (lo, hi) in
                        zip(chinchilla.params.items(), chinchilla.ci.values(), strict=True))
-    lines = [f"{len(done)} runs, {len(sizes)} sizes (N {sizes.min():,.0f}-{sizes.max():,.0f}), "
-             f"{len(iso.budgets)} budgets with a bracketed minimum",
+    lines = [f"{len(done)} runs, {len(sizes)} sizes (N {sizes.min():,.0f}-{sizes.max():,.0f})",
              f"approach 3: {params}",
-             f"approach 2: N_opt ∝ C^{iso.a:.3f} [{-iso.n_law.ci['alpha'][1]:.3f}, {-iso.n_law.ci['alpha'][0]:.3f}]",
-             f"{'budget C':>10} {'approach 2 N_opt (parabola; law [95%])':>42} {'approach 3 N_opt [95%]':>30} overlap"]
-    for budget, parabola in zip(iso.budgets, iso.n_opt, strict=True):
-        law_n = float(iso.n_law.predict(budget))
-        lo2, hi2 = (float(v) for v in iso.n_law.predict_interval(budget))
-        (n3, lo3, hi3), inside = (laws.optimal_n_interval(chinchilla, budget, sizes, flops_per_token),
-                                  laws.optimal_n_at_compute(chinchilla.params, budget, sizes, flops_per_token)[1])
-        overlap = "yes" if max(lo2, lo3) <= min(hi2, hi3) else "no"
-        edge = "" if inside else " (at the grid's edge)"
-        lines.append(f"{budget:>10.3g} {parabola:>12,.0f}; {law_n:>9,.0f} [{lo2:,.0f}, {hi2:,.0f}] "
-                     f"{n3:>10,.0f} [{lo3:,.0f}, {hi3:,.0f}]{edge} {overlap:>5}")
+             f"{'budget C':>10} {'best run N':>11} {'approach 2 N_opt [95%]':>28} {'approach 3 N_opt [95%]':>28} "
+             "overlap"]
+    optima = []
+    for idx in laws.isoflop_groups(c):
+        budget = float(np.exp(np.log(c[idx]).mean()))
+        best = n[idx][np.argmin(loss[idx])]
+        n3, lo3, hi3 = laws.optimal_n_interval(chinchilla, budget, sizes, flops_per_token)
+        edge = "" if laws.optimal_n_at_compute(chinchilla.params, budget, sizes, flops_per_token)[1] else " (edge)"
+        found = laws.profile_minimum(n[idx], loss[idx], n_boot=max(n_boot, 200))
+        cell, overlap = "no minimum inside", "-"
+        if found is not None:
+            optima.append((budget, found[0]))
+            cell = f"{found[0]:,.0f} [{found[1]:,.0f}, {found[2]:,.0f}]"
+            overlap = "yes" if max(found[1], lo3) <= min(found[2], hi3) else "no"
+        lines.append(f"{budget:>10.3g} {best:>11,.0f} {cell:>28} {f'{n3:,.0f} [{lo3:,.0f}, {hi3:,.0f}]{edge}':>28} "
+                     f"{overlap:>7}")
+    if len(optima) >= 2:
+        budgets, n_opt = np.array(optima).T
+        slope = np.polyfit(np.log(budgets), np.log(n_opt), 1)[0]
+        lines.append(f"approach 2: N_opt ∝ C^{slope:.3f} through {len(optima)} budgets' minima (no interval: "
+                     f"{len(optima)} points); approach 3's closed form at 6ND gives C^"
+                     f"{chinchilla.params['beta'] / (chinchilla.params['alpha'] + chinchilla.params['beta']):.3f}")
     return lines
 
 

@@ -114,6 +114,18 @@ def test_optimum_on_a_measured_flops_grid_is_the_closed_form_when_flops_are_6n()
     assert laws.optimal_n_at_compute(EPOCH, 1e26, sizes, 6 * sizes) == (pytest.approx(1e12), False)  # not bracketed
 
 
+def test_profile_minimum_intervals_cover_the_true_minimum_of_noisy_profiles():
+    n = np.geomspace(1e3, 1e6, 10)  # decades: only the window around the lowest point is parabolic enough
+    true = 3e4
+    loss = 2.0 + 0.05 * np.log(n / true) ** 2
+    rng = np.random.default_rng(3)
+    found = [laws.profile_minimum(n, loss + rng.normal(0, 0.01, 10), n_boot=200, seed=i) for i in range(40)]
+    assert all(lo <= best <= hi and n[1] <= lo and hi <= n[-2] for best, lo, hi in found)
+    coverage = np.mean([lo <= true <= hi for _, lo, hi in found])
+    assert 0.8 <= coverage <= 1.0, coverage  # a 95% interval, from 40 noisy profiles
+    assert laws.profile_minimum(n, -loss) is None  # a profile with a maximum has no optimum
+
+
 def test_fitted_law_reproduces_chinchilla_allocation(chinchilla_fit):
     published = laws.chinchilla_optimal(EPOCH, CHINCHILLA_COMPUTE)
     # the published fit itself lands near the Chinchilla model (70B params, 1.4T tokens, ~20 tokens/param)

@@ -534,6 +534,43 @@ def _parabola_minimum(n: np.ndarray, loss: np.ndarray) -> tuple[float, float] | 
     return float(np.exp(x)), float(c0 + c1 * x + c2 * x * x)
 
 
+def _minimum_in_window(ln: np.ndarray, loss: np.ndarray) -> float:
+    """N of a parabola's minimum in log N, clipped to the window; a downward parabola's lower end."""
+    c2, c1, _ = np.polyfit(ln, loss, 2)
+    if c2 <= 0:
+        return float(np.exp(ln[0] if loss[0] <= loss[-1] else ln[-1]))
+    return float(np.exp(np.clip(-c1 / (2 * c2), ln.min(), ln.max())))
+
+
+def profile_minimum(n, loss, window: int = 5, n_boot: int = 200, level: float = 0.95,
+                    seed: int = 0) -> tuple[float, float, float] | None:
+    """Approach 2 on one IsoFLOP profile, with an interval: a parabola in log N through the ``window`` sizes
+    nearest the profile's lowest loss (over a grid spanning decades a profile is not a parabola), its minimum
+    N, and the percentile interval of that minimum over residual-bootstrap refits (residuals scaled by
+    sqrt(k/(k-3)) for the three fitted coefficients; a refit whose minimum leaves the window counts at the
+    window's edge it leaves by), widened in log N by t(k-3)/normal quantiles: with 5 points and 2 degrees of
+    freedom the plain bootstrap interval covered the true minimum of noisy test profiles only 75% of the
+    time. None when the parabola does not open upward inside the window."""
+    order = np.argsort(np.asarray(n, float))
+    n, loss = np.asarray(n, float)[order], np.asarray(loss, float)[order]
+    k = min(window, len(n))
+    start = int(np.clip(np.argmin(loss) - k // 2, 0, len(n) - k))
+    n, loss = n[start:start + k], loss[start:start + k]
+    found = _parabola_minimum(n, loss)
+    if found is None or k <= 3:
+        return None
+    ln = np.log(n)
+    fitted = np.polyval(np.polyfit(ln, loss, 2), ln)
+    residuals = (loss - fitted) * math.sqrt(k / (k - 3))
+    rng = np.random.default_rng(seed)
+    draws = np.log([_minimum_in_window(ln, fitted + rng.choice(residuals, size=k)) for _ in range(n_boot)])
+    tail = (1.0 - level) / 2
+    widen = stats.t.ppf(1.0 - tail, k - 3) / stats.norm.ppf(1.0 - tail)  # few points: t, not normal, quantiles
+    best = math.log(found[0])
+    lo, hi = best + widen * (np.quantile(draws, [tail, 1.0 - tail]) - best)
+    return found[0], float(np.exp(max(lo, ln.min()))), float(np.exp(min(hi, ln.max())))
+
+
 @single_thread_blas
 def fit_isoflop(n, d, loss, compute=None, flops_per_param_token: float = 6.0, rel_tol: float = 0.05,
                 n_boot: int = 200, level: float = 0.95, seed: int = 0) -> IsoFlopFit:

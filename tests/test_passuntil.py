@@ -121,3 +121,23 @@ def test_task_pu_is_the_mean_with_a_standard_error():
     assert agg.se == pytest.approx(np.std(values, ddof=1) / 2)
     assert (agg.sampled, agg.loss_based, agg.instances) == (3, 1, 4)
     assert 0 < agg.low < agg.pu < agg.high <= max(values)
+
+
+def test_arithmetic_carries_sets_the_difficulty_and_leaves_the_default_draws_unchanged():
+    """``carries=k`` keeps only sums with exactly k column carries (a difficulty knob for the PassUntil demo);
+    without it the generator draws the same problems as before."""
+    from scaling_jax.errors import DataError
+    from scaling_jax.eval.generators import arithmetic, generate_task
+
+    for k in range(4):
+        task = generate_task(f"arithmetic:digits=3,carries={k},choices=0", n=50, seed=3)
+        for ex in task["examples"]:
+            a, b = (int(w) for w in ex["input"][len("What is "):-1].split(" plus "))
+            carries = sum((a // 10**i % 10 + b // 10**i % 10 + (a % 10**i + b % 10**i >= 10**i)) >= 10
+                          for i in range(3))
+            assert carries == k and ex["target"] == str(a + b)
+    rng = np.random.default_rng(0)
+    first = arithmetic(n=1, seed=0, digits=2)["examples"][0]["input"]
+    assert first == f"What is {int(rng.integers(10, 100))} plus {int(rng.integers(10, 100))}?"
+    with pytest.raises(DataError):
+        arithmetic(digits=2, op="*", carries=1)

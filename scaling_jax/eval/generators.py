@@ -117,18 +117,34 @@ _OPS: dict[str, tuple[str, Callable[[int, int], int]]] = {
     "+": ("plus", lambda a, b: a + b), "-": ("minus", lambda a, b: a - b), "*": ("times", lambda a, b: a * b)}
 
 
-def arithmetic(n: int = 100, seed: int = 0, digits: int = 2, op: str = "+", choices: int = 4) -> dict:
-    """"What is 347 plus 589?" -> "936"; difficulty: operand digits and the operation. ``choices=0`` drops
-    the multiple-choice options (they are appended to the prompt, which would give the answer away)."""
+def _carries(a: int, b: int) -> int:
+    """Column carries in the written addition a + b."""
+    count = carry = 0
+    while a or b:
+        carry = int(a % 10 + b % 10 + carry >= 10)
+        count += carry
+        a, b = a // 10, b // 10
+    return count
+
+
+def arithmetic(n: int = 100, seed: int = 0, digits: int = 2, op: str = "+", choices: int = 4,
+               carries: int | None = None) -> dict:
+    """"What is 347 plus 589?" -> "936"; difficulty: operand digits and the operation, and for addition
+    ``carries=k`` (only problems whose written sum has exactly k column carries, 0..digits). ``choices=0``
+    drops the multiple-choice options (they are appended to the prompt, which would give the answer away)."""
     if op not in _OPS or digits < 1 or choices < 0:
         raise DataError(f"arithmetic: op must be one of {', '.join(_OPS)}, digits >= 1 and choices >= 0, "
                         f"got {op!r}, {digits}, {choices}")
+    if carries is not None and (op != "+" or not 0 <= carries <= digits):
+        raise DataError(f"arithmetic: carries=k needs op=+ and 0 <= k <= digits, got op={op!r}, carries={carries}")
     word, fn = _OPS[op]
     rng = np.random.default_rng(seed)
     low, high = 10 ** (digits - 1) if digits > 1 else 0, 10 ** digits
     examples = []
     for _ in range(n):
         a, b = int(rng.integers(low, high)), int(rng.integers(low, high))
+        while carries is not None and _carries(a, b) != carries:  # rejection: the default draws are unchanged
+            a, b = int(rng.integers(low, high)), int(rng.integers(low, high))
         answer = fn(a, b)
         wrong = {answer + d for d in (-10, -1, 1, 10, 100)} - {answer}
         options = [answer] + sorted(wrong, key=lambda w: (abs(w - answer), w))[: choices - 1]
@@ -136,7 +152,9 @@ def arithmetic(n: int = 100, seed: int = 0, digits: int = 2, op: str = "+", choi
         if choices:  # shown after the question (BIG-bench style), so only a generative task has choices=0
             example["target_scores"] = {str(o): float(o == answer) for o in options}
         examples.append(example)
-    return {"name": "arithmetic", "description": f"{digits}-digit {word}", "keywords": ["arithmetic", "generated"],
+    level = "" if carries is None else f", {carries} carr{'y' if carries == 1 else 'ies'}"
+    return {"name": "arithmetic", "description": f"{digits}-digit {word}{level}",
+            "keywords": ["arithmetic", "generated"],
             "metrics": ["exact_str_match", "multiple_choice_grade"], "preferred_score": "exact_str_match",
             "examples": examples}
 

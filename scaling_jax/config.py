@@ -528,6 +528,9 @@ def validate(config: Config) -> None:
     if m.head_dim % 2 and m.position == "rope":
         raise ConfigError(f"model.head_dim={m.head_dim} must be even for rotary embeddings")
     _validate_relative(config)
+    if config.objective.name == "mtp" and m.layers < 2:  # here, so a sweep refuses it before training any run
+        raise ConfigError(f"model.layers={m.layers} must be >= 2 for objective=mtp (the last layer becomes the "
+                          "per-head blocks)")
     if d.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
                           "lower data.seq_len or raise model.max_seq_len")

@@ -159,6 +159,7 @@ CONFIG_CASES = [  # (id, overrides, fragments of the error line)
     ("empty-data-source", ["data.source="], ["data.source='' must be non-empty", "data.source=stdlib"]),
     ("two-mesh-axes-fill", ["mesh.data=-1", "mesh.fsdp=-1"], ["only one of mesh.data, mesh.fsdp, mesh.tensor"]),
     ("mesh-rule-maps-to-a-number", ["mesh.rules=[[batch, 3]]"], ["mesh.rules entry ['batch', 3] must map to"]),
+    ("mtp-with-one-layer", ["objective.name=mtp", "model.layers=1"], ["model.layers=1 must be >= 2 for objective=mtp"]),
     # multislice (issue 17): DCN axes must match the slices there are; tensor parallelism never crosses DCN
     ("mesh-dcn-slices-not-there", ["mesh.dcn_data=2"],
      ["mesh.dcn_data x mesh.dcn_fsdp = 2x1 = 2 but the devices form 1 slice(s)", "so that their product is 1"]),

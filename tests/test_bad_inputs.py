@@ -189,8 +189,9 @@ CONFIG_CASES = [  # (id, overrides, fragments of the error line)
      ["must be a checkpoint directory RUN_DIR/.../STEP", "scaling-jax continue --from RUN_DIR"]),
     ("stage-name-with-a-slash", ["stage.name=a/b"], ["stage.name='a/b' must be a non-empty label without slashes"]),
     # objective fields, checked when the objective is built (before any data is read)
-    ("mtp-without-heads", ["objective=mtp", "objective.heads=0"], ["objective.heads=0 must be an integer >= 1"]),
-    ("mtp-weights-per-head", ["objective=mtp", "objective.head_weights=[1]"],
+    ("mtp-without-heads", ["objective=mtp", "model.layers=2", "objective.heads=0"],
+     ["objective.heads=0 must be an integer >= 1"]),
+    ("mtp-weights-per-head", ["objective=mtp", "model.layers=2", "objective.head_weights=[1]"],
      ["objective.head_weights has 1 entries but objective.heads=2"]),
     ("ul2-no-examples-per-row", ["objective=ul2", "objective.examples_per_row=0"],
      ["objective.examples_per_row=0 must be >= 1"]),

@@ -121,8 +121,8 @@ def test_parameter_count_and_flops_include_the_heads(tiny_config):
     (["model.layers=1"], "model.layers"),
 ])
 def test_bad_settings_are_one_line_config_errors(tiny_config, overrides, field):
-    config = tiny_config(*SMALL, *overrides)
-    with pytest.raises(ConfigError, match=field):
+    with pytest.raises(ConfigError, match=field):  # when the config is read (model.layers) or the model is built
+        config = tiny_config(*SMALL, *overrides)
         MultiTokenPrediction(config.objective).build_model(config.model, nnx.Rngs(0))
 
 

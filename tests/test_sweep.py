@@ -35,8 +35,9 @@ def write_spec(tmp_path, budgets, objectives=("causal",), **extra) -> str:
 
 
 def test_each_run_gets_a_schedule_as_long_as_its_own_budget(tmp_path):
+    two_layers = [dict(size, layers=2) for size in SIZES]  # mtp turns the last layer into its head blocks
     spec = sweep.load_sweep(write_spec(tmp_path, [{"tokens_per_param": 2}, {"flops": 5e9}],
-                                       objectives=("causal", "mtp"), warmup_fraction=0.1))
+                                       objectives=("causal", "mtp"), warmup_fraction=0.1, sizes=two_layers))
     runs = sweep.plan(spec)
     assert len(runs) == 2 * 2 * 2
     for run in runs:

@@ -9,6 +9,7 @@ import json
 import pytest
 import yaml
 from test_gcs_run import BUCKET, _on_host, gcs  # noqa: F401  (gcs: the emulator fixture, module-scoped)
+from test_sweep import COMMON, SIZES, TEXTS  # the local sweep tests' corpus, overrides and sizes
 
 from scaling_jax import paths
 from scaling_jax.cli import main
@@ -16,12 +17,6 @@ from scaling_jax.errors import ConfigError
 from scaling_jax.scaling import sweep
 from scaling_jax.train import loop
 
-TEXTS = [f"line {i}: the quick brown fox jumps over the lazy dog\n" * 4 for i in range(40)]
-COMMON = {"data.seq_len": 16, "data.batch_size": 8, "data.val_fraction": 0.2, "train.eval_batches": 1,
-          "train.progress": False, "train.tensorboard": False, "train.plot": False,
-          "train.async_checkpointing": False}
-SIZES = [{"name": "xs", "layers": 1, "d_model": 32, "heads": 2, "head_dim": 16, "d_ff": 64},
-         {"name": "s", "layers": 1, "d_model": 48, "heads": 3, "head_dim": 16, "d_ff": 96}]
 RUN_IDS = ["causal-xs-t512", "causal-s-t512"]  # 4 steps of 8 x 16 tokens each
 
 

@@ -521,14 +521,11 @@ def write_report(paths: list[str], out_dir: str, target_flops: float | None = No
 
     A bucket ``out_dir``: the report is written to a local temporary directory, then each file uploaded (every
     upload is a whole object, so a reader sees each file old or new, never half)."""
-    if storage.is_remote(out_dir):
-        with tempfile.TemporaryDirectory(prefix="scaling_jax-report-") as local:
-            write_report(paths, local, target_flops, n_boot)
-            storage.makedirs(out_dir)
-            for name in sorted(os.listdir(local)):
-                with open(os.path.join(local, name), "rb") as src, storage.open_file(storage.join(out_dir, name),
-                                                                                      "wb") as dst:
-                    dst.write(src.read())
+    if storage.is_remote(out_dir):  # the run directories' uploader: a local mirror, then one object per file
+        with tempfile.TemporaryDirectory(prefix="scaling_jax-report-") as cache:
+            mirror = storage.RunMirror(out_dir, skip=(), cache_root=cache)
+            write_report(paths, mirror.local, target_flops, n_boot)
+            mirror.push()
         return storage.join(out_dir, "report.md")
     records = load_runs(paths)
     finished = _finished(records)

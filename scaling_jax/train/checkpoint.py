@@ -17,6 +17,7 @@ the previous checkpoint stays intact.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -152,15 +153,23 @@ _ORBAX_FILTER = _OrbaxThreadErrors()
 # ----------------------------------------------------------------------------- checkpointer
 
 
+@functools.cache
 def _one_writer_per_array_on_cpu() -> None:
     """orbax splits a replicated array into one slice per replica so that replicas write in parallel. CPU
     devices all live in one host's memory, so there is nothing to parallelise, and each slice is an eager
     ``jax.lax.slice`` compiled once per (shape, device): 56 small compiles for the first save of a 7-array
     state on 8 CPU devices (~2 s, more than the 1-step tiny run's train step compile). orbax already turns
-    the split off on GPU; we turn it off on CPU too. The files written hold the same arrays either way."""
-    if jax.default_backend() == "cpu":
+    the split off on GPU; we turn it off on CPU too (once per process). The files hold the same arrays."""
+    if jax.default_backend() != "cpu":
+        return
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # orbax warns that a handler replaces its default: that is the point
+    try:
         handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
         ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_logger.setLevel(level)
 
 
 class Checkpointer:

@@ -16,7 +16,7 @@ from test_multi_token import _rows
 
 from scaling_jax.config import load_config, to_dict
 from scaling_jax.errors import ConfigError
-from scaling_jax.model import remat
+from scaling_jax.model import layers, remat
 from scaling_jax.model.transformer import Decoder, to_layout
 from scaling_jax.objectives.base import masked_cross_entropy
 from scaling_jax.objectives.causal import CausalLM
@@ -97,6 +97,21 @@ def test_every_remat_policy_gives_the_gradients_of_none(policy):
     (loss_p, _), g_p = _value_and_grad("causal", params, f"model.remat={policy}")
     assert float(loss_p) == pytest.approx(float(loss_n), rel=1e-6)
     _assert_close(g_p, g_n)
+
+
+@pytest.mark.parametrize("policy", remat.RECOMPUTE_BLOCK)
+def test_an_mlp_run_in_sequence_slices_gives_the_gradients_of_none(policy, monkeypatch):
+    """Policies that recompute whole blocks run the MLP over sequence slices (``layers.MLP_CHUNK``, 512 on real
+    rows): here 4 slices of 4 positions, each rematerialised on its own, against the unsliced program."""
+    monkeypatch.setattr(layers, "MLP_CHUNK", 4)
+    params = _params("causal", 6)
+    (loss_n, _), g_n = _value_and_grad("causal", params)
+    sliced = _grad_fn.__wrapped__("causal", f"model.remat={policy}")  # built now, with the 4-position slices
+    (loss_p, _), g_p = sliced(params)
+    assert float(loss_p) == pytest.approx(float(loss_n), rel=1e-6)
+    _assert_close(g_p, g_n)
+    loops = lambda fn: str(jax.make_jaxpr(fn)(params)).count("scan[")  # noqa: E731
+    assert loops(sliced) > loops(_grad_fn("causal"))  # the slices' loop is really there
 
 
 def test_remat_on_the_unscanned_layout_and_mtp_heads():

@@ -18,10 +18,13 @@ from jax.ad_checkpoint import checkpoint_name
 from scaling_jax.config import ModelConfig
 from scaling_jax.model.attention_kernels import MaskSpec, dot_product_attention
 from scaling_jax.model.attention_kernels import attention_mask as attention_mask  # re-exported: callers import it here
-from scaling_jax.model.remat import BLOCK_INPUT
+from scaling_jax.model.remat import BLOCK_INPUT, RECOMPUTE_BLOCK, policy_name
 from scaling_jax.parallel.sharding import constrain
 
 ACT = ("batch", "length", "activation_embed")
+# Positions of the sequence the MLP runs on at a time when the remat policy recomputes whole blocks
+# (``GatedMLP``): 4 slices of a 2048-token row keep the [rows, length, d_ff] activations a quarter size.
+MLP_CHUNK = 512
 # What a block's attention is told about its rows: a MaskSpec (segment ids and prefix flags; the kernel that
 # model.attention picks builds its own mask form) or an explicit boolean mask [batch, 1, q, k] (always xla).
 Mask = MaskSpec | jax.Array
@@ -31,6 +34,24 @@ def make_param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Sequence[str | 
                dtype) -> nnx.Param:
     value = init(rngs.params(), tuple(shape), jnp.dtype(dtype))
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def gathered(param: nnx.Param, dtype) -> jax.Array:
+    """``param`` in the compute dtype, gathered whole over the FSDP axis (``embed``) for one use.
+
+    Cast first, then gather (bf16 copies, half the bytes of the float32 master weights), and the matmuls that
+    follow are local. Left to itself XLA fuses gather and matmul into a windowed (collective) matmul that holds
+    several output-sized buffers at once ([rows, length, d_ff] each in the MLP), the largest temporaries of a
+    step (v5e-16.yaml, remat full: 4.20 GiB per chip with them, 3.52 without). The gradient comes back
+    through the constraint's transpose: an all-reduce of the layer's bf16 gradient, then each chip's slice,
+    cast to the parameter's dtype. A custom backward that asks for a reduce-scatter instead brings the
+    windowed matmuls back in the backward pass, and the peak with them (4.19 GiB)."""
+    value = param[...].astype(dtype)
+    axes = tuple(param.get_metadata().get("out_sharding") or ())
+    axes = axes[len(axes) - value.ndim:]  # a stacked block's slice keeps the leading "layers" name
+    if len(axes) != value.ndim:
+        return value
+    return constrain(value, tuple(None if a == "embed" else a for a in axes))
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -83,9 +104,9 @@ class Attention(nnx.Module):
         """Rotated queries and keys and the values of ``x``."""
         dtype = x.dtype
         # Named for the remat policies that save or offload projections (model.remat, see model/remat.py)
-        q = checkpoint_name(jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype)), "query_proj")
-        k = checkpoint_name(jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dtype)), "key_proj")
-        v = checkpoint_name(jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype)), "value_proj")
+        q = checkpoint_name(jnp.einsum("btd,dhk->bthk", x, gathered(self.wq, dtype)), "query_proj")
+        k = checkpoint_name(jnp.einsum("btd,dhk->bthk", x, gathered(self.wk, dtype)), "key_proj")
+        v = checkpoint_name(jnp.einsum("btd,dhk->bthk", x, gathered(self.wv, dtype)), "value_proj")
         if self.rotary:
             q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
         q = constrain(q, ("batch", "length", "heads", "kv"))
@@ -99,7 +120,7 @@ class Attention(nnx.Module):
         else:
             out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask)
         out = constrain(out, ("batch", "length", "heads", "kv"))
-        return checkpoint_name(jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(q.dtype)), "out_proj")
+        return checkpoint_name(jnp.einsum("bthk,hkd->btd", out, gathered(self.wo, q.dtype)), "out_proj")
 
     def cached(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: tuple[jax.Array, jax.Array],
                index: jax.Array, bias: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -124,13 +145,33 @@ class GatedMLP(nnx.Module):
         self.w_gate = make_param(rngs, init, (d, f), ("embed", "mlp"), cfg.param_dtype)
         self.w_up = make_param(rngs, init, (d, f), ("embed", "mlp"), cfg.param_dtype)
         self.w_down = make_param(rngs, out_init, (f, d), ("mlp", "embed"), cfg.param_dtype)
+        # Slice the sequence only where nothing inside a block is saved anyway (see ``__call__``)
+        self.chunk = MLP_CHUNK if policy_name(cfg.remat) in RECOMPUTE_BLOCK else 0
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = x.dtype
-        gate = self.activation(checkpoint_name(x @ self.w_gate[...].astype(dtype), "mlpwi_0"))
-        up = checkpoint_name(x @ self.w_up[...].astype(dtype), "mlpwi_1")
+        """Under remat full / full_offload, one ``MLP_CHUNK``-position slice of the rows at a time.
+
+        The block's backward recomputes its MLP anyway; run as a loop over sequence slices, each slice
+        rematerialised on its own, only one slice's [rows, slice, d_ff] activations (and their gradients)
+        are live at once instead of the whole row's. Same FLOPs: the block's recomputation drops the
+        MLP's forward (its output is unused there), and each slice's backward recomputes it. The slices' weight
+        gradients add up in the compute dtype (bf16), as the chips' partial gradients already do."""
+        weights = tuple(gathered(w, x.dtype) for w in (self.w_gate, self.w_up, self.w_down))
+        n = x.shape[1] // self.chunk if self.chunk else 1
+        if n <= 1 or x.shape[1] % self.chunk:
+            return self.apply(x, *weights)
+        b, t, d = x.shape
+        slices = constrain(x.reshape(b, n, t // n, d).swapaxes(0, 1), (None, *ACT))
+        body = jax.checkpoint(lambda xs: self.apply(xs, *weights), policy=jax.checkpoint_policies.nothing_saveable,
+                              prevent_cse=False)
+        return constrain(jax.lax.map(body, slices).swapaxes(0, 1).reshape(b, t, d), ACT)
+
+    def apply(self, x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+        """The gated MLP on compute-dtype weights that are already gathered."""
+        gate = self.activation(checkpoint_name(x @ w_gate, "mlpwi_0"))
+        up = checkpoint_name(x @ w_up, "mlpwi_1")
         hidden = constrain(gate * up, ("batch", "length", "mlp"))
-        return checkpoint_name(hidden @ self.w_down[...].astype(dtype), "mlpwo")
+        return checkpoint_name(hidden @ w_down, "mlpwo")
 
 
 class Block(nnx.Module):

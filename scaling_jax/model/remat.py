@@ -25,6 +25,9 @@ import jax
 from scaling_jax.errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "minimal", "save_dots", "save_qkv_proj", "offload", "full_offload")
+# Policies that save nothing inside a block (only its input, on device or host): layers may then slice their
+# work and rematerialise each slice on its own at no extra FLOPs (layers.GatedMLP)
+RECOMPUTE_BLOCK = ("full", "full_offload")
 BLOCK_INPUT = "block_input"  # the name a block gives its input (layers.Block), for full_offload
 QKV_NAMES = ("query_proj", "key_proj", "value_proj")
 PROJ_NAMES = QKV_NAMES + ("out_proj", "mlpwi_0", "mlpwi_1", "mlpwo")  # every weight matmul of a block

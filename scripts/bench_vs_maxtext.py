@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--topology", required=True, help="e.g. v5e:4x4, v6e:8x8")
     parser.add_argument("--maxtext-python", default=sys.executable, help="an interpreter that imports maxtext")
     parser.add_argument("--json", help="also write both measurements here")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options too
     try:
         config = load_config(args.config, args.overrides)
         out_dir = tempfile.mkdtemp(prefix="bench_vs_maxtext_")

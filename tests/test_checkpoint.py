@@ -9,6 +9,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE_XLA_FLAGS
 
 from scaling_jax.config import load_config
 from scaling_jax.errors import CheckpointError
@@ -31,7 +32,7 @@ def _command(run_dir, *extra):
 
 def _env():
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = FAST_COMPILE_XLA_FLAGS  # no device count of the caller's
     env["JAX_PLATFORMS"] = "cpu"
     return env
 

@@ -6,6 +6,7 @@ import sys
 
 import jax
 import pytest
+from conftest import FAST_COMPILE_XLA_FLAGS
 
 from scaling_jax.cli import main
 from scaling_jax.config import load_config
@@ -22,7 +23,8 @@ TINY = ["model.series=custom", "model.layers=1", "model.d_model=32", "model.head
 def _cli(*args, devices=1):
     """``python -m scaling_jax.cli ARGS`` in a process with ``devices`` CPU devices (for what depends on the
     device count, or on the process itself: its exit code and everything it writes to stderr)."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_XLA_FLAGS}"}
     return subprocess.run([sys.executable, "-m", "scaling_jax.cli", *args], capture_output=True, text=True, env=env)
 
 

@@ -11,6 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE_XLA_FLAGS
 
 from scaling_jax.cli import main
 from scaling_jax.config import load_config
@@ -70,7 +71,7 @@ def _launch(run_dir, data, processes: int, *overrides: str):
            # the resumed run compiles the same programs again: reuse them (halves its CPU time)
            "JAX_COMPILATION_CACHE_DIR": os.path.join(os.path.dirname(run_dir), "xla-cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = FAST_COMPILE_XLA_FLAGS  # no device count of the caller's
     port = _free_port()
     procs = []
     for i in range(processes):
@@ -149,7 +150,7 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step():
     """On a pod the signal reaches workers at different moments; JAX's preemption service must make
     all of them stop (and so checkpoint) after one agreed step instead of one leaving a collective."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = FAST_COMPILE_XLA_FLAGS  # no device count of the caller's
     port = str(_free_port())
     procs = [subprocess.Popen([sys.executable, "-c", SIGTERM_WORKER, str(i), port], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]

@@ -10,6 +10,7 @@ import os
 import sys
 
 from scaling_jax.errors import UserError
+from scaling_jax.parallel.cpu_threads import ensure_threads_for_collectives
 from scaling_jax.run_dir import CONFIG_FILE, EVAL_DIR, REPORT_DIR
 
 
@@ -567,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     args.overrides = list(getattr(args, "overrides", [])) + extra  # key=value after an --option
+    ensure_threads_for_collectives()  # before any command touches a device
     try:
         return args.func(args)
     except UserError as e:

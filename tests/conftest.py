@@ -20,6 +20,8 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 
+from scaling_jax.parallel.cpu_threads import ensure_threads_for_collectives  # noqa: E402
+
 # XLA:CPU's newer MLIR fusion emitters take about twice as long as its LLVM IR emitters to compile the tests' tiny
 # programs (a tiny train(): 5.1 s of compiles -> 2.8 s, measured side by side). jax >= 0.11 has only the new
 # emitters and refuses the flag, so it is set only where XLA knows it; before any backend starts, so this process
@@ -27,10 +29,11 @@ import jax  # noqa: E402
 FAST_COMPILE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false" if jax.__version_info__ < (0, 11) else ""
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_XLA_FLAGS}".strip()
 
-# In the test processes themselves the cache stays off: twice in ~8 full runs a worker aborted (SIGABRT in
-# device_get) in the same resumed-continuation test with it on; the training subprocesses keep it via the env.
-jax.config.update("jax_compilation_cache_dir", None)
 jax.config.update("jax_num_cpu_devices", 8)  # before any JAX op; single-device tests use devices()[:1]
+ensure_threads_for_collectives()  # 16 client threads for 8 devices (else queued steps can deadlock XLA:CPU)
+# The cache serves the training subprocesses (which inherit the environment); in the test processes themselves
+# it bought nothing (the whole suite took 445.8 s with it, 444.5 s without, on 2 workers), so it stays off.
+jax.config.update("jax_compilation_cache_dir", None)
 
 import pytest  # noqa: E402
 

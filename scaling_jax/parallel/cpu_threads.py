@@ -1,0 +1,50 @@
+"""Enough XLA:CPU client threads for collectives over simulated CPU devices.
+
+XLA's CPU client runs each device's share of a program as a task on one pool of ``max(cores, devices)``
+threads, and a program with collectives needs the shares of all its devices on threads at once. With 8
+simulated devices on 2 cores the pool has 8 threads: once dozens of multi-device steps are queued (a trainer
+dispatches ahead of the device), shares of consecutive programs interleave on the pool, each waits in a
+rendezvous for a device whose share has no thread, and XLA aborts the process after 40 s ("Termination
+timeout for all gather RendezvousKey{...} ... only 3 of them arrived"). Measured on this project's 2-core
+machine (jax 0.10.2 and 0.11.2): 100 back-to-back executions of a 2 x 4-mesh gradient step aborted with 8
+or 12 threads, 0 of 26,000 with 16. Two programs' shares at once is what the pool must hold, so it gets
+``2 x devices`` threads through ``PJRT_NPROC`` (which XLA reads when the CPU client starts, so this must
+run before JAX touches a device). A value the user set is kept; one device (or a real accelerator) needs
+nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, MutableMapping
+
+THREADS_ENV = "PJRT_NPROC"
+_DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
+
+
+def simulated_cpu_devices(configured: int, env: Mapping[str, str]) -> int:
+    """The CPU device count the client will start with: ``jax_num_cpu_devices`` when set (>= 0), else XLA's
+    ``--xla_force_host_platform_device_count`` flag, else 1."""
+    if configured >= 0:
+        return max(configured, 1)
+    found = _DEVICE_COUNT_FLAG.findall(env.get("XLA_FLAGS", ""))
+    return int(found[-1]) if found else 1
+
+
+def client_threads(devices: int, cores: int) -> int:
+    """Pool size that holds the device shares of two collective programs at once (and never fewer than cores)."""
+    return max(cores, 2 * devices)
+
+
+def ensure_threads_for_collectives(env: MutableMapping[str, str] | None = None) -> int | None:
+    """Set ``PJRT_NPROC`` for a multi-device CPU client unless already set; returns the value set, or None."""
+    import jax
+
+    env = os.environ if env is None else env
+    devices = simulated_cpu_devices(jax.config.jax_num_cpu_devices, env)
+    if THREADS_ENV in env or devices <= 1:
+        return None
+    threads = client_threads(devices, os.cpu_count() or 1)
+    env[THREADS_ENV] = str(threads)
+    return threads

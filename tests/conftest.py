@@ -22,10 +22,10 @@ import jax  # noqa: E402
 
 from scaling_jax.parallel.cpu_threads import ensure_threads_for_collectives  # noqa: E402
 
-# XLA:CPU's newer MLIR fusion emitters take about twice as long as its LLVM IR emitters to compile the tests' tiny
-# programs (a tiny train(): 5.1 s of compiles -> 2.8 s, measured side by side). jax >= 0.11 has only the new
-# emitters and refuses the flag, so it is set only where XLA knows it; before any backend starts, so this process
-# and every subprocess (which inherits the environment) reads it.
+# XLA:CPU's newer MLIR fusion emitters compile the tests' programs more slowly than its LLVM IR emitters:
+# test_sharding.py + test_scan_layers.py took 46-49 s with this flag and 71-83 s without (alternated, one process,
+# load ~1.7), the whole suite 445 s against 633 s. jax >= 0.11 has only the new emitters and refuses the flag, so
+# it is set only where XLA knows it; before any backend starts, so this process and its subprocesses read it.
 FAST_COMPILE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false" if jax.__version_info__ < (0, 11) else ""
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_XLA_FLAGS}".strip()
 

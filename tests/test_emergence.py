@@ -85,6 +85,7 @@ def test_single_run_gets_no_emergence_plot(results, tmp_path):
     assert report["emergence"] == {} and not list(tmp_path.glob("plots/emergence_*"))
 
 
+@pytest.mark.slow
 def test_run_eval_end_to_end(tmp_path):
     """Two checkpoints of one tiny run through ``scaling-jax eval``'s own path: PassUntil on, N and FLOPs from
     the run, one emergence plot listed in results.json."""

@@ -157,6 +157,7 @@ def test_generator_specs_parse_difficulty_and_reject_unknowns():
         generators.generate_task("navigate:speed=3")
 
 
+@pytest.mark.slow
 def test_code_completion_checks_candidates_by_execution_in_a_subprocess():
     data = generators.code_completion(n=2, seed=0, split="all", max_lines=16, execution_only=True, timeout=20)
     task = task_from_dict(data)

@@ -25,6 +25,7 @@ def _prepare(tmp_path, source, out, *more):
                  "--chunk-tokens", "37", "--chunks-per-shard", "2", "--part-mib", "0.000001", *more])
 
 
+@pytest.mark.slow
 def test_ray_prepare_writes_the_local_prepares_files_byte_for_byte(tmp_path, ray_cluster, capsys):
     source = corpus_dir(tmp_path, files=5).source
     assert _prepare(tmp_path, source, "local") == 0
@@ -36,6 +37,7 @@ def test_ray_prepare_writes_the_local_prepares_files_byte_for_byte(tmp_path, ray
     assert len(prep.read_manifest(str(tmp_path / "ray"))["parts"]) == 6
 
 
+@pytest.mark.slow
 def test_a_failing_part_ends_the_ray_prepare_in_one_line_with_nothing_written(tmp_path, ray_cluster, capsys):
     source = corpus_dir(tmp_path, files=5).source
     (tmp_path / "docs" / "c.jsonl").write_text('{"text": "ok"}\n{oops\n')

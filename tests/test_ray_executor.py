@@ -85,6 +85,7 @@ def swept(tmp_path_factory, ray_cluster):
     return {"local": local, "ray": remote, "spec": spec, "marks": marks, "submitted": executor.submitted}
 
 
+@pytest.mark.slow
 def test_a_ray_sweep_records_the_same_manifest_entries_as_the_local_executor(swept):
     local, remote = swept["local"], swept["ray"]
     assert [e["run_id"] for e in remote] == [e["run_id"] for e in local] == ["causal-xs-t1280"]
@@ -99,6 +100,7 @@ def test_a_ray_sweep_records_the_same_manifest_entries_as_the_local_executor(swe
         (e["run_id"], e["status"], e["val_loss"]) for e in remote]
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_run_is_retried_and_resumes_from_its_checkpoint(swept):
     marks, run_dir = swept["marks"], swept["ray"][0]["run_dir"]
     killed, retry = int((marks / "killed_pid").read_text()), int((marks / "retry_pid").read_text())
@@ -112,6 +114,7 @@ def test_a_worker_killed_mid_run_is_retried_and_resumes_from_its_checkpoint(swep
     assert holder["pid"] == retry and holder["released"]
 
 
+@pytest.mark.slow
 def test_a_rerun_submits_no_task_for_finished_runs(swept, ray_cluster):
     spec = swept["spec"]
     assert swept["submitted"] == ["causal-xs-t1280"]
@@ -140,6 +143,7 @@ def _fake_train(marks):
     return train_fn
 
 
+@pytest.mark.slow
 def test_a_preempted_run_is_retried_and_a_failed_run_does_not_stop_the_others(tmp_path, ray_cluster):
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -154,6 +158,7 @@ def test_a_preempted_run_is_retried_and_a_failed_run_does_not_stop_the_others(tm
     assert any(m.startswith("causal-s-t1280 failed (ConfigError: model.d_ff=-1") for m in messages)
 
 
+@pytest.mark.slow
 def test_a_request_that_no_node_offers_is_named_before_the_runs_wait(ray_cluster):
     said = []
     executors.RayExecutor(executors.RayOptions(resources={"TPU": 4}))._connect(said.append)

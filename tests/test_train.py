@@ -6,6 +6,7 @@ import os
 import jax
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from scaling_jax.config import load_config
 from scaling_jax.train.loop import train
@@ -26,6 +27,7 @@ def _run(tmp_path, source, *extra):
     return summary, rows
 
 
+@pytest.mark.slow
 def test_trains_on_a_jsonl_source_and_beats_the_unigram_baseline(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps({"body": t, "id": i}) + "\n" for i, t in enumerate(TEXTS)))
@@ -39,6 +41,7 @@ def test_trains_on_a_jsonl_source_and_beats_the_unigram_baseline(tmp_path):
     assert os.path.exists(tmp_path / "run" / "config.yaml") and os.path.exists(tmp_path / "run" / "summary.json")
 
 
+@pytest.mark.slow
 def test_trains_on_a_parquet_source(tmp_path):
     path = tmp_path / "data.parquet"
     pq.write_table(pa.table({"text": TEXTS}), path)

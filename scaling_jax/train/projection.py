@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import optimize
 
 # Kaplan et al. 2020, Table 3 / §5 (B* in tokens, losses in nats per token); N_c is the eq. 1.6 fit's value.
 ALPHA_N = 0.076
@@ -177,6 +176,8 @@ def _curve_starts(ls: np.ndarray, ly: np.ndarray) -> list[np.ndarray]:
 def best_least_squares(residuals: Callable, starts, args: tuple, bounds: tuple, max_nfev: int) -> np.ndarray | None:
     """The lowest-cost bounded least-squares solution over several starts (None if none converged): a curve
     law's loss surface has flat valleys where a single start stalls."""
+    from scipy import optimize  # here, not at import: ~1 s of every trainer's start-up, and short runs never fit
+
     best, best_cost = None, np.inf
     for start in starts:
         try:

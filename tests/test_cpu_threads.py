@@ -1,6 +1,8 @@
 """XLA:CPU client threads for simulated devices: hundreds of queued multi-device steps run without a deadlock."""
 
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ from scaling_jax.parallel.cpu_threads import (
     client_threads,
     ensure_threads_for_collectives,
     simulated_cpu_devices,
+    threads_to_set,
 )
 
 
@@ -27,7 +30,18 @@ def test_the_device_count_comes_from_the_config_then_the_xla_flag():
 def test_a_threads_setting_of_the_users_is_kept_and_one_device_needs_none():
     env = {THREADS_ENV: "3", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     assert ensure_threads_for_collectives(env) is None and env[THREADS_ENV] == "3"
+    assert threads_to_set(-1, {}, cores=2) is None and threads_to_set(1, {}, cores=2) is None
+    assert threads_to_set(-1, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, cores=2) == 8
     assert os.environ[THREADS_ENV] == str(client_threads(8, os.cpu_count()))  # conftest's 8 devices
+
+
+def test_a_command_that_needs_no_jax_sets_the_threads_without_importing_it():
+    script = ("import os, sys; from scaling_jax.parallel.cpu_threads import ensure_threads_for_collectives as e; "
+              "print(e(), os.environ['PJRT_NPROC'], 'jax' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != THREADS_ENV} | {"JAX_NUM_CPU_DEVICES": "4"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    expected = client_threads(4, os.cpu_count())
+    assert done.stdout.split() == [str(expected), str(expected), "False"]
 
 
 def test_hundreds_of_queued_steps_on_a_2x4_mesh_finish():

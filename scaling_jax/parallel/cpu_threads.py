@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Mapping, MutableMapping
 
 THREADS_ENV = "PJRT_NPROC"
@@ -37,14 +38,23 @@ def client_threads(devices: int, cores: int) -> int:
     return max(cores, 2 * devices)
 
 
-def ensure_threads_for_collectives(env: MutableMapping[str, str] | None = None) -> int | None:
-    """Set ``PJRT_NPROC`` for a multi-device CPU client unless already set; returns the value set, or None."""
-    import jax
-
-    env = os.environ if env is None else env
-    devices = simulated_cpu_devices(jax.config.jax_num_cpu_devices, env)
+def threads_to_set(configured: int, env: Mapping[str, str], cores: int) -> int | None:
+    """``PJRT_NPROC`` for a multi-device CPU client, or None: the user set it, or there is one device."""
+    devices = simulated_cpu_devices(configured, env)
     if THREADS_ENV in env or devices <= 1:
         return None
-    threads = client_threads(devices, os.cpu_count() or 1)
-    env[THREADS_ENV] = str(threads)
+    return client_threads(devices, cores)
+
+
+def ensure_threads_for_collectives(env: MutableMapping[str, str] | None = None) -> int | None:
+    """Set ``PJRT_NPROC`` for a multi-device CPU client unless already set; returns the value set, or None.
+
+    Reads ``jax_num_cpu_devices`` from JAX when JAX is loaded, else from its environment variable, so that
+    commands that never use JAX (``fit``, ``report``) do not pay its ~1 s import here."""
+    env = os.environ if env is None else env
+    jax = sys.modules.get("jax")
+    configured = jax.config.jax_num_cpu_devices if jax is not None else int(env.get("JAX_NUM_CPU_DEVICES", "-1"))
+    threads = threads_to_set(configured, env, os.cpu_count() or 1)
+    if threads is not None:
+        env[THREADS_ENV] = str(threads)
     return threads

@@ -12,7 +12,6 @@ import re
 import numpy as np
 import pytest
 import sacrebleu
-from rouge_score import rouge_scorer
 from scipy.special import logsumexp
 
 from scaling_jax.errors import DataError
@@ -190,6 +189,8 @@ def test_bleu_rouge_and_sequence_f1_match_the_libraries_and_bigbench_values():
     assert single == pytest.approx({"rouge1": 100.0, "rouge2": 50.0, "rougeLsum": 57.14}, rel=1e-2)
     multi = bm.rouge([["g f e d c b a", "a b e f"]], ["a b c d e f g"])
     assert multi == pytest.approx({"rouge1": 100.0, "rouge2": 44.44, "rougeLsum": 72.73}, rel=1e-2)
+    from rouge_score import rouge_scorer  # here, not at the top: it imports nltk (~3 s) in every worker's collection
+
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeLsum"])
     one = scorer.score(target="the cat sat .\non the mat", prediction="the cat .\nsat on a mat")
     got = bm.rouge([["the cat sat . on the mat"]], ["the cat . sat on a mat"])  # t5 puts " . " on new lines

@@ -106,3 +106,16 @@ def test_info_param_memory_equals_the_real_shards():
                                                           zip(index, shape.shape, strict=True)] or [1])))
     assert sharded_param_bytes(config, 8) == real
     assert describe(config, 8)["memory_per_device_bytes"]["params_grads_optimizer"] == pytest.approx(4 * real)
+
+
+def test_a_command_never_imports_ipython_yet_leaves_it_importable():
+    """flax.nnx's notebook probe would import all of IPython at every command's start (where it is installed);
+    a command answers it without the import, and the process can still import IPython afterwards."""
+    pytest.importorskip("IPython")
+    code = ("import sys; from scaling_jax.cli import main; assert main(['info', 'configs/quickstart.yaml']) == 0; "
+            "during = 'IPython' in sys.modules; import IPython; print(during, 'flax.nnx' in sys.modules, "
+            "IPython.get_ipython())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "False True None"

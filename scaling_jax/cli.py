@@ -20,8 +20,8 @@ from scaling_jax.run_dir import CONFIG_FILE, EVAL_DIR, REPORT_DIR
 def _no_notebook_probe() -> Iterator[None]:
     """flax.nnx asks IPython at import whether it runs in a notebook (to colour its reprs), and where IPython is
     installed that imports all of it: 0.1-0.5 CPU-s of every command's start (a 1-step tiny training: 5.3-6.3 ->
-    5.0-6.1 CPU-s, 4 alternated pairs, load ~1.1). A process that has not loaded IPython is no notebook, so while a command
-    runs there, importing IPython fails at once (flax, tqdm and matplotlib then take their terminal branch)."""
+    5.0-6.1 CPU-s, 4 alternated pairs, load ~1.1). A process that has not loaded IPython is no notebook, so while
+    a command runs there, importing IPython fails at once (flax, tqdm and matplotlib take their terminal branch)."""
     if "IPython" in sys.modules:
         yield
         return

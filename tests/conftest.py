@@ -72,15 +72,47 @@ def tiny_trained_run(tmp_path_factory):
 # The files that take longest go to the workers first (one file per worker: --dist loadfile), so the run does not
 # end with one worker finishing a long file while the other idles. Measured with --durations on 2 workers.
 LONGEST_FIRST = ("test_faults.py", "test_scan_layers.py", "test_decode.py", "test_checkpoint.py", "test_run_dir.py",
-                 "test_multiprocess.py", "test_continuation.py", "test_ray_executor.py", "test_gcs_run.py",
-                 "test_gcs_sweep.py", "test_multi_token.py", "test_lm_eval_adapter.py", "test_sharding.py",
-                 "test_eval_tasks.py", "test_bad_inputs.py", "test_t5x_convert.py", "test_train.py", "test_sweep.py",
-                 "test_maxtext_convert.py", "test_prepare.py", "test_hf_convert.py", "test_emergence.py")
+                 "test_multiprocess.py", "test_continuation.py", "test_ray_executor.py", "test_gcs_sweep.py",
+                 "test_prepare_ray.py", "test_gcs_run.py", "test_multi_token.py", "test_lm_eval_adapter.py",
+                 "test_sharding.py", "test_eval_tasks.py", "test_bad_inputs.py", "test_t5x_convert.py",
+                 "test_train.py", "test_sweep.py", "test_maxtext_convert.py", "test_prepare.py",
+                 "test_hf_convert.py", "test_emergence.py")
 
 
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file is kept
+
+
+# The files that need a local Ray share one (starting one costs ~10 CPU-s, 6-8 s): a session fixture, and an
+# xdist scheduler that sends these files to one worker as a unit (every other file is a unit of its own).
+RAY_FILES = ("test_ray_executor.py", "test_gcs_sweep.py", "test_prepare_ray.py")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    # Ray's processes inherit this environment: workers get the 8 CPU devices this process has, so they compile
+    # the very programs the local runs compiled and find them in the shared compilation cache
+    # (JAX_COMPILATION_CACHE_DIR). Set for the start only: other tests' subprocesses choose their own devices.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("JAX_NUM_CPU_DEVICES", "8")
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None  # xdist's own scheduler for any other --dist
+    from xdist.scheduler import LoadFileScheduling
+
+    class RayFilesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return "ray" if os.path.basename(path) in RAY_FILES else path
+
+    return RayFilesTogether(config, log)
 
 
 def assert_fixture_script_reproduces(script_name: str, fixtures: str, variants, tmp_path, **tolerance) -> None:

@@ -20,11 +20,11 @@ from scaling_jax.train import loop
 RUN_IDS = ["causal-xs-t512", "causal-s-t512"]  # 4 steps of 8 x 16 tokens each
 
 
-def _spec(tmp_path, out_dir: str) -> str:
+def _spec(tmp_path, out_dir: str, **extra) -> str:
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     spec = {"name": "t", "out_dir": out_dir, "objectives": ["causal"], "sizes": SIZES, "budgets": [{"tokens": 512}],
-            "evals_per_run": 2, "checkpoints_per_run": 1, "overrides": {**COMMON, "data.source": str(data)}}
+            "evals_per_run": 2, "checkpoints_per_run": 1, "overrides": {**COMMON, "data.source": str(data)}, **extra}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))
     return str(path)
@@ -87,36 +87,28 @@ def test_a_sweep_into_a_bucket_finishes_skips_on_rerun_and_reports_locally(gcs, 
 
 
 @pytest.mark.slow
-def test_a_ray_sweep_into_a_bucket_trains_in_workers_and_skips_on_rerun(gcs, tmp_path):  # noqa: F811
+def test_a_ray_sweep_into_a_bucket_trains_in_workers_and_skips_on_rerun(gcs, ray_cluster, tmp_path):  # noqa: F811
     import os
 
-    ray = pytest.importorskip("ray")
     from scaling_jax.scaling import executors
 
-    if ray.is_initialized():
-        pytest.skip("another test's Ray is running in this process")
     out_dir = f"gs://{BUCKET}/sweeps/ray"
-    spec = sweep.load_sweep(_spec(tmp_path, out_dir))
-    # the workers reach the emulator through the same environment as this process (and keep their run mirrors
-    # under this test's temp dir)
+    (tmp_path / "worker-tmp").mkdir()
+    # the workers reach the emulator through the sweep file's ray.env_vars (the session's Ray started before the
+    # emulator), and keep their run mirrors under this test's temp dir
     env = {k: os.environ[k] for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
                                       "GOOGLE_AUTH_TOKEN_FOR_TESTING", "EPATH_USE_TF")}
-    (tmp_path / "worker-tmp").mkdir()
-    ray.init(num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {**env, "TMPDIR": str(tmp_path / "worker-tmp")}})
-    try:
-        executor = executors.RayExecutor(spec.ray)
-        entries = sweep.run_sweep(spec, sizes=["xs"], say=lambda m: None, executor=executor)
-        assert executor.submitted == ["causal-xs-t512"]
-        assert [(e["run_id"], e["status"]) for e in entries] == [("causal-xs-t512", "done")]
-        manifest = json.loads(paths.read_text(paths.join(out_dir, sweep.MANIFEST)))
-        assert [(e["run_id"], e["status"], e["val_loss"]) for e in manifest["runs"]] == [
-            ("causal-xs-t512", "done", entries[0]["val_loss"])]
-        assert entries[0]["val_loss"] > 0 and paths.exists(f"{out_dir}/causal-xs-t512/checkpoints/4")
+    spec = sweep.load_sweep(_spec(tmp_path, out_dir, ray={"env_vars": {**env, "TMPDIR": str(tmp_path / "worker-tmp")}}))
+    executor = executors.RayExecutor(spec.ray)
+    entries = sweep.run_sweep(spec, sizes=["xs"], say=lambda m: None, executor=executor)
+    assert executor.submitted == ["causal-xs-t512"]
+    assert [(e["run_id"], e["status"]) for e in entries] == [("causal-xs-t512", "done")]
+    manifest = json.loads(paths.read_text(paths.join(out_dir, sweep.MANIFEST)))
+    assert [(e["run_id"], e["status"], e["val_loss"]) for e in manifest["runs"]] == [
+        ("causal-xs-t512", "done", entries[0]["val_loss"])]
+    assert entries[0]["val_loss"] > 0 and paths.exists(f"{out_dir}/causal-xs-t512/checkpoints/4")
 
-        again = executors.RayExecutor(spec.ray)
-        boom = lambda config: (_ for _ in ()).throw(AssertionError("a finished run was trained again"))  # noqa: E731
-        sweep.run_sweep(spec, sizes=["xs"], train_fn=boom, say=lambda m: None, executor=again)
-        assert again.submitted == []
-    finally:
-        ray.shutdown()
+    again = executors.RayExecutor(spec.ray)
+    boom = lambda config: (_ for _ in ()).throw(AssertionError("a finished run was trained again"))  # noqa: E731
+    sweep.run_sweep(spec, sizes=["xs"], train_fn=boom, say=lambda m: None, executor=again)
+    assert again.submitted == []

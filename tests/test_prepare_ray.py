@@ -1,4 +1,4 @@
-"""``scaling-jax data prepare --executor ray``: on a local Ray (2 CPUs, shared by this module) every part is a
+"""``scaling-jax data prepare --executor ray``: on the session's local Ray (conftest's ``ray_cluster``) every part is a
 task, the files written are byte for byte the local prepare's (manifest included), and a part that fails ends
 the prepare in one line with nothing written. Skipped without Ray; the flag checks are in test_prepare.py."""
 
@@ -9,14 +9,6 @@ from test_prepare import corpus_dir, same_files
 
 from scaling_jax.cli import main
 from scaling_jax.data import prepare as prep
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
-    ray.shutdown()
 
 
 def _prepare(tmp_path, source, out, *more):

@@ -25,18 +25,11 @@ COMPARED = ("run_id", "objective", "size", "budget", "status", "n", "n_base", "p
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    # Ray's processes inherit this environment: workers get the 8 CPU devices this process has (conftest), so
-    # they compile the very programs the local run compiled, and find them in the shared compilation cache
-    # (JAX_COMPILATION_CACHE_DIR). Set for the start only: other tests' subprocesses choose their own devices.
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("JAX_NUM_CPU_DEVICES", "8")
-        ray.init(num_cpus=2, include_dashboard=False)
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the train_fns below travel by value
-    yield ray
-    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    ray.shutdown()
+def ray_cluster(ray_cluster):
+    """The session's Ray (conftest), with the train_fns below sent to its workers by value."""
+    ray_cluster.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield ray_cluster
+    ray_cluster.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
 def _quiet(message: str) -> None:
@@ -174,18 +167,22 @@ def test_a_request_that_no_node_offers_is_named_before_the_runs_wait(ray_cluster
 
 def test_the_ray_section_of_a_sweep_file_is_checked_with_one_line_errors(tmp_path):
     good = sweep.load_sweep(write_spec(tmp_path, BUDGET, ray={"num_gpus": 1, "resources": {"TPU": 4},
-                                                              "max_retries": -1}))
+                                                              "max_retries": -1, "env_vars": {"A": "x", "B": 2}}))
     assert good.ray.task_options() == {"max_retries": -1, "retry_exceptions": [executors.RunPreempted],
-                                       "max_calls": 1, "num_gpus": 1.0, "resources": {"TPU": 4.0}}
+                                       "max_calls": 1, "num_gpus": 1.0, "resources": {"TPU": 4.0},
+                                       "runtime_env": {"env_vars": {"A": "x", "B": "2"}}}
     assert good.ray.describe() == "each run asks for 1 CPU, 1 GPU, 4 TPU; retried without limit"
     assert sweep.load_sweep(write_spec(tmp_path, BUDGET)).ray == executors.RayOptions()  # Ray's defaults
-    cases = [({"gpus": 1}, "ray has unknown key 'gpus'; valid keys: num_cpus, num_gpus, resources, max_retries"),
+    cases = [({"gpus": 1}, "ray has unknown key 'gpus'; valid keys: num_cpus, num_gpus, resources, max_retries, "
+                           "env_vars"),
              ({"num_gpus": -1}, "ray.num_gpus=-1 must be a number >= 0"),
              ({"num_cpus": 2.5}, r"ray.num_cpus=2.5 must be a number >= 0 \(a whole number above 1\)"),
              ({"resources": {"TPU": 0}}, "ray.resources.TPU=0 must be a number > 0"),
              ({"resources": {"GPU": 1}}, "ray.resources.GPU: ask for it with ray.num_gpus instead"),
              ({"resources": ["TPU"]}, "ray.resources must map resource names to amounts"),
              ({"max_retries": 1.5}, "ray.max_retries=1.5 must be an integer >= 0, or -1"),
+             ({"env_vars": ["A=x"]}, "ray.env_vars must map variable names to values"),
+             ({"env_vars": {"A": None}}, "ray.env_vars.A=None: give a variable name and a string or number value"),
              ("tpu", "ray must be a mapping")]
     for ray, message in cases:
         with pytest.raises(ConfigError, match=message) as error:

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from scaling_jax.errors import ConfigError, UserError
 
 EXECUTORS = ("local", "ray")
-RAY_KEYS = ("num_cpus", "num_gpus", "resources", "max_retries")
+RAY_KEYS = ("num_cpus", "num_gpus", "resources", "max_retries", "env_vars")
 INSTALL_HINT = 'pip install -e ".[ray]"'
 
 TrainFn = Callable[[Any], dict]  # a run's config -> its summary (scaling_jax.train.loop.train)
@@ -43,6 +43,7 @@ class RayOptions:
     num_gpus: float | None = None
     resources: dict[str, float] = field(default_factory=dict)  # custom resources, e.g. {"TPU": 4}
     max_retries: int = 3  # retries after a worker/node dies or the run is preempted; -1: without limit
+    env_vars: dict[str, str] = field(default_factory=dict)  # set in each run's worker (Ray's runtime_env)
 
     def task_options(self) -> dict:
         options: dict[str, Any] = {"max_retries": self.max_retries, "retry_exceptions": [RunPreempted],
@@ -52,6 +53,8 @@ class RayOptions:
                 options[key] = getattr(self, key)
         if self.resources:
             options["resources"] = dict(self.resources)
+        if self.env_vars:
+            options["runtime_env"] = {"env_vars": dict(self.env_vars)}
         return options
 
     def request(self) -> dict[str, float]:
@@ -110,6 +113,14 @@ def ray_options(raw: Any, path: str) -> RayOptions:
         if isinstance(value, bool) or not isinstance(value, int) or value < -1:
             raise fail(f"ray.max_retries={value!r} must be an integer >= 0, or -1 to retry without limit")
         options.max_retries = value
+    env_vars = raw.get("env_vars") or {}
+    if not isinstance(env_vars, dict):
+        raise fail(f"ray.env_vars must map variable names to values, such as {{XLA_FLAGS: '...'}}, got {env_vars!r}")
+    for name, value in env_vars.items():
+        if not isinstance(name, str) or not name or "=" in name or not isinstance(value, (str, int, float)) \
+                or isinstance(value, bool):
+            raise fail(f"ray.env_vars.{name}={value!r}: give a variable name and a string or number value")
+        options.env_vars[name] = str(value)
     return options
 
 

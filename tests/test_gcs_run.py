@@ -39,12 +39,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _forget_tf_choice() -> None:
+def _forget_etils_choices() -> None:
     """etils caches whether to use TensorFlow for gs:// on its first path operation (any earlier test's local
-    checkpoint); forget it so ``EPATH_USE_TF`` applies."""
-    from etils.epath import gpath
+    checkpoint), and the gcsfs instance it made then (with that emulator's listings, which a later module's
+    emulator does not have); forget both so ``EPATH_USE_TF`` and this emulator apply."""
+    from etils.epath import backend, gpath
 
     gpath._is_tf_installed.cache_clear()
+    backend._FileSystemSpecBackend._get_filesystem.cache_clear()
 
 
 def _with_generation_headers(download):
@@ -77,12 +79,12 @@ def gcs():
     for name in quiet:  # "no default credentials" / "not found" probes are expected against an emulator
         logging.getLogger(name).setLevel(logging.CRITICAL)
     gcsfs.GCSFileSystem.clear_instance_cache()
-    _forget_tf_choice()
+    _forget_etils_choices()
     try:
         yield gcsfs.GCSFileSystem()
     finally:
         gcsfs.GCSFileSystem.clear_instance_cache()
-        _forget_tf_choice()
+        _forget_etils_choices()
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         for name, level in quiet.items():

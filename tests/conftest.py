@@ -102,6 +102,7 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of xdist's: pytest without xdist must not refuse it
 def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") != "loadfile":
         return None  # xdist's own scheduler for any other --dist

@@ -61,6 +61,13 @@ def _with_generation_headers(download):
     return handler
 
 
+def emulator_env(url: str) -> dict[str, str]:
+    """What points gcsfs, tensorstore and orbax's paths at the emulator at ``url`` (``gcs`` sets it in this process;
+    a Ray worker needs it too)."""
+    return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
+            "EPATH_USE_TF": "false"}
+
+
 @pytest.fixture(scope="module")
 def gcs():
     patch = pytest.MonkeyPatch()
@@ -71,8 +78,7 @@ def gcs():
     # A client that hangs up early (tensorstore does, after a HEAD-like read) is not an error worth a traceback.
     server._api._httpd.handle_error = lambda request, client_address: None
     url = f"http://127.0.0.1:{port}"
-    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
-           "EPATH_USE_TF": "false"}
+    env = emulator_env(url)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     quiet = {name: logging.getLogger(name).level for name in ("gcsfs", "gcp_storage_emulator")}

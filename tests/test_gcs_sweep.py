@@ -8,7 +8,7 @@ import json
 
 import pytest
 import yaml
-from test_gcs_run import BUCKET, _on_host, gcs  # noqa: F401  (gcs: the emulator fixture, module-scoped)
+from test_gcs_run import BUCKET, _on_host, emulator_env, gcs  # noqa: F401  (gcs: the emulator fixture, module-scoped)
 from test_sweep import COMMON, SIZES, TEXTS  # the local sweep tests' corpus, overrides and sizes
 
 from scaling_jax import paths
@@ -96,8 +96,7 @@ def test_a_ray_sweep_into_a_bucket_trains_in_workers_and_skips_on_rerun(gcs, ray
     (tmp_path / "worker-tmp").mkdir()
     # the workers reach the emulator through the sweep file's ray.env_vars (the session's Ray started before the
     # emulator), and keep their run mirrors under this test's temp dir
-    env = {k: os.environ[k] for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
-                                      "GOOGLE_AUTH_TOKEN_FOR_TESTING", "EPATH_USE_TF")}
+    env = {k: os.environ[k] for k in emulator_env('')}
     spec = sweep.load_sweep(_spec(tmp_path, out_dir, ray={"env_vars": {**env, "TMPDIR": str(tmp_path / "worker-tmp")}}))
     executor = executors.RayExecutor(spec.ray)
     entries = sweep.run_sweep(spec, sizes=["xs"], say=lambda m: None, executor=executor)

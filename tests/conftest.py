@@ -1,6 +1,7 @@
 """Test setup: 8 simulated CPU devices for mesh tests, one compilation cache, and small shared builders."""
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -31,11 +32,31 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_XLA_
 
 jax.config.update("jax_num_cpu_devices", 8)  # before any JAX op; single-device tests use devices()[:1]
 ensure_threads_for_collectives()  # 16 client threads for 8 devices (else queued steps can deadlock XLA:CPU)
-# The cache serves the training subprocesses (which inherit the environment); in the test processes themselves
-# it bought nothing (the whole suite took 445.8 s with it, 444.5 s without, on 2 workers), so it stays off.
-jax.config.update("jax_compilation_cache_dir", None)
+# The cache serves the training subprocesses (which inherit the environment) and the test processes: many tests
+# build the same tiny trainer (a resume, a copied run, a refused setting), and a hit skips XLA's compile of its
+# state init, train and eval steps (~1.5 CPU-s of a ~4 CPU-s build). 8 heavy files in one process: 121-126 s with
+# it, 135-149 s without (alternated, load ~1.5).
 
 import pytest  # noqa: E402
+
+# What jax.monitoring records when a program is built: XLA compiled it, or the persistent cache gave it back.
+PROGRAM_BUILT_EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_retrieval_time_sec")
+
+
+@contextlib.contextmanager
+def programs_built():
+    """The programs built inside the block (a list of event names, one per program, compiled or from the cache)."""
+    built: list[str] = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event in PROGRAM_BUILT_EVENTS:
+            built.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield built
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 from scaling_jax.config import load_config  # noqa: E402
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import programs_built
 from test_checkpoint import _command, _env, _losses, _signal_after_step, _wait_for_step
 
 from scaling_jax.cli import main
@@ -490,15 +491,10 @@ def test_saving_a_replicated_state_on_cpu_devices_compiles_nothing(tmp_path):
 
     mesh = jax.make_mesh((8,), ("data",), devices=jax.devices())
     replicated = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P())), _state(3))
-    compiles = []
-    listener = lambda event, duration, **kw: compiles.append(event) if "backend_compile" in event else None  # noqa: E731
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with programs_built() as built:
         ckpt = Checkpointer(str(tmp_path / "run"), 1, async_save=False)
         ckpt.save(3, replicated, _data_iter(), {"step": 3})
         ckpt.close()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    assert compiles == []
+    assert built == []
     restored = _restore(tmp_path / "run")[1]
     np.testing.assert_array_equal(np.asarray(restored.params["w"]), np.asarray(_state(3).params["w"]))

@@ -109,6 +109,16 @@ def test_live_projection_appears_after_a_tenth_of_the_run_and_refits_rarely(caps
     assert "loss=2.1000 tok/s=100 final≈" in capsys.readouterr().err
 
 
+def test_a_run_shorter_than_the_refit_interval_never_pays_for_a_fit(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(projection.time, "monotonic", lambda: clock[0])
+    live = LiveProjection(total_steps=1000, min_interval_s=10.0, n_boot=5)
+    loss = offset_curve(np.arange(1, 1001, dtype=float))
+    assert all(live.observe(step, float(loss[step - 1])) is None for step in range(1, 200))  # due by steps, not time
+    clock[0] += 10.0
+    assert live.observe(200, float(loss[199])) is not None
+
+
 def test_a_resumed_run_projects_at_its_first_due_step_from_the_losses_it_logged():
     loss = offset_curve(np.arange(1, 1001, dtype=float))
     live = LiveProjection(total_steps=1000, min_interval_s=0.0, n_boot=20)

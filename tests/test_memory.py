@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import jax
 import pytest
+from conftest import programs_built
 
 from scaling_jax.cli import main
 from scaling_jax.config import load_config
@@ -106,21 +107,12 @@ def test_compiled_check_refuses_fake_numbers_over_the_limit():
 def test_compiled_check_does_not_compile_the_step_twice(tiny_config):
     session = build_session(tiny_config())
     args = session.compute.abstract_args(session.train_ds[0])
-    compiles = []
-
-    def listener(name, secs, **kwargs):
-        if name.endswith("backend_compile_duration"):
-            compiles.append(name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with programs_built() as built:
         with pytest.raises(ConfigError, match="the compiled train step needs"):
             memory.check_compiled_step(session.step_fn, args, (1.0, "a fake device has 1 byte"))
-        assert len(compiles) == 1
+        assert len(built) == 1
         state, batch = session.init_state(), to_global(session.train_ds[0], session.batch_sharding)
-        before = len(compiles)
+        before = len(built)
         session.step_fn(state, batch)
-        during_step = len(compiles) - before
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+        during_step = len(built) - before
     assert during_step == 0  # jit's cache served the step compiled for the check

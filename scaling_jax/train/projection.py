@@ -253,7 +253,10 @@ class LiveProjection:
     """The trainer's projection of its own final loss: it records every step's loss (bounded, ``LossHistory``)
     and refits from ``start`` of the run on, at most once per ``refit_every`` of the run and once per
     ``min_interval_s`` seconds, so a run pays for a few dozen small fits at most, never one per step (a short run
-    whose steps take milliseconds would otherwise spend more time fitting than training). A failed fit clears
+    whose steps take milliseconds would otherwise spend more time fitting than training). The first fit also
+    waits ``min_interval_s`` from the projection's start: a fit holds the host for about a second, and a run
+    (or a resumed piece of one) that ends within seconds is over before a projection could tell anyone
+    anything. A failed fit clears
     the projection (nothing is shown rather than a stale number), and no error escapes: a progress display must
     never stop training. ``enabled=False`` makes every method a no-op, so callers need no ``if``."""
 
@@ -269,13 +272,15 @@ class LiveProjection:
         self.history = LossHistory(max_points)
         self.last: Projection | None = None
         self._last_fit: tuple[int, float] | None = None  # (step, monotonic time) of the last refit
+        self._started = time.monotonic()
 
     def _due(self, step: int) -> bool:
-        """Past ``start`` of the run, before its end, and far enough (in steps and seconds) from the last refit."""
+        """Past ``start`` of the run, before its end, and far enough (in steps and seconds) from the last refit
+        (or, before the first, in seconds from the start)."""
         if step < self.first_fit or step >= self.total_steps:
             return False
         if self._last_fit is None:
-            return True
+            return time.monotonic() - self._started >= self.min_interval_s
         last_step, last_time = self._last_fit
         return step - last_step >= self.refit_steps and time.monotonic() - last_time >= self.min_interval_s
 

@@ -45,14 +45,15 @@ def _assert_one_line_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("overrides, devices, fragments", [  # devices None: in this process (device-free errors)
+@pytest.mark.parametrize("overrides, devices, fragments", [  # devices None: in this process (its 8 CPU devices)
     (["model.layer=3"], None, ["unknown config key 'model.layer'", "model.layers"]),
     (["train.steps=many"], None, ["train.steps must be int"]),
-    (["mesh.data=3"], 1, ["mesh data x fsdp x tensor = 3x1x1", "1 devices are available"]),
-    (["data.batch_size=3"], 2, ["data.batch_size=3 must be divisible by 2", "'batch'"]),
-    (["data.seq_len=31", "mesh.rules=[[length, data], [batch, null]]"], 2,
-     ["data.seq_len=31 must be divisible by 2", "'length'"]),
-    (["data.source=/nonexistent/*.txt"], 1, ["data.source", "/nonexistent/*.txt"]),  # read after the mesh check
+    (["mesh.data=3"], 1, ["mesh data x fsdp x tensor = 3x1x1", "1 devices are available"]),  # a whole process
+    (["data.batch_size=12"], None, ["data.batch_size=12 must be divisible by 8", "'batch'"]),
+    (["data.seq_len=31", "mesh.rules=[[length, data], [batch, null]]"], None,
+     ["data.seq_len=31 must be divisible by 8", "'length'"]),
+    # the data source is read after the mesh check, so the batch must fit the mesh first
+    (["data.batch_size=8", "data.source=/nonexistent/*.txt"], None, ["data.source", "/nonexistent/*.txt"]),
 ])
 def test_bad_inputs_fail_with_one_line(tmp_path, capsys, overrides, devices, fragments):
     args = ["train", "configs/quickstart.yaml", *TINY, *overrides, f"train.run_dir={tmp_path / 'run'}"]

@@ -119,6 +119,26 @@ def test_a_run_shorter_than_the_refit_interval_never_pays_for_a_fit(monkeypatch)
     assert live.observe(200, float(loss[199])) is not None
 
 
+def test_refits_never_take_more_than_their_share_of_the_host(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(projection.time, "monotonic", lambda: clock[0])
+    fit = projection.project_final
+
+    def slow_fit(*args, **kwargs):  # a fit that holds the host for 1 s
+        clock[0] += 1.0
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(projection, "project_final", slow_fit)
+    live = LiveProjection(total_steps=10_000, min_interval_s=0.0, max_host_share=0.05, n_boot=5)
+    loss = offset_curve(np.arange(1, 10_001, dtype=float))
+    fits = []
+    for step in range(1, 5000):
+        if live.observe(step, float(loss[step - 1])) is not None:
+            fits.append(clock[0])
+        clock[0] += 0.01  # 10 ms steps: due by steps every 500 steps, i.e. every 5 s
+    assert len(fits) >= 3 and min(np.diff(fits)) >= 20.0  # 1 s of fitting per 20 s at most
+
+
 def test_a_resumed_run_projects_at_its_first_due_step_from_the_losses_it_logged():
     loss = offset_curve(np.arange(1, 1001, dtype=float))
     live = LiveProjection(total_steps=1000, min_interval_s=0.0, n_boot=20)

@@ -256,22 +256,26 @@ class LiveProjection:
     whose steps take milliseconds would otherwise spend more time fitting than training). The first fit also
     waits ``min_interval_s`` from the projection's start: a fit holds the host for about a second, and a run
     (or a resumed piece of one) that ends within seconds is over before a projection could tell anyone
-    anything. A failed fit clears
-    the projection (nothing is shown rather than a stale number), and no error escapes: a progress display must
-    never stop training. ``enabled=False`` makes every method a no-op, so callers need no ``if``."""
+    anything. Each refit also waits until the last fit's duration is at most ``max_host_share`` of the time
+    since it began, so a display never takes more than that share of the host from a run whose steps are
+    fast. A failed fit clears the projection (nothing is shown rather than a stale number), and no error
+    escapes: a progress display must never stop training. ``enabled=False`` makes every method a no-op, so
+    callers need no ``if``."""
 
     def __init__(self, total_steps: int, skip_until: float = 0.0, start: float = 0.1, refit_every: float = 0.05,
-                 min_interval_s: float = 10.0, n_boot: int = 100, max_points: int = 256, enabled: bool = True) -> None:
+                 min_interval_s: float = 10.0, max_host_share: float = 0.02, n_boot: int = 100,
+                 max_points: int = 256, enabled: bool = True) -> None:
         self.total_steps = total_steps
         self.skip_until = skip_until
         self.first_fit = max(1, math.ceil(start * total_steps))
         self.refit_steps = max(1, math.ceil(refit_every * total_steps))
         self.min_interval_s = min_interval_s
+        self.max_host_share = max_host_share
         self.n_boot = n_boot
         self.enabled = enabled
         self.history = LossHistory(max_points)
         self.last: Projection | None = None
-        self._last_fit: tuple[int, float] | None = None  # (step, monotonic time) of the last refit
+        self._last_fit: tuple[int, float, float] | None = None  # (step, monotonic start, seconds) of the last refit
         self._started = time.monotonic()
 
     def _due(self, step: int) -> bool:
@@ -281,8 +285,9 @@ class LiveProjection:
             return False
         if self._last_fit is None:
             return time.monotonic() - self._started >= self.min_interval_s
-        last_step, last_time = self._last_fit
-        return step - last_step >= self.refit_steps and time.monotonic() - last_time >= self.min_interval_s
+        last_step, began, took = self._last_fit
+        wait = max(self.min_interval_s, took / self.max_host_share)
+        return step - last_step >= self.refit_steps and time.monotonic() - began >= wait
 
     def observe(self, step: int, loss: float) -> Projection | None:
         """Record ``step``'s loss; returns the projection refitted at this step, else None (not due, or failed)."""
@@ -294,11 +299,12 @@ class LiveProjection:
         steps, losses = self.history.arrays()
         if len(after_burn_in(steps, losses, skip_until=self.skip_until)[0]) < MIN_POINTS:
             return None  # too early to fit; costs nothing, so it does not count against the throttle
-        self._last_fit = (step, time.monotonic())
+        began = time.monotonic()
         try:
             self.last = project_final(steps, losses, self.total_steps, skip_until=self.skip_until, n_boot=self.n_boot)
         except Exception:  # noqa: BLE001 - a numerical surprise in a display must not end a run
             self.last = None
+        self._last_fit = (step, began, time.monotonic() - began)
         return self.last
 
     def resume(self, rows: list[dict]) -> None:

@@ -162,6 +162,17 @@ def test_cli_bad_run_dir_exits_2_with_one_line(tmp_path, monkeypatch, capsys, en
     assert code == 2 and len(err) == 1 and f"{tmp_path}/missing" in err[0]
 
 
+def test_no_default_tasks_indexes_only_the_include_path_and_needs_one(capsys):
+    with adapter._without_default_tasks(True):
+        only = lm_eval.tasks.TaskManager(include_path=FIXTURES)
+    assert lm_eval.tasks.TaskManager.__name__ == "TaskManager"  # lm-eval's own class again
+    assert "scaling_jax_tiny" in only.all_tasks and "sj_mc" in only.all_tasks
+    assert not any(name.startswith("hellaswag") for name in only.all_tasks)  # lm-eval ships hellaswag
+    assert adapter.main(["--model", "scaling_jax", "--tasks", "sj_mc", "--no_default_tasks"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --no_default_tasks") and "--include_path" in err[0]
+
+
 @pytest.mark.slow
 def test_cli_end_to_end(tmp_path, run_dir, env, evaluated):
     """``python -m scaling_jax.eval.lm_eval_adapter`` is the lm_eval command with --model scaling_jax."""
@@ -169,7 +180,7 @@ def test_cli_end_to_end(tmp_path, run_dir, env, evaluated):
     proc = subprocess.run(
         [sys.executable, "-m", "scaling_jax.eval.lm_eval_adapter", "--model", "scaling_jax",
          "--model_args", f"run_dir={run_dir},step=1", "--tasks", "scaling_jax_tiny", "--include_path", FIXTURES,
-         "--batch_size", "4", "--output_path", str(out)],
+         "--batch_size", "4", "--output_path", str(out), "--no_default_tasks"],
         capture_output=True, text=True, timeout=300, env={**os.environ, **env, "DISABLE_MULTIPROC": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sj_mc" in proc.stdout and "bits_per_byte" in proc.stdout

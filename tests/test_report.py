@@ -3,6 +3,8 @@ extrapolation with its interval, the equal-compute table and the noise scale —
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -95,6 +97,13 @@ def test_report_takes_single_run_directories_and_wall_clock_from_training_rows(t
     assert [p["wall_time"] for p in records[0].curve] == [3.0, 6.0, 9.0, 12.0]
     assert main(["report", *runs, "--out", str(tmp_path / "rep")]) == 0
     assert "L(N) = (N_c/N)^α" in open(tmp_path / "rep" / "report.md").read()  # two sizes: Kaplan's two-parameter form
+
+
+def test_report_loads_without_jax(tmp_path):
+    """The report is numpy and scipy: its command starts without JAX's ~0.8 s of imports."""
+    code = (f"import sys; from scaling_jax.cli import main; assert main(['report', {str(tmp_path)!r}]) == 2; "
+            "assert 'jax' not in sys.modules, 'jax imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
 def test_report_on_a_directory_without_runs_is_a_one_line_error(tmp_path):

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import jax
-import jax.numpy as jnp
-
 KEYS = ("noise_grad_sq_small", "noise_grad_sq_big", "noise_batch_small", "noise_batch_big")
 
 
@@ -29,6 +26,9 @@ def two_batch_value_and_grad(value_and_grad: Callable, graphdef, params: dict, b
 
     Token sums (``tokens``, ``*_sum``) are added; other metrics are token-weighted means of the halves.
     """
+    import jax  # here: the host-side analysis (``KEYS``, ``moments``; ``scaling-jax report``) loads without JAX
+    import jax.numpy as jnp
+
     halves = [jax.tree.map(lambda x, i=i: x[i::2], batch) for i in (0, 1)]
     (_, m1), g1 = value_and_grad(graphdef, params, halves[0])
     (_, m2), g2 = value_and_grad(graphdef, params, halves[1])

@@ -39,6 +39,8 @@ ensure_threads_for_collectives()  # 16 client threads for 8 devices (else queued
 
 import pytest  # noqa: E402
 
+from scaling_jax.config import load_config  # noqa: E402
+
 # What jax.monitoring records when a program is built: XLA compiled it, or the persistent cache gave it back.
 PROGRAM_BUILT_EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_retrieval_time_sec")
 
@@ -58,7 +60,6 @@ def programs_built():
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
 
-from scaling_jax.config import load_config  # noqa: E402
 
 TINY = ["model.layers=2", "model.d_model=64", "model.heads=4", "model.kv_heads=2", "model.head_dim=16",
         "model.d_ff=128", "data.seq_len=32", "data.batch_size=8", "optimizer.warmup_steps=2"]

@@ -21,7 +21,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # The workers and ~60 trainer, eval and Ray processes each import the package. Where PYTHONDONTWRITEBYTECODE is set
 # (the development machine sets it) none of them writes its bytecode, so each compiled the package's sources again:
-# ~0.8 CPU-s of every start. Compiled once here, before the workers start, into the package's own __pycache__
+# 0.5-0.9 CPU-s of every start. Compiled once here, before the workers start, into the package's own __pycache__
 # (ignored by git), which Python reads even where it may not write; an edited file is recompiled as usual.
 if "PYTEST_XDIST_WORKER" not in os.environ:
     compileall.compile_dir(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scaling_jax"),

@@ -171,6 +171,10 @@ def test_no_default_tasks_indexes_only_the_include_path_and_needs_one(capsys):
     assert adapter.main(["--model", "scaling_jax", "--tasks", "sj_mc", "--no_default_tasks"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --no_default_tasks") and "--include_path" in err[0]
+    # lm-eval's --config file may name the path: the flag is not refused (the missing run is what stops this one)
+    assert adapter.main(["run", "--config", "x.yaml", "--model", "scaling_jax", "--model_args", "run_dir=/missing",
+                         "--tasks", "sj_mc", "--no_default_tasks"]) == 2
+    assert "/missing" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -367,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     skip_defaults = NO_DEFAULT_TASKS in args
     args = [a for a in args if a != NO_DEFAULT_TASKS]
     try:
-        if skip_defaults and not any(a == "--include_path" or a.startswith("--include_path=") for a in args):
+        given = {a.partition("=")[0] for a in args}
+        if skip_defaults and not given & {"--include_path", "--config", "-C"}:  # a config file may name the path
             raise UserError(f"{NO_DEFAULT_TASKS} leaves only --include_path's tasks: pass --include_path DIR")
         run_dir = _run_dir_arg(args)
         if run_dir is not None:

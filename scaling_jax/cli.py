@@ -17,7 +17,7 @@ from scaling_jax.run_dir import CONFIG_FILE, EVAL_DIR, REPORT_DIR
 
 
 @contextlib.contextmanager
-def _no_notebook_probe() -> Iterator[None]:
+def no_notebook_probe() -> Iterator[None]:
     """flax.nnx asks IPython at import whether it runs in a notebook (to colour its reprs), and where IPython is
     installed that imports all of it: 0.1-0.5 CPU-s of every command's start (a 1-step tiny training: 5.3-6.3 ->
     5.0-6.1 CPU-s, 4 alternated pairs, load ~1.1). A process that has not loaded IPython is no notebook, so while
@@ -589,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = list(getattr(args, "overrides", [])) + extra  # key=value after an --option
     ensure_threads_for_collectives()  # before any command touches a device
     try:
-        with _no_notebook_probe():
+        with no_notebook_probe():
             return args.func(args)
     except UserError as e:
         if args.debug:

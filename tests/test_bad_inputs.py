@@ -520,6 +520,7 @@ def _read_only_mount_works(path) -> bool:
         ["unshare", "--mount", "sh", "-c", probe], capture_output=True).returncode == 0
 
 
+@pytest.mark.slow  # two whole report and eval processes (the permission-denied case above runs in this one)
 def test_a_really_read_only_run_mount_is_one_line(trained_run, tmp_path):
     """The same through a real read-only bind mount (where the machine allows one: root with mount rights)."""
     if not _read_only_mount_works(tmp_path):

@@ -61,10 +61,10 @@ def test_bad_inputs_fail_with_one_line(tmp_path, capsys, overrides, devices, fra
     _assert_one_line_error(result, *fragments)
 
 
-def test_empty_data_source_is_one_line(tmp_path):
+def test_empty_data_source_is_one_line(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
-    result = _cli("train", "configs/quickstart.yaml", *TINY, f"data.source={tmp_path / 'empty.txt'}",
-                  f"train.run_dir={tmp_path / 'run'}")
+    result = _cli_here(capsys, "train", "configs/quickstart.yaml", *TINY, "data.batch_size=8",  # 8 devices here
+                       f"data.source={tmp_path / 'empty.txt'}", f"train.run_dir={tmp_path / 'run'}")
     _assert_one_line_error(result, "gives no train documents", "data.source")
 
 

@@ -21,10 +21,6 @@ from scaling_jax.train.checkpoint import COMMIT_MARKER, DAMAGED_DIR, DIGEST_FILE
 from scaling_jax.train.loop import train
 from scaling_jax.train.metrics import read_metrics
 
-emulator = pytest.importorskip("gcp_storage_emulator.server", reason="needs the test extra (gcp-storage-emulator)")
-emulator_objects = pytest.importorskip("gcp_storage_emulator.handlers.objects")
-gcsfs = pytest.importorskip("gcsfs", reason="needs the gcs extra (gcsfs)")
-
 BUCKET = "scaling-jax-test"
 # A 1-layer, d_model 32 model on 30 documents: what is tested is where the run's files go, not the model.
 RUN = ["model.series=custom", "model.layers=1", "model.d_model=32", "model.heads=1", "model.head_dim=32",
@@ -70,6 +66,11 @@ def emulator_env(url: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def gcs():
+    # Imported here, not with the module: every test process collects this file, and gcsfs with aiohttp costs
+    # ~1 s of a collection that `-m "not slow"` (which runs none of these tests) would pay for nothing.
+    emulator = pytest.importorskip("gcp_storage_emulator.server", reason="needs the test extra (gcp-storage-emulator)")
+    emulator_objects = pytest.importorskip("gcp_storage_emulator.handlers.objects")
+    gcsfs = pytest.importorskip("gcsfs", reason="needs the gcs extra (gcsfs)")
     patch = pytest.MonkeyPatch()
     patch.setattr(emulator_objects, "download", _with_generation_headers(emulator_objects.download))
     port = _free_port()

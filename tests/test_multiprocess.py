@@ -146,6 +146,7 @@ def test_two_processes_train_like_one_and_resume_from_their_joint_checkpoint(tmp
           max(abs(a - b) / abs(b) for (_, a), (_, b) in zip(two, one, strict=True)))
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_every_process_at_the_same_step():
     """On a pod the signal reaches workers at different moments; JAX's preemption service must make
     all of them stop (and so checkpoint) after one agreed step instead of one leaving a collective."""

@@ -34,6 +34,23 @@ def test_instance_estimator_is_unbiased_and_its_interval_covers(p, cap):
     assert coverage >= 0.93
 
 
+@pytest.mark.parametrize("successes, trials, passes", [(2, 40, 2), (3, 7, 3), (1, 1, 1), (0, 30, 2), (1, 500, 2)])
+def test_interval_ends_leave_exactly_alpha_over_2_in_each_tail(successes, trials, passes):
+    """The interval ends, checked by scipy's binomial tails. At the cap (a binomial count) they are
+    Clopper-Pearson's; at the r-th pass on trial K, P(K' <= K | low) = P(Binomial(K, low) >= r) = alpha/2 and
+    P(K' >= K | high) = P(Binomial(K - 1, high) <= r - 1) = alpha/2."""
+    from scipy import stats
+
+    est = pu.estimate_from_counts(successes, trials, passes, confidence=0.9)
+    if successes >= passes:
+        assert stats.binom.sf(passes - 1, trials, est.low) == pytest.approx(0.05, rel=1e-6)
+        if trials > passes:
+            assert stats.binom.cdf(passes - 1, trials - 1, est.high) == pytest.approx(0.05, rel=1e-6)
+    else:
+        exact = stats.binomtest(successes, trials).proportion_ci(0.9, method="exact")
+        assert (est.low, est.high) == pytest.approx((exact.low, exact.high), rel=1e-9, abs=1e-12)
+
+
 def test_with_one_pass_the_estimate_is_the_mle_and_overestimates_small_p():
     """Why the default is r=2: with r=1 only 1/K is informative, and E[1/K] = p log(1/p) / (1-p) > p."""
     p = 0.05

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import optimize, special  # t and normal quantiles; scipy.stats costs ~0.4 s more to import
 from threadpoolctl import threadpool_limits
 
 from scaling_jax.errors import DataError
@@ -332,7 +332,7 @@ def seed_stats(values, level: float = 0.95) -> SeedStats:
     if n == 1:
         return SeedStats(mean, math.nan, 1, math.nan, mean, mean, level)
     std = float(v.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
+    half = float(special.stdtrit(n - 1, 0.5 + level / 2)) * std / math.sqrt(n)
     return SeedStats(mean, half, n, std, float(v.min()), float(v.max()), level)
 
 
@@ -565,7 +565,7 @@ def profile_minimum(n, loss, window: int = 5, n_boot: int = 200, level: float = 
     rng = np.random.default_rng(seed)
     draws = np.log([_minimum_in_window(ln, fitted + rng.choice(residuals, size=k)) for _ in range(n_boot)])
     tail = (1.0 - level) / 2
-    widen = stats.t.ppf(1.0 - tail, k - 3) / stats.norm.ppf(1.0 - tail)  # few points: t, not normal, quantiles
+    widen = special.stdtrit(k - 3, 1.0 - tail) / special.ndtri(1.0 - tail)  # few points: t, not normal, quantiles
     best = math.log(found[0])
     lo, hi = best + widen * (np.quantile(draws, [tail, 1.0 - tail]) - best)
     return found[0], float(np.exp(max(lo, ln.min()))), float(np.exp(min(hi, ln.max())))

@@ -528,9 +528,8 @@ def validate(config: Config) -> None:
     if m.head_dim % 2 and m.position == "rope":
         raise ConfigError(f"model.head_dim={m.head_dim} must be even for rotary embeddings")
     _validate_relative(config)
-    if config.objective.name == "mtp" and m.layers < 2:  # here, so a sweep refuses it before training any run
-        raise ConfigError(f"model.layers={m.layers} must be >= 2 for objective=mtp (the last layer becomes the "
-                          "per-head blocks)")
+    if config.objective.name == "mtp":  # here, so a sweep refuses it before training any run
+        check_mtp_layers(m.layers)
     if d.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
                           "lower data.seq_len or raise model.max_seq_len")
@@ -567,6 +566,13 @@ def validate(config: Config) -> None:
                 or (isinstance(target, list) and all(isinstance(a, str) for a in target))):
             raise ConfigError(f"mesh.rules entry {rule!r} must map to a mesh axis name, a list of names or null")
     _check_data_lists(config)
+
+
+def check_mtp_layers(layers: int) -> None:
+    """Multi-token prediction turns the last layer into the per-head blocks, so it needs a trunk of at least one."""
+    if layers < 2:
+        raise ConfigError(f"model.layers={layers} must be >= 2 for objective=mtp (the last layer becomes the "
+                          "per-head blocks)")
 
 
 def _validate_relative(config: Config) -> None:

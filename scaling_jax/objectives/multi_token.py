@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from scaling_jax.config import ModelConfig, ObjectiveConfig
+from scaling_jax.config import ModelConfig, ObjectiveConfig, check_mtp_layers
 from scaling_jax.errors import ConfigError
 from scaling_jax.model.layers import Block, MaskSpec
 from scaling_jax.model.transformer import Decoder, block_key
@@ -99,9 +99,7 @@ class MultiTokenModel(nnx.Module):
     """Trunk (a ``Decoder`` holding ``layers - 1`` blocks, the embedding, final norm and unembedding) + head blocks."""
 
     def __init__(self, cfg: ModelConfig, heads: int, rngs: nnx.Rngs):
-        if cfg.layers < 2:
-            raise ConfigError(f"model.layers={cfg.layers} must be >= 2 for objective=mtp "
-                              "(the last layer becomes the per-head blocks)")
+        check_mtp_layers(cfg.layers)  # also built outside a validated config (scripts, notebooks)
         self.trunk = Decoder(cfg, rngs, num_blocks=cfg.layers - 1)
         self.heads = nnx.List([Block(cfg, rngs) for _ in range(heads)])
 

@@ -53,9 +53,10 @@ PROGRAM_BUILT_EVENT = "/jax/core/compile/backend_compile_duration"
 # many tests build the same tiny trainer (a resume, a copied run, a refused setting), and a hit skips XLA's compile
 # of its state init, train and eval steps (~1.5 CPU-s of a ~4 CPU-s build). It is kept between runs in pytest's
 # cache directory, so running the inner loop again compiles only the programs a change touched: `-m "not slow"`
-# took 139.7-143.8 s with it warm against 182.6-197.4 s cold (2 workers, load ~2.4). Its keys are the programs'
-# HLO, compile options, flags and jax version, so a stale entry is never served; `--cache-clear` empties it, and
-# past CACHE_KEEP_BYTES the oldest entries go. A directory the caller set (JAX_COMPILATION_CACHE_DIR) is used as is.
+# took 112.8 s with it warm and 173.9 s with it empty (2 workers, load ~2.3). Its keys are the programs' HLO,
+# compile options, flags and jax version, so a stale entry is never served (an entry cut short by a killed run is
+# read as a miss, with jax's warning); `--cache-clear` empties it, and past CACHE_KEEP_BYTES the oldest entries go.
+# A directory the caller set (JAX_COMPILATION_CACHE_DIR) is used as is.
 CACHE_KEEP_BYTES = 512 << 20
 
 

@@ -19,12 +19,14 @@ from scaling_jax.config import ModelConfig
 from scaling_jax.model.attention_kernels import MaskSpec, dot_product_attention
 from scaling_jax.model.attention_kernels import attention_mask as attention_mask  # re-exported: callers import it here
 from scaling_jax.model.remat import BLOCK_INPUT, RECOMPUTE_BLOCK, policy_name
-from scaling_jax.parallel.sharding import constrain
+from scaling_jax.parallel.sharding import active_split, constrain
 
 ACT = ("batch", "length", "activation_embed")
-# Positions of the sequence the MLP runs on at a time when the remat policy recomputes whole blocks
-# (``GatedMLP``): 4 slices of a 2048-token row keep the [rows, length, d_ff] activations a quarter size.
-MLP_CHUNK = 512
+# Where the remat policy recomputes whole blocks the gated MLP runs in slices (``GatedMLP.residual``): of its
+# hidden units, this many per chip at a time (d_ff 8192 on one chip: 16 slices, each a full-width matmul), or of
+# the sequence, this many positions at a time (4 slices of a 2048-token row).
+MLP_UNITS = 512
+MLP_POSITIONS = 512
 # What a block's attention is told about its rows: a MaskSpec (segment ids and prefix flags; the kernel that
 # model.attention picks builds its own mask form) or an explicit boolean mask [batch, 1, q, k] (always xla).
 Mask = MaskSpec | jax.Array
@@ -46,12 +48,18 @@ def gathered(param: nnx.Param, dtype) -> jax.Array:
     through the constraint's transpose: an all-reduce of the layer's bf16 gradient, then each chip's slice,
     cast to the parameter's dtype. A custom backward that asks for a reduce-scatter instead brings the
     windowed matmuls back in the backward pass, and the peak with them (4.19 GiB)."""
-    value = param[...].astype(dtype)
+    value = param[...]
     axes = tuple(param.get_metadata().get("out_sharding") or ())
     axes = axes[len(axes) - value.ndim:]  # a stacked block's slice keeps the leading "layers" name
     if len(axes) != value.ndim:
-        return value
-    return constrain(value, tuple(None if a == "embed" else a for a in axes))
+        return value.astype(dtype)
+    return gather_embed(value, axes, dtype)
+
+
+def gather_embed(value: jax.Array, axes: Sequence[str | None], dtype) -> jax.Array:
+    """``value`` (logical ``axes``) cast to ``dtype``, then whole over the FSDP axis (``embed``); other axes
+    stay as the rules shard them."""
+    return constrain(value.astype(dtype), tuple(None if a == "embed" else a for a in axes))
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -137,33 +145,77 @@ class Attention(nnx.Module):
 class GatedMLP(nnx.Module):
     """Gated GeLU (PassUntil / T5.1.1 default, tanh GeLU) or SwiGLU (Llama)."""
 
+    IN, OUT = ("embed", "mlp"), ("mlp", "embed")  # logical axes of the gate and up weights, of the down weight
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.d_ff
         init = nnx.initializers.normal(cfg.init_std)
         out_init = nnx.initializers.normal(cfg.init_std / (2 * cfg.layers) ** 0.5)
         self.activation = jax.nn.gelu if cfg.mlp == "geglu" else jax.nn.silu
-        self.w_gate = make_param(rngs, init, (d, f), ("embed", "mlp"), cfg.param_dtype)
-        self.w_up = make_param(rngs, init, (d, f), ("embed", "mlp"), cfg.param_dtype)
-        self.w_down = make_param(rngs, out_init, (f, d), ("mlp", "embed"), cfg.param_dtype)
-        # Slice the sequence only where nothing inside a block is saved anyway (see ``__call__``)
-        self.chunk = MLP_CHUNK if policy_name(cfg.remat) in RECOMPUTE_BLOCK else 0
+        self.w_gate = make_param(rngs, init, (d, f), self.IN, cfg.param_dtype)
+        self.w_up = make_param(rngs, init, (d, f), self.IN, cfg.param_dtype)
+        self.w_down = make_param(rngs, out_init, (f, d), self.OUT, cfg.param_dtype)
+        # Slice only where nothing inside a block is saved anyway (see ``residual``)
+        self.sliced = policy_name(cfg.remat) in RECOMPUTE_BLOCK
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """Under remat full / full_offload, one ``MLP_CHUNK``-position slice of the rows at a time.
+        return self.apply(x, *self.weights(x.dtype))
 
-        The block's backward recomputes its MLP anyway; run as a loop over sequence slices, each slice
-        rematerialised on its own, only one slice's [rows, slice, d_ff] activations (and their gradients)
-        are live at once instead of the whole row's. Same FLOPs: the block's recomputation drops the
-        MLP's forward (its output is unused there), and each slice's backward recomputes it. The slices' weight
-        gradients add up in the compute dtype (bf16), as the chips' partial gradients already do."""
-        weights = tuple(gathered(w, x.dtype) for w in (self.w_gate, self.w_up, self.w_down))
-        n = x.shape[1] // self.chunk if self.chunk else 1
-        if n <= 1 or x.shape[1] % self.chunk:
-            return self.apply(x, *weights)
+    def weights(self, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Gate, up and down projections in ``dtype``, gathered whole for one use (``gathered``)."""
+        return tuple(gathered(w, dtype) for w in (self.w_gate, self.w_up, self.w_down))
+
+    def residual(self, x: jax.Array, norm: RMSNorm) -> jax.Array:
+        """``x + mlp(norm(x))``; under remat full / full_offload, in slices of the hidden units or of the sequence.
+
+        The block's backward recomputes its MLP anyway. Run as a loop over slices, each rematerialised on its
+        own, a chip holds one slice's share of the MLP's working set at a time. Which slices: a chip's MLP
+        working set is its gathered weights and their gradients (``3 d_model x d_ff / tensor`` each) plus its
+        rows gathered whole (``rows x length x d_model``), and the loop cuts whichever is larger. With FSDP
+        alone the weights are (v6e-64.yaml with fsdp 64: 144 MiB of gathered bf16 weights against 48 MiB of
+        rows), with tensor parallelism the rows are (fsdp 8 x tensor 8: 384 MiB of rows, 18 MiB of weights).
+        Same FLOPs: the block's recomputation drops the MLP's forward (its output is unused there), and each
+        slice's backward recomputes it."""
+        f = self.w_gate.shape[-1]
+        units = f // active_split("mlp", f)
+        rows = x.shape[0] // active_split("batch", x.shape[0]) * x.shape[1]
+        if self.sliced and 3 * units > rows and units % MLP_UNITS == 0 and units > MLP_UNITS:
+            return self._in_unit_slices(x, norm, units // MLP_UNITS)
+        if self.sliced and x.shape[1] % MLP_POSITIONS == 0 and x.shape[1] > MLP_POSITIONS:
+            return self._in_sequence_slices(x, norm, x.shape[1] // MLP_POSITIONS)
+        return x + self.apply(norm(x), *self.weights(x.dtype))
+
+    def _in_unit_slices(self, x: jax.Array, norm: RMSNorm, n: int) -> jax.Array:
+        """``n`` slices of the hidden units: slice ``j`` is the ``j``-th block of ``MLP_UNITS`` units of each
+        chip's share of the ``mlp`` axis, so it splits over the mesh as the whole MLP does. One slice's weights
+        are gathered at a time (each weight is still gathered once per step); the slices' weight gradients are
+        disjoint, and their outputs add up in float32."""
+        f, d, dtype = self.w_gate.shape[-1], x.shape[-1], x.dtype
+        shards = active_split("mlp", f)
+        # [n, d, f / n], [n, d, f / n], [n, f / n, d]
+        gate, up = (jnp.moveaxis(w[...].reshape(d, shards, n, MLP_UNITS), 2, 0).reshape(n, d, f // n)
+                    for w in (self.w_gate, self.w_up))
+        down = jnp.moveaxis(self.w_down[...].reshape(shards, n, MLP_UNITS, d), 1, 0).reshape(n, f // n, d)
+        normed = norm(x)
+
+        def add_slice(total: jax.Array, weights: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
+            g, u, dn = (gather_embed(w, axes, dtype) for w, axes in zip(weights, (self.IN, self.IN, self.OUT),
+                                                                          strict=True))
+            return constrain(total + self.apply(normed, g, u, dn).astype(jnp.float32), ACT), None
+
+        add_slice = jax.checkpoint(add_slice, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+        total, _ = jax.lax.scan(add_slice, constrain(jnp.zeros(x.shape, jnp.float32), ACT), (gate, up, down))
+        return constrain(x + total.astype(dtype), ACT)
+
+    def _in_sequence_slices(self, x: jax.Array, norm: RMSNorm, n: int) -> jax.Array:
+        """``n`` slices of the sequence: the norm and the residual add are per position, so they run inside the
+        slice too (no whole-row normed copy, and the norm's float32 cotangents stay one slice big). The slices'
+        weight gradients add up in the compute dtype, as the chips' partial gradients already do."""
+        weights = self.weights(x.dtype)
         b, t, d = x.shape
         slices = constrain(x.reshape(b, n, t // n, d).swapaxes(0, 1), (None, *ACT))
-        body = jax.checkpoint(lambda xs: self.apply(xs, *weights), policy=jax.checkpoint_policies.nothing_saveable,
-                              prevent_cse=False)
+        body = jax.checkpoint(lambda xs: xs + self.apply(norm(xs), *weights),
+                              policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
         return constrain(jax.lax.map(body, slices).swapaxes(0, 1).reshape(b, t, d), ACT)
 
     def apply(self, x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
@@ -186,7 +238,7 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, mask: Mask) -> jax.Array:
         x = checkpoint_name(x, BLOCK_INPUT)  # what remat=full_offload parks on the host
         x = constrain(x + self.attn(self.attn_norm(x), positions, mask), ACT)
-        return constrain(x + self.mlp(self.mlp_norm(x)), ACT)
+        return constrain(self.mlp.residual(x, self.mlp_norm), ACT)
 
     def cached(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: tuple[jax.Array, jax.Array],
                index: jax.Array, bias: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:

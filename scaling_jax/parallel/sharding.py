@@ -107,6 +107,15 @@ def active_mesh() -> Mesh | None:
     return _ACTIVE[-1][0] if _ACTIVE else None
 
 
+def active_split(name: str, size: int) -> int:
+    """How many ways the active layout splits a dimension of ``size`` named ``name`` (1 outside one)."""
+    if not _ACTIVE:
+        return 1
+    mesh, rules = _ACTIVE[-1]
+    axes = logical_to_spec((name,), rules, mesh, (size,))[0] or ()
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Sharding constraint from logical names; a no-op outside ``activation_sharding``."""
     if not _ACTIVE:

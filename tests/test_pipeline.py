@@ -3,6 +3,7 @@
 import dataclasses
 
 import numpy as np
+import pytest
 
 from scaling_jax.config import DataConfig
 from scaling_jax.data.pipeline import PackedRows, eval_batches, make_iterator, train_dataset
@@ -52,6 +53,7 @@ def _assert_same_batches(xs, ys):
             np.testing.assert_array_equal(x[key], y[key])
 
 
+@pytest.mark.slow  # starts worker processes
 def test_worker_processes_give_the_thread_stream_and_interchangeable_checkpoint_state():
     """Two grain worker processes run the transform: the same batches in the same order as threads, and a state
     saved by either kind of reader resumes the other exactly (a resume reopens the workers at the index). The

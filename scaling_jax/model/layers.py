@@ -189,7 +189,9 @@ class GatedMLP(nnx.Module):
         """``n`` slices of the hidden units: slice ``j`` is the ``j``-th block of ``MLP_UNITS`` units of each
         chip's share of the ``mlp`` axis, so it splits over the mesh as the whole MLP does. One slice's weights
         are gathered at a time (each weight is still gathered once per step); the slices' weight gradients are
-        disjoint, and their outputs add up in float32."""
+        disjoint, and their outputs add up in float32. The gradient of the normed rows adds up over the slices
+        in the compute dtype (the scan's transpose accumulates it in its input's): bf16 gradients of a small
+        model were as close to float32 ones with 16 slices as whole (median relative error 0.76% both)."""
         f, d, dtype = self.w_gate.shape[-1], x.shape[-1], x.dtype
         shards = active_split("mlp", f)
         # [n, d, f / n], [n, d, f / n], [n, f / n, d]

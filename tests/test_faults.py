@@ -31,7 +31,7 @@ from scaling_jax.config import load_config
 from scaling_jax.errors import CheckpointError
 from scaling_jax.train import lock as lock_lib
 from scaling_jax.train.checkpoint import DAMAGED_DIR, DIGEST_FILE, Checkpointer, damage, file_digests
-from scaling_jax.train.health import first_nonfinite, guard_nonfinite, tensor_names
+from scaling_jax.train.health import first_nonfinite, guard_nonfinite, squared_norms, tensor_names
 from scaling_jax.train.loop import train
 from scaling_jax.train.metrics import read_metrics
 from scaling_jax.train.preemption import StopRequest
@@ -188,10 +188,13 @@ def test_first_nonfinite_names_the_first_bad_tensor_in_step_order():
     params = {"a": jnp.ones(3), "b": {"c": jnp.ones(2)}}
     names = tensor_names(params)
     assert names == ["params/a", "params/b/c", "loss", "grads/a", "grads/b/c"]
+    culprit = lambda loss, grads: names[int(first_nonfinite(jnp.float32(loss), squared_norms(grads), 2))]  # noqa: E731
     grads = {"a": jnp.ones(3), "b": {"c": jnp.array([1.0, jnp.inf])}}
-    assert names[int(first_nonfinite(params, jnp.float32(1.0), grads))] == "grads/b/c"
-    assert names[int(first_nonfinite(params, jnp.float32(jnp.nan), grads))] == "loss"
-    assert int(first_nonfinite(params, jnp.float32(1.0), params)) == -1
+    assert culprit(1.0, grads) == "grads/b/c"
+    assert culprit(1.0, {"a": jnp.array([0.0, jnp.nan, 1.0]), "b": grads["b"]}) == "grads/a"
+    assert culprit(float("nan"), grads) == "loss"
+    assert culprit(1.0, {"a": jnp.full(3, 3e38), "b": {"c": jnp.ones(2)}}) == "grads/a"  # its norm overflows
+    assert int(first_nonfinite(jnp.float32(1.0), squared_norms(params), 2)) == -1
 
 
 def test_guard_keeps_the_previous_state_on_a_nonfinite_update():
@@ -200,7 +203,8 @@ def test_guard_keeps_the_previous_state_on_a_nonfinite_update():
     new_opt = jax.tree.map(lambda x: x + 1, state.opt_state)
     for loss, skipped in ((1.0, 0.0), (float("nan"), 1.0)):
         metrics = {"loss": jnp.float32(loss), "grad_norm": jnp.float32(2.0)}
-        params, opt, out = jax.jit(guard_nonfinite)(state, new_params, new_opt, state.params, metrics)
+        squares = squared_norms(state.params)
+        params, opt, out = jax.jit(guard_nonfinite)(state, new_params, new_opt, squares, metrics)
         expected = state if skipped else state.replace(params=new_params, opt_state=new_opt)
         jax.tree.map(np.testing.assert_array_equal, (params, opt), (expected.params, expected.opt_state))
         assert float(out["skipped"]) == skipped

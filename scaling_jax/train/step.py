@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from scaling_jax.objectives.base import Objective, make_loss_fn
 from scaling_jax.parallel.sharding import Rules, activation_sharding, named_sharding, replicated
-from scaling_jax.train.health import guard_nonfinite
+from scaling_jax.train.health import guard_nonfinite, squared_norms
 from scaling_jax.train.noise import two_batch_value_and_grad
 from scaling_jax.train.state import TrainState
 
@@ -50,8 +50,9 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.Grad
             (_, metrics), grads = value_and_grad(graphdef, state.params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
-        params, opt_state, metrics = guard_nonfinite(state, params, opt_state, grads, metrics)  # train.nan_policy
+        squares = squared_norms(grads)
+        metrics = {**metrics, "grad_norm": jnp.sqrt(sum(squares)), "lr": schedule(state.step)}
+        params, opt_state, metrics = guard_nonfinite(state, params, opt_state, squares, metrics)  # train.nan_policy
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

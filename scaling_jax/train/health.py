@@ -42,10 +42,10 @@ def squared_norms(grads: dict) -> list[jax.Array]:
 def first_nonfinite(loss: jax.Array, grad_squares: list[jax.Array], num_params: int) -> jax.Array:
     """Index (into ``tensor_names``) of the first non-finite tensor after the parameters: the loss, then each
     gradient by its sum of squares (non-finite when the gradient holds a NaN or Inf, or when its norm overflows
-    float32, which makes the update non-finite too); -1 if all are finite. Scalars only: XLA compiles it in a
-    blink, where a search over whole tensors cost ~15% of a small train step's compile (and ~5 s of a 2.8B
-    one's for TPU). The parameters are not searched: the guard never writes a non-finite one, so only a run
-    started from such weights has them, and its loss is then the first non-finite tensor named."""
+    float32, which makes the update non-finite too); -1 if all are finite. Scalars only, so it costs the
+    compiler nothing measurable, where a search over the whole tensors (under a ``lax.cond``) took ~15% of a
+    small train step's compile (docs/benchmarks.md). The parameters are not searched: the guard never writes a
+    non-finite one, so only a run started from such weights has them, and its loss is then the one named."""
     bad = jnp.stack([~jnp.isfinite(loss)] + [~jnp.isfinite(s) for s in grad_squares])
     return jnp.where(bad.any(), num_params + jnp.argmax(bad), -1).astype(jnp.int32)
 

@@ -99,6 +99,16 @@ def test_every_remat_policy_gives_the_gradients_of_none(policy):
     _assert_close(g_p, g_n)
 
 
+def _record_slicing(monkeypatch) -> list[tuple[str, int]]:
+    """(method, number of slices) of every sliced MLP traced from now on."""
+    calls = []
+    for name in ("_in_unit_slices", "_in_sequence_slices"):
+        method = getattr(layers.GatedMLP, name)
+        monkeypatch.setattr(layers.GatedMLP, name, lambda self, x, norm, n, method=method, name=name:
+                            calls.append((name, n)) or method(self, x, norm, n))
+    return calls
+
+
 @pytest.mark.parametrize("policy", remat.RECOMPUTE_BLOCK)
 @pytest.mark.parametrize("slicing", ["units", "positions"])
 def test_an_mlp_run_in_slices_gives_the_gradients_of_none(policy, slicing, monkeypatch):
@@ -106,11 +116,7 @@ def test_an_mlp_run_in_slices_gives_the_gradients_of_none(policy, slicing, monke
     ``layers.MLP_POSITIONS`` positions, 512 on real models): here 4 slices of 16 of the 64 hidden units (the
     weights outweigh the 4 x 16 positions of rows) or, with units that never divide, 4 slices of 4 positions,
     each slice rematerialised on its own, against the unsliced program."""
-    calls = []
-    for name in ("_in_unit_slices", "_in_sequence_slices"):
-        method = getattr(layers.GatedMLP, name)
-        monkeypatch.setattr(layers.GatedMLP, name, lambda self, x, norm, n, method=method, name=name:
-                            calls.append((name, n)) or method(self, x, norm, n))
+    calls = _record_slicing(monkeypatch)
     monkeypatch.setattr(layers, "MLP_UNITS", 16 if slicing == "units" else 1000)
     monkeypatch.setattr(layers, "MLP_POSITIONS", 4)
     params = _params("causal", 6)
@@ -161,13 +167,11 @@ def test_a_sharded_step_is_the_same_scanned_with_the_mlp_in_slices_and_listed_wi
     """One AdamW step (weight decay skips the stacked norm scales too) on a 2x2x2 mesh: scanned under remat full
     with the MLP in 2 slices of the 32 hidden units each tensor shard holds (16 per chip per slice), against the
     listed layout under remat minimal, which runs each MLP whole."""
-    slices = []
-    method = layers.GatedMLP._in_unit_slices
-    monkeypatch.setattr(layers.GatedMLP, "_in_unit_slices", lambda self, x, norm, n:
-                        slices.append(n) or method(self, x, norm, n))
+    calls = _record_slicing(monkeypatch)
     monkeypatch.setattr(layers, "MLP_UNITS", 16)
     start, scanned, m_scanned = _one_sharded_step(tiny_config, True, "full")
-    assert slices == [2]  # d_ff 64 over tensor=2: 32 units per chip (rows: 2 x 16 positions), 2 slices of 16
+    # d_ff 64 over tensor=2: 32 units per chip (rows: 2 x 16 positions), 2 slices of 16
+    assert calls == [("_in_unit_slices", 2)]
     _, listed, m_listed = _one_sharded_step(tiny_config, False, "minimal", start)
     # Adam's first update is lr * g / (|g| + eps): where |g| is near eps, float32 sums taken in another order
     # move it by up to ~1e-5 (a wrong slice would move it by lr)

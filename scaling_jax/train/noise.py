@@ -29,6 +29,8 @@ def two_batch_value_and_grad(value_and_grad: Callable, graphdef, params: dict, b
     import jax  # here: the host-side analysis (``KEYS``, ``moments``; ``scaling-jax report``) loads without JAX
     import jax.numpy as jnp
 
+    from scaling_jax.train.health import squared_norms
+
     halves = [jax.tree.map(lambda x, i=i: x[i::2], batch) for i in (0, 1)]
     (_, m1), g1 = value_and_grad(graphdef, params, halves[0])
     (_, m2), g2 = value_and_grad(graphdef, params, halves[1])
@@ -37,7 +39,7 @@ def two_batch_value_and_grad(value_and_grad: Callable, graphdef, params: dict, b
     w1, w2 = n1 / (n1 + n2), n2 / (n1 + n2)
     grads = jax.tree.map(lambda a, b: w1 * a + w2 * b, g1, g2)
     metrics = {k: m1[k] + m2[k] if k == "tokens" or k.endswith("_sum") else w1 * m1[k] + w2 * m2[k] for k in m1}
-    sq = lambda tree: sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))  # noqa: E731
+    sq = lambda tree: sum(squared_norms(tree))  # noqa: E731 (the step's grad_norm is sqrt(sq(grads)))
     b_small = 2.0 / (1.0 / n1 + 1.0 / n2)  # E(|g1|² + |g2|²)/2 = |G|² + tr Σ · mean(1/n_i)
     noise = {"noise_grad_sq_small": (sq(g1) + sq(g2)) / 2, "noise_grad_sq_big": sq(grads),
              "noise_batch_small": b_small, "noise_batch_big": n1 + n2}

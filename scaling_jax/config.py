@@ -175,6 +175,9 @@ class TrainConfig:
     # under the run's TensorBoard directory so its profile tab shows it (MaxText: profiler_steps)
     profile_steps: int = 0
     profile_skip: int = 3
+    # XLA's persistent compilation cache, so a resumed run reads its compiled programs back instead of compiling
+    # them again: run (<run_dir>/compilation_cache) | none | a directory (local or gs://; e.g. one a sweep shares)
+    compilation_cache: str = "run"
 
 
 @dataclass
@@ -550,6 +553,8 @@ def validate(config: Config) -> None:
     if t.profile_steps < 0 or t.profile_skip < 1:
         raise ConfigError(f"train.profile_steps={t.profile_steps} must be >= 0 and train.profile_skip="
                           f"{t.profile_skip} >= 1 (the first step compiles; profile the ones after it)")
+    _check("train.compilation_cache", t.compilation_cache, bool(t.compilation_cache.strip()),
+           "run, none or a directory", "train.compilation_cache=run")
     for axis in ("data", "fsdp", "tensor"):
         size = getattr(config.mesh, axis)
         if size == 0 or size < -1:

@@ -39,8 +39,10 @@ LOCK_FILE = ".lock"
 TENSORBOARD_DIR = "tensorboard"
 PLOTS_DIR = "plots"
 EVAL_DIR = "eval"  # scaling-jax eval's default output, inside the first run
+COMPILATION_CACHE_DIR = "compilation_cache"  # XLA's persistent cache (train.compilation_cache=run)
 REPORT_DIR = "report"  # scaling-jax report's default output, inside the first path
-MIRROR_SKIP = (CHECKPOINT_DIR, DAMAGED_DIR, LOCK_FILE)  # a bucket run's entries its local mirror never copies
+# a bucket run's entries its local mirror never copies (checkpoints and the compilation cache go to the bucket direct)
+MIRROR_SKIP = (CHECKPOINT_DIR, DAMAGED_DIR, LOCK_FILE, COMPILATION_CACHE_DIR)
 _LEGACY_SIGNS = (CHECKPOINT_DIR, METRICS_FILE)  # next to config.yaml: a run written before the marker
 _FAILED_START = {LOCK_FILE, TOKENIZER_DIR}  # all that a failed start left behind before starts cleaned up
 _SHOWN = 3  # entries named in a refusal

@@ -27,6 +27,7 @@ from scaling_jax.model.family import flops_per_token, param_counts
 from scaling_jax.run_dir import CheckpointMeta
 from scaling_jax.train import metrics as metrics_lib
 from scaling_jax.train.checkpoint import CHECKPOINT_DIR, DIGEST_FILE, Checkpointer, model_signature
+from scaling_jax.train.compile_cache import CompilationCache
 from scaling_jax.train.continuation import start_from_parent
 from scaling_jax.train.health import NonFinitePolicy, tensor_names
 from scaling_jax.train.hooks import Hook, ProfileTrace
@@ -108,9 +109,11 @@ class Trainer:
             multihost_utils.sync_global_devices("scaling_jax: run directory claimed")
         self.files = paths.RunMirror(t.run_dir, run_dir.MIRROR_SKIP)
         self.logged_any = False  # a fresh run that fails before its first step leaves nothing behind
+        self.compilation_cache = CompilationCache(t.compilation_cache, t.run_dir)  # before anything compiles
         try:
             self._build(start)
         except BaseException:
+            self.compilation_cache.close()
             self.discard_if_untrained()
             raise
 
@@ -406,6 +409,7 @@ class Trainer:
         self.bar.close()
         self.writer.close()
         self.data_iter.close()  # stops data worker processes
+        self.compilation_cache.close()
         try:
             self.checkpointer.close()
         finally:
@@ -421,6 +425,7 @@ class Trainer:
                    "baseline_bpb": self.session.data.baseline_bpb, "stage": self.config.stage.name,
                    "total_step": totals["total_step"], "total_tokens": totals["tokens"],
                    "total_flops": totals["flops"], "skipped_updates": self.nonfinite.skipped,
+                   "compilation_cache": self.compilation_cache.summary(),
                    **{k: self.last_eval[k] for k in ("val_loss", "val_bpb") if k in self.last_eval}}
         if self.last_eval:
             summary["val_step"] = self.last_eval["step"]  # after a stop: the last periodic eval, not the stop step

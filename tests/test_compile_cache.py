@@ -6,11 +6,13 @@ import shutil
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 from conftest import FAST_COMPILE_XLA_FLAGS, TINY_RUN
 
 from scaling_jax.run_dir import CHECKPOINT_DIR, COMPILATION_CACHE_DIR, SUMMARY_FILE
-from scaling_jax.train.compile_cache import cache_dir_for
+from scaling_jax.train.compile_cache import CompilationCache, cache_dir_for
 
 
 def test_the_cache_goes_in_the_run_unless_the_caller_chose_one():
@@ -18,8 +20,24 @@ def test_the_cache_goes_in_the_run_unless_the_caller_chose_one():
     assert cache_dir_for("run", "gs://b/runs/a", None) == f"gs://b/runs/a/{COMPILATION_CACHE_DIR}"
     assert cache_dir_for("run", "runs/a", "/caller/cache") == "/caller/cache"  # JAX_COMPILATION_CACHE_DIR is kept
     assert cache_dir_for("/shared/sweep", "runs/a", "/caller/cache") == "/shared/sweep"  # the config says where
-    assert cache_dir_for("none", "runs/a", None) is None
-    assert cache_dir_for("none", "runs/a", "/caller/cache") == "/caller/cache"  # jax keeps what it was given
+    assert cache_dir_for("none", "runs/a", "/caller/cache") is None
+
+
+def test_a_run_borrows_the_processs_cache_directory_and_gives_it_back(tmp_path):
+    """Runs one after another in one process (a local sweep) each write into their own directory."""
+    found = jax.config.jax_compilation_cache_dir  # the test suite's own cache
+    kept = CompilationCache("run", str(tmp_path / "a"))
+    assert kept.directory == found and not kept.switched
+    kept.close()
+    for setting, run in [(str(tmp_path / "shared"), "b"), ("none", "c")]:
+        cache = CompilationCache(setting, str(tmp_path / run))
+        assert jax.config.jax_compilation_cache_dir == cache.directory == (None if setting == "none" else setting)
+        jax.jit(lambda x: x * 3 + 1)(jnp.arange(7.0)).block_until_ready()  # a program no other test compiles
+        cache.close()
+        cache.close()  # twice is harmless
+        assert jax.config.jax_compilation_cache_dir == found
+    assert os.listdir(tmp_path / "shared")  # the program went where that run said
+    assert not (tmp_path / "c").exists()
 
 
 def _train(run_dir) -> dict:

@@ -7,11 +7,13 @@ MaxText keeps one cache per user (``jax_cache_dir``, default ``~/jax_cache``); o
 directory by default, because no command writes outside its own run directory, and a sweep can point all
 of its runs at one shared directory (``train.compilation_cache=DIR``).
 
-jax reads the cache directory once, when it first needs the cache, and cannot switch afterwards; a directory
-the caller already gave jax (``JAX_COMPILATION_CACHE_DIR``, ``jax.config``) is therefore kept as it is. Only
-process 0 writes entries (jax's rule; every process reads). By default jax also points XLA:GPU's autotuning cache
-into the directory, which puts the directory's path into every program's key, so a copied or moved run would
-compile everything again; off GPUs that cache does nothing and is turned off, so keys depend on programs only.
+A directory the caller already gave jax (``JAX_COMPILATION_CACHE_DIR``, ``jax.config``) is kept for ``run``.
+jax reads its cache directory once, when it first needs it, so switching means resetting jax's cache
+(``reset_cache``); a Trainer switches only for its own lifetime and gives the process back the directory it
+found, so runs one after another in one process (a local sweep, a notebook) each write into their own. Only
+process 0 writes entries (jax's rule; every process reads). By default jax also points XLA:GPU's autotuning
+cache into the directory, which puts the directory's path into every program's key, so a copied or moved run
+would compile everything again; off GPUs that cache does nothing and is turned off while a run's cache is in use.
 """
 
 from __future__ import annotations
@@ -19,21 +21,22 @@ from __future__ import annotations
 from collections import Counter
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from scaling_jax import paths
 from scaling_jax.run_dir import COMPILATION_CACHE_DIR
 
 IN_RUN_DIR = "run"  # train.compilation_cache: <run_dir>/compilation_cache
-NONE = "none"  # train.compilation_cache: compile every program in every process
+NONE = "none"  # train.compilation_cache: no cache while the run trains
 READ_EVENT = "/jax/compilation_cache/cache_hits"  # a program read back instead of compiled
 WRITTEN_EVENT = "/jax/compilation_cache/cache_misses"  # a program compiled and written for the next process
 
 
 def cache_dir_for(setting: str, run_dir: str, already: str | None) -> str | None:
-    """The directory a run's programs go to: ``already`` (what jax was given before) wins over the default,
-    an explicit directory wins over ``already``; ``none`` leaves jax as it is."""
+    """The directory a run's programs go to: ``already`` (what the caller gave jax) wins over the default, an
+    explicit directory wins over ``already``; ``none``: no directory."""
     if setting == NONE:
-        return already
+        return None
     if setting == IN_RUN_DIR:
         return already or paths.join(run_dir, COMPILATION_CACHE_DIR)
     return setting
@@ -43,13 +46,14 @@ class CompilationCache:
     """Points jax at the run's cache directory and counts what this process read from and wrote to it."""
 
     def __init__(self, setting: str, run_dir: str):
-        already = jax.config.jax_compilation_cache_dir
-        self.directory = cache_dir_for(setting, run_dir, already)
-        if self.directory and self.directory != already:
-            jax.config.update("jax_compilation_cache_dir", self.directory)
-            if jax.default_backend() != "gpu":
-                jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
+        self.found = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_enable_xla_caches)
+        self.directory = cache_dir_for(setting, run_dir, self.found[0])
+        self.switched = self.directory != self.found[0]
+        if self.switched:
+            keep_gpu_caches = jax.default_backend() == "gpu" or not self.directory
+            _point_jax_at(self.directory, self.found[1] if keep_gpu_caches else "none")
         self.events: Counter[str] = Counter()
+        self.counting = True
         jax.monitoring.register_event_listener(self._count)
 
     def _count(self, event: str, **kwargs) -> None:
@@ -57,9 +61,21 @@ class CompilationCache:
             self.events[event] += 1
 
     def close(self) -> None:
-        jax.monitoring.unregister_event_listener(self._count)
+        """Stop counting; the process gets back the cache directory it had before this run."""
+        if self.counting:
+            jax.monitoring.unregister_event_listener(self._count)
+            self.counting = False
+        if self.switched:
+            _point_jax_at(*self.found)
+            self.switched = False
 
     def summary(self) -> dict:
         """For a run's summary: did this start compile its programs or read them back?"""
         return {"dir": self.directory, "programs_read": self.events[READ_EVENT],
                 "programs_written": self.events[WRITTEN_EVENT]}
+
+
+def _point_jax_at(directory: str | None, xla_caches: str) -> None:
+    jax_cache.reset_cache()  # jax read its directory when it first needed it; make it read the new one
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_enable_xla_caches", xla_caches)

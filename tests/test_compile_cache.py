@@ -18,26 +18,30 @@ from scaling_jax.train.compile_cache import CompilationCache, cache_dir_for
 def test_the_cache_goes_in_the_run_unless_the_caller_chose_one():
     assert cache_dir_for("run", "runs/a", None) == os.path.join("runs/a", COMPILATION_CACHE_DIR)
     assert cache_dir_for("run", "gs://b/runs/a", None) == f"gs://b/runs/a/{COMPILATION_CACHE_DIR}"
-    assert cache_dir_for("run", "runs/a", "/caller/cache") == "/caller/cache"  # JAX_COMPILATION_CACHE_DIR is kept
-    assert cache_dir_for("/shared/sweep", "runs/a", "/caller/cache") == "/shared/sweep"  # the config says where
+    assert cache_dir_for("/shared/sweep", "runs/a", None) == "/shared/sweep"  # e.g. a sweep's
+    assert cache_dir_for("run", "runs/a", "/caller/cache") == "/caller/cache"  # JAX_COMPILATION_CACHE_DIR
+    assert cache_dir_for("/shared/sweep", "runs/a", "/caller/cache") == "/caller/cache"
     assert cache_dir_for("none", "runs/a", "/caller/cache") is None
 
 
 def test_a_run_borrows_the_processs_cache_directory_and_gives_it_back(tmp_path):
-    """Runs one after another in one process (a local sweep) each write into their own directory."""
+    """Runs one after another in one process (a local sweep) each write where they say, and leave the process's
+    cache as they found it."""
     found = jax.config.jax_compilation_cache_dir  # the test suite's own cache
     kept = CompilationCache("run", str(tmp_path / "a"))
     assert kept.directory == found and not kept.switched
     kept.close()
-    for setting, run in [(str(tmp_path / "shared"), "b"), ("none", "c")]:
-        cache = CompilationCache(setting, str(tmp_path / run))
-        assert jax.config.jax_compilation_cache_dir == cache.directory == (None if setting == "none" else setting)
-        jax.jit(lambda x: x * 3 + 1)(jnp.arange(7.0)).block_until_ready()  # a program no other test compiles
-        cache.close()
-        cache.close()  # twice is harmless
-        assert jax.config.jax_compilation_cache_dir == found
+    without = CompilationCache("none", str(tmp_path / "b"))  # no cache, even though the caller set one
+    assert jax.config.jax_compilation_cache_dir is None
+    shared = CompilationCache(str(tmp_path / "shared"), str(tmp_path / "c"))  # the process has none now
+    assert jax.config.jax_compilation_cache_dir == shared.directory == str(tmp_path / "shared")
+    jax.jit(lambda x: x * 3 + 1)(jnp.arange(7.0)).block_until_ready()  # a program no other test compiles
+    shared.close()
+    shared.close()  # twice is harmless
     assert os.listdir(tmp_path / "shared")  # the program went where that run said
-    assert not (tmp_path / "c").exists()
+    assert jax.config.jax_compilation_cache_dir is None
+    without.close()
+    assert jax.config.jax_compilation_cache_dir == found
 
 
 def _train(run_dir) -> dict:

@@ -43,6 +43,7 @@ def test_each_run_gets_a_schedule_as_long_as_its_own_budget(tmp_path):
     for run in runs:
         cfg = run.config
         assert cfg.train.steps == run.steps and run.tokens == run.steps * 8 * 16
+        assert cfg.train.compilation_cache == os.path.join(spec.out_dir, "compilation_cache")  # shared by the runs
         assert cfg.optimizer.warmup_steps == round(0.1 * run.steps)
         schedule = make_schedule(cfg.optimizer, cfg.train.steps)  # the cosine ends exactly where the run ends
         assert float(schedule(run.steps)) == pytest.approx(cfg.optimizer.lr * cfg.optimizer.min_lr_ratio)

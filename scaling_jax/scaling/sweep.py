@@ -45,7 +45,7 @@ from scaling_jax import paths
 from scaling_jax.config import Config, load_config, to_dict
 from scaling_jax.data.tokenizer import resolved_config
 from scaling_jax.errors import ConfigError
-from scaling_jax.run_dir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from scaling_jax.run_dir import COMPILATION_CACHE_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 from scaling_jax.scaling.executors import Executor, LocalExecutor, RayOptions, ray_options
 
 MANIFEST = "manifest.json"
@@ -53,7 +53,8 @@ MANIFEST = "manifest.json"
 COSMETIC = {"train.progress", "train.tensorboard", "train.plot", "train.async_checkpointing",
             "train.keep_checkpoints", "train.peak_flops_per_device", "train.eval_every", "train.checkpoint_every",
             "train.check_memory", "train.shared_filesystem", "train.profile_steps", "train.profile_skip",
-            "train.project_loss", "model.remat", "model.attention"}  # how a run is done, not what it computes
+            "train.project_loss", "train.compilation_cache", "model.remat",
+            "model.attention"}  # how a run is done, not what it computes
 BUDGET_KINDS = ("tokens_per_param", "tokens", "flops")
 SPEC_KEYS = ("name", "base", "overrides", "out_dir", "objectives", "sizes", "budgets", "seeds", "warmup_fraction",
              "evals_per_run", "checkpoints_per_run", "ray")
@@ -272,6 +273,10 @@ def plan(spec: SweepSpec, objectives: list[str] | None = None, sizes: list[str] 
             dotted = {**spec.overrides, **obj_overrides, **{f"model.{k}": v for k, v in model.items()}}
             probe = resolved_config(load_config(spec.base, {**dotted, "train.steps": 1, "optimizer.warmup_steps": 0}))
             base_counts, counts, fpt = _size_and_cost(probe)
+            # one compilation cache for the sweep, so seeds (same programs but for the initialisation) and reruns
+            # share compiled steps, unless the sweep's config chose its own
+            shared = ({"train.compilation_cache": paths.join(spec.out_dir, COMPILATION_CACHE_DIR)}
+                      if probe.train.compilation_cache == "run" else {})
             tokens_per_step = probe.data.batch_size * probe.data.seq_len
             for kind, value in spec.budgets:
                 tokens = {"tokens_per_param": value * base_counts.non_embedding, "tokens": value,
@@ -281,7 +286,7 @@ def plan(spec: SweepSpec, objectives: list[str] | None = None, sizes: list[str] 
                 for seed in spec.seeds or [None]:
                     run_id = f"{obj_label}-{size_label}-{label}" + ("" if seed is None else f"-s{seed}")
                     seeded = {} if seed is None else dict.fromkeys(SEED_FIELDS, seed)
-                    run = {**dotted, **seeded, "train.steps": steps,
+                    run = {**dotted, **shared, **seeded, "train.steps": steps,
                            "optimizer.warmup_steps": min(steps, round(spec.warmup_fraction * steps)),
                            "train.eval_every": math.ceil(steps / spec.evals_per_run),  # the last lands on the end
                            "train.checkpoint_every": math.ceil(steps / spec.checkpoints_per_run),

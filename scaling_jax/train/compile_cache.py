@@ -7,13 +7,14 @@ MaxText keeps one cache per user (``jax_cache_dir``, default ``~/jax_cache``); o
 directory by default, because no command writes outside its own run directory, and a sweep can point all
 of its runs at one shared directory (``train.compilation_cache=DIR``).
 
-A directory the caller already gave jax (``JAX_COMPILATION_CACHE_DIR``, ``jax.config``) is kept for ``run``.
-jax reads its cache directory once, when it first needs it, so switching means resetting jax's cache
-(``reset_cache``); a Trainer switches only for its own lifetime and gives the process back the directory it
-found, so runs one after another in one process (a local sweep, a notebook) each write into their own. Only
-process 0 writes entries (jax's rule; every process reads). By default jax also points XLA:GPU's autotuning
-cache into the directory, which puts the directory's path into every program's key, so a copied or moved run
-would compile everything again; off GPUs that cache does nothing and is turned off while a run's cache is in use.
+A directory the caller already gave jax (``JAX_COMPILATION_CACHE_DIR``, ``jax.config``) is kept whatever the
+config says (but ``none``). jax reads its cache directory once, when it first needs it, so switching means
+resetting jax's cache (``reset_cache``); a Trainer switches only for its own lifetime and gives the process back
+the directory it found, so runs one after another in one process (a local sweep, a notebook) each write where
+they say. Only process 0 writes entries (jax's rule; every process reads). By default jax also points XLA:GPU's
+autotuning cache into the directory, which puts the directory's path into every program's key, so a copied or
+moved run would compile everything again; off GPUs that cache does nothing and is turned off while a run's
+cache is in use.
 """
 
 from __future__ import annotations
@@ -33,13 +34,13 @@ WRITTEN_EVENT = "/jax/compilation_cache/cache_misses"  # a program compiled and 
 
 
 def cache_dir_for(setting: str, run_dir: str, already: str | None) -> str | None:
-    """The directory a run's programs go to: ``already`` (what the caller gave jax) wins over the default, an
-    explicit directory wins over ``already``; ``none``: no directory."""
+    """The directory a run's programs go to: ``none``: no directory; else the one the caller gave jax
+    (``already``: the process's own choice, as in MaxText's ``jax_cache_dir``), else the config's."""
     if setting == NONE:
         return None
-    if setting == IN_RUN_DIR:
-        return already or paths.join(run_dir, COMPILATION_CACHE_DIR)
-    return setting
+    if already:
+        return already
+    return paths.join(run_dir, COMPILATION_CACHE_DIR) if setting == IN_RUN_DIR else setting
 
 
 class CompilationCache:

@@ -47,7 +47,6 @@ from scaling_jax.data.tokenizer import resolved_config
 from scaling_jax.errors import ConfigError
 from scaling_jax.run_dir import COMPILATION_CACHE_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 from scaling_jax.scaling.executors import Executor, LocalExecutor, RayOptions, ray_options
-from scaling_jax.train.compile_cache import IN_RUN_DIR
 
 MANIFEST = "manifest.json"
 # Fields that change how a run is watched, not what it computes: a rerun may change them freely.
@@ -277,7 +276,7 @@ def plan(spec: SweepSpec, objectives: list[str] | None = None, sizes: list[str] 
             # one compilation cache for the sweep, so seeds (same programs but for the initialisation) and reruns
             # share compiled steps, unless the sweep's config chose its own
             shared = ({"train.compilation_cache": paths.join(spec.out_dir, COMPILATION_CACHE_DIR)}
-                      if probe.train.compilation_cache == IN_RUN_DIR else {})
+                      if probe.train.compilation_cache == "run" else {})
             tokens_per_step = probe.data.batch_size * probe.data.seq_len
             for kind, value in spec.budgets:
                 tokens = {"tokens_per_param": value * base_counts.non_embedding, "tokens": value,

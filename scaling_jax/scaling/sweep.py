@@ -274,7 +274,8 @@ def plan(spec: SweepSpec, objectives: list[str] | None = None, sizes: list[str] 
             probe = resolved_config(load_config(spec.base, {**dotted, "train.steps": 1, "optimizer.warmup_steps": 0}))
             base_counts, counts, fpt = _size_and_cost(probe)
             # one compilation cache for the sweep, so seeds (same programs but for the initialisation) and reruns
-            # share compiled steps, unless the sweep's config chose its own
+            # share compiled steps, unless the sweep's config chose its own ("run": compile_cache.IN_RUN_DIR, not
+            # imported: that module imports jax, and `report` reads sweeps without it)
             shared = ({"train.compilation_cache": paths.join(spec.out_dir, COMPILATION_CACHE_DIR)}
                       if probe.train.compilation_cache == "run" else {})
             tokens_per_step = probe.data.batch_size * probe.data.seq_len

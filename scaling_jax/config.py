@@ -139,6 +139,10 @@ class ObjectiveConfig:
     examples_per_row: int = 1  # ul2: denoising examples packed per row, each its own segment
 
 
+COMPILATION_CACHE_IN_RUN = "run"  # train.compilation_cache: <run_dir>/compilation_cache
+COMPILATION_CACHE_NONE = "none"  # train.compilation_cache: no cache while the run trains
+
+
 @dataclass
 class TrainConfig:
     """The loop: length, evaluation, checkpoints, logging."""
@@ -177,7 +181,7 @@ class TrainConfig:
     profile_skip: int = 3
     # XLA's persistent compilation cache, so a resumed run reads its compiled programs back instead of compiling
     # them again: run (<run_dir>/compilation_cache) | none | a directory (local or gs://; e.g. one a sweep shares)
-    compilation_cache: str = "run"
+    compilation_cache: str = COMPILATION_CACHE_IN_RUN
 
 
 @dataclass

@@ -5,7 +5,8 @@ programs to ``<run_dir>/compilation_cache``), with checkpoints at its last two s
 twice, deletes the newest checkpoint of each copy (a preemption after the one before) and resumes both copies
 with the same config in fresh processes, one with the cache (``train.compilation_cache=run``, the default) and
 one with ``train.compilation_cache=none``, in alternating order so load from other processes hits both alike.
-Printed: each resume's process wall time, programs read back and compiled, and the median ratio with/without.
+Printed: each resume's process wall time, programs read back from and written to the cache, and the median
+ratio with/without.
 
     python scripts/bench_resume.py [--steps 3] [--repeats 3] [key=value ...]
 """
@@ -21,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from scaling_jax.run_dir import CHECKPOINT_DIR, SUMMARY_FILE
 
 QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.yaml")
 SHAPE = ["model.series=custom", "model.layers=8", "model.d_model=256", "model.heads=4", "model.head_dim=64",
@@ -39,7 +42,7 @@ def train(run_dir: str, steps: int, overrides: list[str]) -> tuple[float, dict]:
     wall = time.perf_counter() - start
     if done.returncode:
         sys.exit(f"error: {' '.join(command)} failed:\n{done.stderr[-2000:]}")
-    with open(os.path.join(run_dir, "summary.json")) as f:
+    with open(os.path.join(run_dir, SUMMARY_FILE)) as f:
         return wall, json.load(f)["compilation_cache"]
 
 
@@ -60,11 +63,11 @@ def main() -> None:
             for setting in order:
                 copy = os.path.join(work, f"{setting}-{repeat}")
                 shutil.copytree(original, copy)
-                shutil.rmtree(os.path.join(copy, "checkpoints", str(args.steps)))
+                shutil.rmtree(os.path.join(copy, CHECKPOINT_DIR, str(args.steps)))
                 wall, cache = train(copy, args.steps, [*args.overrides, f"train.compilation_cache={setting}"])
                 walls[setting].append(wall)
                 print(f"resume, train.compilation_cache={setting}: {wall:.1f} s, {cache['programs_read']} programs "
-                      f"read back, {cache['programs_written']} compiled and written")
+                      f"read back, {cache['programs_written']} written to the cache")
                 shutil.rmtree(copy)
     with_cache, without = statistics.median(walls["run"]), statistics.median(walls["none"])
     print(f"median resume: {with_cache:.1f} s with the cache, {without:.1f} s without; "

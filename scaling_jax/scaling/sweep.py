@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 
 from scaling_jax import paths
-from scaling_jax.config import Config, load_config, to_dict
+from scaling_jax.config import COMPILATION_CACHE_IN_RUN, Config, load_config, to_dict
 from scaling_jax.data.tokenizer import resolved_config
 from scaling_jax.errors import ConfigError
 from scaling_jax.run_dir import COMPILATION_CACHE_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
@@ -274,10 +274,9 @@ def plan(spec: SweepSpec, objectives: list[str] | None = None, sizes: list[str] 
             probe = resolved_config(load_config(spec.base, {**dotted, "train.steps": 1, "optimizer.warmup_steps": 0}))
             base_counts, counts, fpt = _size_and_cost(probe)
             # one compilation cache for the sweep, so seeds (same programs but for the initialisation) and reruns
-            # share compiled steps, unless the sweep's config chose its own ("run": compile_cache.IN_RUN_DIR, not
-            # imported: that module imports jax, and `report` reads sweeps without it)
+            # share compiled steps, unless the sweep's config chose its own
             shared = ({"train.compilation_cache": paths.join(spec.out_dir, COMPILATION_CACHE_DIR)}
-                      if probe.train.compilation_cache == "run" else {})
+                      if probe.train.compilation_cache == COMPILATION_CACHE_IN_RUN else {})
             tokens_per_step = probe.data.batch_size * probe.data.seq_len
             for kind, value in spec.budgets:
                 tokens = {"tokens_per_param": value * base_counts.non_embedding, "tokens": value,

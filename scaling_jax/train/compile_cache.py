@@ -25,10 +25,9 @@ import jax
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from scaling_jax import paths
+from scaling_jax.config import COMPILATION_CACHE_IN_RUN, COMPILATION_CACHE_NONE
 from scaling_jax.run_dir import COMPILATION_CACHE_DIR
 
-IN_RUN_DIR = "run"  # train.compilation_cache: <run_dir>/compilation_cache
-NONE = "none"  # train.compilation_cache: no cache while the run trains
 READ_EVENT = "/jax/compilation_cache/cache_hits"  # a program read back instead of compiled
 WRITTEN_EVENT = "/jax/compilation_cache/cache_misses"  # a program compiled and written for the next process
 
@@ -36,11 +35,11 @@ WRITTEN_EVENT = "/jax/compilation_cache/cache_misses"  # a program compiled and 
 def cache_dir_for(setting: str, run_dir: str, already: str | None) -> str | None:
     """The directory a run's programs go to: ``none``: no directory; else the one the caller gave jax
     (``already``: the process's own choice, as in MaxText's ``jax_cache_dir``), else the config's."""
-    if setting == NONE:
+    if setting == COMPILATION_CACHE_NONE:
         return None
     if already:
         return already
-    return paths.join(run_dir, COMPILATION_CACHE_DIR) if setting == IN_RUN_DIR else setting
+    return paths.join(run_dir, COMPILATION_CACHE_DIR) if setting == COMPILATION_CACHE_IN_RUN else setting
 
 
 class CompilationCache:

@@ -9,12 +9,15 @@ keys (``base_emb_dim``, ``base_num_query_heads``, ``base_num_kv_heads``, ``base_
 ``ici_fsdp_parallelism`` / ``ici_tensor_parallelism``, ``attention``) and ``dataset_type=synthetic``. One table
 compares per-chip peak (arguments + outputs - donated aliases + temporaries, as XLA's buffer assignment
 reports it on both sides), temporaries, generated code size and compile wall time; ratios are ours/MaxText.
+With ``--repeats N`` both compile N times, alternating which goes first (ours, MaxText, MaxText, ours, ...), so
+a change in the machine's load falls on both; times are the medians (memory is the same every time), and each
+repeat's compile-time ratio is printed as well.
 
 MaxText is a measuring stick, never a dependency: it runs in whatever interpreter ``--maxtext-python`` names
 (Python >= 3.12 with ``pip install "maxtext[tpu]==0.2.5"``), ours in this one (libtpu needed on both).
 
     python scripts/bench_vs_maxtext.py configs/tpu/v5e-16.yaml --topology v5e:4x4 \\
-        --maxtext-python /path/to/maxtext-venv/bin/python [--remat minimal] [--attention splash] [key=value ...]
+        --maxtext-python /path/to/maxtext-venv/bin/python [--repeats 3] [key=value ...]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -138,14 +142,45 @@ def table(ours: dict, theirs: dict) -> str:
     return "\n".join(out) + "\n(G = GiB, M = MiB, s = seconds)"
 
 
+def median_run(runs: list[dict]) -> dict:
+    """One side's runs as one: median times; memory from the first run (XLA's buffer assignment is deterministic,
+    so a repeat that differs is reported, not averaged)."""
+    first = runs[0]
+    for run in runs[1:]:
+        if any(run[k] != first[k] for k in ("peak", "temp", "argument", "code")):
+            print(f"note: memory differed between repeats: {run} vs {first}", flush=True)
+    return {**first, **{k: statistics.median(run[k] for run in runs) for k in ("compile_s", "process_s")}}
+
+
+def side_by_side(config_path: str, overrides: list[str], topology: str, maxtext_python: str, mt_args: list[str],
+                 repeats: int) -> tuple[list[dict], list[dict]]:
+    """``repeats`` compiles of each side, the first to go alternating (ours first on even repeats)."""
+    ours, theirs = [], []
+    for i in range(repeats):
+        order = ("ours", "maxtext") if i % 2 == 0 else ("maxtext", "ours")
+        for side in order:
+            if side == "ours":
+                ours.append(run_ours(config_path, overrides, topology))
+                print(f"[{i + 1}/{repeats}] ours compiled in {ours[-1]['compile_s']:.1f} s", flush=True)
+            else:
+                theirs.append(run_maxtext(maxtext_python, mt_args))
+                print(f"[{i + 1}/{repeats}] MaxText compiled in {theirs[-1]['compile_s']:.1f} s", flush=True)
+    return ours, theirs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--topology", required=True, help="e.g. v5e:4x4, v6e:8x8")
     parser.add_argument("--maxtext-python", default=sys.executable, help="an interpreter that imports maxtext")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="compile each side this many times, alternating which goes first; report medians")
     parser.add_argument("--json", help="also write both measurements here")
     args = parser.parse_intermixed_args(argv)  # overrides may follow the options too
+    if args.repeats < 1:
+        print(f"error: --repeats {args.repeats} must be at least 1", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.config, args.overrides)
         out_dir = tempfile.mkdtemp(prefix="bench_vs_maxtext_")
@@ -157,14 +192,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.config} {' '.join(args.overrides)} on {args.topology}: {m.layers} layers, d_model {m.d_model}, "
           f"remat {m.remat}, attention {m.attention}, batch {config.data.batch_size} x {config.data.seq_len}",
           flush=True)
-    ours = run_ours(args.config, args.overrides, args.topology)
-    print(f"ours compiled in {ours['compile_s']:.1f} s", flush=True)
-    theirs = run_maxtext(args.maxtext_python, mt_args)
-    print(f"MaxText compiled in {theirs['compile_s']:.1f} s ({' '.join(mt_args)})\n", flush=True)
-    print(table(ours, theirs))
+    print(f"MaxText: {' '.join(mt_args)}", flush=True)
+    ours_runs, their_runs = side_by_side(args.config, args.overrides, args.topology, args.maxtext_python, mt_args,
+                                         args.repeats)
+    ours, theirs = median_run(ours_runs), median_run(their_runs)
+    if args.repeats > 1:
+        ratios = [a["compile_s"] / b["compile_s"] for a, b in zip(ours_runs, their_runs, strict=True)]
+        print(f"\ncompile-time ratio per repeat: {', '.join(f'{r:.3f}' for r in ratios)}; times below are medians "
+              f"of {args.repeats}")
+    print("\n" + table(ours, theirs))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"ours": ours, "maxtext": theirs, "maxtext_args": mt_args}, f, indent=1)
+            json.dump({"ours": ours_runs, "maxtext": their_runs, "maxtext_args": mt_args}, f, indent=1)
     return 0
 
 

@@ -143,6 +143,27 @@ def test_aot_report_is_xla_buffer_assignment_of_the_real_step(tiny_config):
     assert aot.parse_topology("v5p:4x4x8") == ("v5p", (4, 4, 8))
 
 
+def test_side_by_side_alternates_which_compiles_first_and_reports_medians(monkeypatch):
+    """A load change during a repeated comparison falls on both sides: the first to compile alternates, and the
+    reported times are medians (a slow outlier on one side does not decide the ratio)."""
+    bench = _load("scripts/bench_vs_maxtext.py", "bench_vs_maxtext")
+    calls, times = [], iter([10.0, 20.0, 90.0, 12.0, 11.0, 19.0])  # in call order
+
+    def fake(side: str):
+        def run(*args) -> dict:
+            calls.append(side)
+            return {"compile_s": next(times), "process_s": 1.0, "peak": 5, "temp": 3, "argument": 2, "code": 1}
+        return run
+
+    monkeypatch.setattr(bench, "run_ours", fake("ours"))
+    monkeypatch.setattr(bench, "run_maxtext", fake("maxtext"))
+    ours, theirs = bench.side_by_side("c.yaml", [], "v5e:4x4", "python", [], repeats=3)
+    assert calls == ["ours", "maxtext", "maxtext", "ours", "ours", "maxtext"]
+    assert [r["compile_s"] for r in ours] == [10.0, 12.0, 11.0] and [r["compile_s"] for r in theirs] == [20, 90, 19]
+    assert bench.median_run(ours)["compile_s"] == 11.0 and bench.median_run(theirs)["compile_s"] == 20.0
+    assert bench.main(["c.yaml", "--topology", "v5e:4x4", "--repeats", "0"]) == 2
+
+
 # ------------------------------------------------------------------------------------------ multislice
 
 

@@ -8,7 +8,7 @@ from flax import nnx
 
 from scaling_jax.config import load_config
 from scaling_jax.model.family import flops_per_token, param_counts
-from scaling_jax.model.layers import attention_mask, rope
+from scaling_jax.model.layers import attention_mask, rope, rotary_angles
 from scaling_jax.model.transformer import Decoder
 from scaling_jax.series import passuntil_shape
 
@@ -62,12 +62,12 @@ def test_rope_matches_explicit_rotations_and_is_relative():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 5, 3, 8)).astype(np.float32)
     pos = np.array([[0, 1, 2, 3, 4], [7, 8, 0, 1, 2]])
-    np.testing.assert_allclose(rope(jnp.asarray(x), jnp.asarray(pos), 10000.0), _rope_reference(x, pos, 10000.0),
-                               atol=1e-5)
+    rotated = rope(jnp.asarray(x), rotary_angles(jnp.asarray(pos), 8, 10000.0))
+    np.testing.assert_allclose(rotated, _rope_reference(x, pos, 10000.0), atol=1e-5)
     # relative: <rope(q, m), rope(k, n)> depends only on m - n
     q, k = x[:1, :1], x[:1, 1:2]
-    dot = lambda m, n: float(jnp.sum(rope(jnp.asarray(q), jnp.array([[m]]), 1e4) *  # noqa: E731
-                                     rope(jnp.asarray(k), jnp.array([[n]]), 1e4)))
+    dot = lambda m, n: float(jnp.sum(rope(jnp.asarray(q), rotary_angles(jnp.array([[m]]), 8, 1e4)) *  # noqa: E731
+                                     rope(jnp.asarray(k), rotary_angles(jnp.array([[n]]), 8, 1e4))))
     assert dot(5, 2) == pytest.approx(dot(13, 10), rel=1e-4)
 
 

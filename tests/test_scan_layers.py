@@ -4,6 +4,7 @@ grow with depth; old configs' values still read; the memory estimate follows the
 
 import dataclasses
 import functools
+import re
 from functools import partial
 
 import jax
@@ -200,6 +201,19 @@ def test_the_scanned_program_does_not_grow_with_depth(tiny_config):
     listed = [_lowered_size(tiny_config(*SMALL, f"model.layers={n}", "model.scan_layers=false")) for n in (2, 8)]
     assert scanned[1] < 1.05 * scanned[0]
     assert listed[1] > 2 * listed[0]
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_rotary_tables_are_computed_once_per_step_not_again_in_the_backward(tiny_config, scan):
+    """The blocks share one sine/cosine table computed outside the layer scan and remat: inside them the
+    backward's recompute emits a second copy (on TPU the largest code units of the program)."""
+    config = tiny_config(*SMALL, "model.layers=3", "model.remat=full", f"model.scan_layers={str(scan).lower()}")
+    objective = CausalLM(config.objective)
+    graphdef, shapes, _ = abstract_model(config.model)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in objective.prepare(_rows(4, 16)).items()}
+    text = str(jax.make_jaxpr(lambda p, b: objective.value_and_grad(graphdef, p, b))(shapes, batch))
+    assert "checkpoint" in text or "remat" in text  # the blocks are recomputed in the backward
+    assert len(re.findall(r"= sin ", text)) == 1 and len(re.findall(r"= cos ", text)) == 1
 
 
 def test_old_configs_read_as_before():

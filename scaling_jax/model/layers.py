@@ -9,6 +9,7 @@ Norms, softmax and logits run in float32 whatever the compute dtype.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,15 +63,32 @@ def gather_embed(value: jax.Array, axes: Sequence[str | None], dtype) -> jax.Arr
     return constrain(value.astype(dtype), tuple(None if a == "embed" else a for a in axes))
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, half-split layout (as in Llama/HF): pairs (i, i + d/2) rotate together.
+class Rotary(NamedTuple):
+    """Sine and cosine of every token's RoPE angles, each ``[batch, length, 1, head_dim // 2]`` float32.
 
-    x: [batch, length, heads, head_dim]; positions: [batch, length] (per-document positions).
-    """
-    half = x.shape[-1] // 2
+    A decoder computes them once per forward pass, outside its layer scan and remat (``Decoder.rotary``), and
+    its blocks take them in place of positions. Computed inside the blocks, XLA hoists them out of the scan
+    twice (the forward and the backward's recompute) and on TPU emits the sine/cosine code for each: the
+    largest units of the v5e preset's program, ~10% of its code (``docs/benchmarks.md``)."""
+
+    sin: jax.Array
+    cos: jax.Array
+
+
+def rotary_angles(positions: jax.Array, head_dim: int, theta: float) -> Rotary:
+    """``positions`` ``[batch, length]`` (per-document positions) -> their rotation tables."""
+    half = head_dim // 2
     freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angle = positions.astype(jnp.float32)[..., None] * freq  # [b, t, half]
-    sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+    return Rotary(jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :])
+
+
+def rope(x: jax.Array, rotary: Rotary) -> jax.Array:
+    """Rotary embedding, half-split layout (as in Llama/HF): pairs (i, i + d/2) rotate together.
+
+    x: [batch, length, heads, head_dim]; rotary: ``rotary_angles`` of the tokens' positions.
+    """
+    sin, cos = rotary
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -104,19 +122,22 @@ class Attention(nnx.Module):
         self.wv = make_param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "kv"), cfg.param_dtype)
         self.wo = make_param(rngs, out_init, (h, hd, d), ("heads", "kv", "embed"), cfg.param_dtype)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: Mask) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array | Rotary, mask: Mask) -> jax.Array:
         q, k, v = self.qkv(x, positions)
         return self.attend(q, k, v, mask)
 
-    def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Rotated queries and keys and the values of ``x``."""
+    def qkv(self, x: jax.Array, positions: jax.Array | Rotary) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Rotated queries and keys and the values of ``x`` (``positions``: the tokens' positions, or their
+        ``Rotary`` tables when the decoder computed them once for all its blocks)."""
         dtype = x.dtype
         # Named for the remat policies that save or offload projections (model.remat, see model/remat.py)
         q = checkpoint_name(jnp.einsum("btd,dhk->bthk", x, gathered(self.wq, dtype)), "query_proj")
         k = checkpoint_name(jnp.einsum("btd,dhk->bthk", x, gathered(self.wk, dtype)), "key_proj")
         v = checkpoint_name(jnp.einsum("btd,dhk->bthk", x, gathered(self.wv, dtype)), "value_proj")
         if self.rotary:
-            q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+            rotary = positions if isinstance(positions, Rotary) else rotary_angles(positions, q.shape[-1],
+                                                                                    self.rope_theta)
+            q, k = rope(q, rotary), rope(k, rotary)
         q = constrain(q, ("batch", "length", "heads", "kv"))
         k = constrain(k, ("batch", "length", "kv_heads", "kv"))
         return q, k, constrain(v, ("batch", "length", "kv_heads", "kv"))
@@ -237,7 +258,7 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg, rngs)
         self.mlp = GatedMLP(cfg, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: Mask) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array | Rotary, mask: Mask) -> jax.Array:
         x = checkpoint_name(x, BLOCK_INPUT)  # what remat=full_offload parks on the host
         x = constrain(x + self.attn(self.attn_norm(x), positions, mask), ACT)
         return constrain(self.mlp.residual(x, self.mlp_norm), ACT)

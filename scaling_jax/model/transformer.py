@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from scaling_jax.config import ModelConfig
-from scaling_jax.model.layers import ACT, Block, Mask, MaskSpec, RMSNorm, make_param
+from scaling_jax.model.layers import ACT, Block, Mask, MaskSpec, RMSNorm, Rotary, make_param, rotary_angles
 from scaling_jax.model.position_bias import position_distance, relative_bias
 from scaling_jax.model.remat import checkpoint_policy, policy_name, remat
 from scaling_jax.parallel.sharding import active_mesh, constrain
@@ -55,7 +55,7 @@ def _policy_device() -> jax.Device | None:
     return None if mesh is None else mesh.devices.flat[0]
 
 
-def _run_block(block: Block, x: jax.Array, positions: jax.Array, mask: Mask) -> jax.Array:
+def _run_block(block: Block, x: jax.Array, positions: jax.Array | Rotary, mask: Mask) -> jax.Array:
     return block(x, positions, mask)
 
 
@@ -81,6 +81,7 @@ class Decoder(nnx.Module):
                                          cfg.param_dtype) if cfg.position == "t5_relative" else None)
         self.relative_max_distance = cfg.relative_max_distance
         self.logits_scale = cfg.logits_scale
+        self.rope = (cfg.head_dim, cfg.rope_theta) if cfg.position == "rope" else None
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                  bidirectional: jax.Array | None = None) -> jax.Array:
@@ -111,17 +112,26 @@ class Decoder(nnx.Module):
             return mask
         return dataclasses.replace(mask, bias=self.relative_bias(position_distance(positions)))
 
-    def apply_block(self, block: Block, x: jax.Array, positions: jax.Array, mask: Mask) -> jax.Array:
+    def rotary(self, positions: jax.Array | Rotary) -> jax.Array | Rotary:
+        """A RoPE model's ``positions`` as their ``Rotary`` tables, for every block to share (computed here,
+        outside the layer scan and remat, XLA emits them once); other models' positions (and tables) as given."""
+        if self.rope is None or isinstance(positions, Rotary):
+            return positions
+        return rotary_angles(positions, *self.rope)
+
+    def apply_block(self, block: Block, x: jax.Array, positions: jax.Array | Rotary, mask: Mask) -> jax.Array:
         """One (unstacked) block under the remat policy: the unscanned layout and objectives' head blocks."""
         mask = self.with_position_bias(mask, positions)
+        positions = self.rotary(positions)
         if self.remat == "none":
             return block(x, positions, mask)
         policy = checkpoint_policy(self.remat, _policy_device())
         return nnx.remat(_run_block, policy=policy)(block, x, positions, mask)
 
-    def run_blocks(self, x: jax.Array, positions: jax.Array, mask: Mask) -> jax.Array:
+    def run_blocks(self, x: jax.Array, positions: jax.Array | Rotary, mask: Mask) -> jax.Array:
         """All of this decoder's blocks, before the final norm."""
         mask = self.with_position_bias(mask, positions)
+        positions = self.rotary(positions)
         if not self.scan_layers:
             for block in self.blocks:
                 x = self.apply_block(block, x, positions, mask)

@@ -81,7 +81,7 @@ class Decoder(nnx.Module):
                                          cfg.param_dtype) if cfg.position == "t5_relative" else None)
         self.relative_max_distance = cfg.relative_max_distance
         self.logits_scale = cfg.logits_scale
-        self.rope = (cfg.head_dim, cfg.rope_theta) if cfg.position == "rope" else None
+        self.rope_args = (cfg.head_dim, cfg.rope_theta) if cfg.position == "rope" else None  # None: no RoPE
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                  bidirectional: jax.Array | None = None) -> jax.Array:
@@ -115,9 +115,9 @@ class Decoder(nnx.Module):
     def rotary(self, positions: jax.Array | Rotary) -> jax.Array | Rotary:
         """A RoPE model's ``positions`` as their ``Rotary`` tables, for every block to share (computed here,
         outside the layer scan and remat, XLA emits them once); other models' positions (and tables) as given."""
-        if self.rope is None or isinstance(positions, Rotary):
+        if self.rope_args is None or isinstance(positions, Rotary):
             return positions
-        return rotary_angles(positions, *self.rope)
+        return rotary_angles(positions, *self.rope_args)
 
     def apply_block(self, block: Block, x: jax.Array, positions: jax.Array | Rotary, mask: Mask) -> jax.Array:
         """One (unstacked) block under the remat policy: the unscanned layout and objectives' head blocks."""

@@ -34,6 +34,11 @@ from scaling_jax.parallel.cpu_threads import ensure_threads_for_collectives  # n
 # load ~1.7), the whole suite 445 s against 633 s. jax >= 0.11 has only the new emitters and refuses the flag, so
 # it is set only where XLA knows it; before any backend starts, so this process and its subprocesses read it.
 FAST_COMPILE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false" if jax.__version_info__ < (0, 11) else ""
+# XLA:CPU splits each program's LLVM module into parts it compiles on a thread pool; on this project's 2 cores,
+# with two test workers compiling at once, the parts only add per-module work. One part: 5 compile-heavy files
+# (sharding, scan_layers, multi_token, checkpoint, decode) with an empty compilation cache took 52.9 and 67.3 s
+# against 69.1 and 80.4 s (alternated, load 2.3-2.5); the generated code is the same. jax 0.10 and 0.12 know it.
+FAST_COMPILE_XLA_FLAGS += " --xla_cpu_parallel_codegen_split_count=1"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_XLA_FLAGS}".strip()
 
 jax.config.update("jax_num_cpu_devices", 8)  # before any JAX op; single-device tests use devices()[:1]

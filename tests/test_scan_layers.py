@@ -203,13 +203,14 @@ def test_the_scanned_program_does_not_grow_with_depth(tiny_config):
     assert listed[1] > 2 * listed[0]
 
 
-@pytest.mark.parametrize("scan", [True, False])
-def test_rotary_tables_are_computed_once_per_step_not_again_in_the_backward(tiny_config, scan):
-    """The blocks share one sine/cosine table computed outside the layer scan and remat: inside them the
-    backward's recompute emits a second copy (on TPU the largest code units of the program)."""
-    config = tiny_config(*SMALL, "model.layers=3", "model.remat=full", f"model.scan_layers={str(scan).lower()}")
-    objective = CausalLM(config.objective)
-    graphdef, shapes, _ = abstract_model(config.model)
+@pytest.mark.parametrize("scan,mtp", [(True, False), (False, False), (True, True)])
+def test_rotary_tables_are_computed_once_per_step_not_again_in_the_backward(tiny_config, scan, mtp):
+    """The blocks (and multi-token heads) share one sine/cosine table computed outside the layer scan and remat:
+    inside them the backward's recompute emits a second copy (on TPU the largest code units of the program)."""
+    config = tiny_config(*SMALL, "model.layers=3", "model.remat=full", f"model.scan_layers={str(scan).lower()}",
+                         *(["objective.name=mtp", "objective.heads=2"] if mtp else []))
+    objective = MultiTokenPrediction(config.objective) if mtp else CausalLM(config.objective)
+    graphdef, shapes, _ = abstract_model(config.model, objective.build_model)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in objective.prepare(_rows(4, 16)).items()}
     text = str(jax.make_jaxpr(lambda p, b: objective.value_and_grad(graphdef, p, b))(shapes, batch))
     assert "checkpoint" in text or "remat" in text  # the blocks are recomputed in the backward

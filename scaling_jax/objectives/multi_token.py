@@ -33,7 +33,7 @@ from flax import nnx
 
 from scaling_jax.config import ModelConfig, ObjectiveConfig, check_mtp_layers
 from scaling_jax.errors import ConfigError
-from scaling_jax.model.layers import Block, MaskSpec
+from scaling_jax.model.layers import Block, MaskSpec, Rotary
 from scaling_jax.model.transformer import Decoder, block_key
 from scaling_jax.objectives.base import Batch, Metrics, ObjectiveBase, masked_cross_entropy
 from scaling_jax.objectives.causal import shift_rows
@@ -103,11 +103,13 @@ class MultiTokenModel(nnx.Module):
         self.trunk = Decoder(cfg, rngs, num_blocks=cfg.layers - 1)
         self.heads = nnx.List([Block(cfg, rngs) for _ in range(heads)])
 
-    def trunk_hidden(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        """The shared trunk's output ``z`` (before any head and before the final norm)."""
+    def trunk_hidden(self, tokens: jax.Array, positions: jax.Array | Rotary, segment_ids: jax.Array) -> jax.Array:
+        """The shared trunk's output ``z`` (before any head and before the final norm). ``positions`` may be
+        ``self.trunk.rotary(positions)``, computed once for the trunk and every head."""
         return self.trunk.run_blocks(self.trunk.embed(tokens), positions, MaskSpec(segment_ids))
 
-    def head_logits(self, index: int, z: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def head_logits(self, index: int, z: jax.Array, positions: jax.Array | Rotary,
+                    segment_ids: jax.Array) -> jax.Array:
         """float32 logits of head ``index`` (0-based) from the trunk output."""
         hidden = self.trunk.apply_block(self.heads[index], z, positions, MaskSpec(segment_ids))
         return self.trunk.logits(self.trunk.final_norm(hidden))
@@ -126,9 +128,10 @@ def combine_heads(per_head: Sequence[Metrics], weights: Sequence[float]) -> tupl
     return total, metrics
 
 
-def head_metrics(model: MultiTokenModel, index: int, z: jax.Array, batch: dict[str, jax.Array]) -> Metrics:
+def head_metrics(model: MultiTokenModel, index: int, z: jax.Array, batch: dict[str, jax.Array],
+                 positions: jax.Array | Rotary) -> Metrics:
     t_key, m_key = target_keys(index + 1)
-    logits = model.head_logits(index, z, batch["positions"], batch["segment_ids"])
+    logits = model.head_logits(index, z, positions, batch["segment_ids"])
     return masked_cross_entropy(logits, batch[t_key], batch[m_key])
 
 
@@ -156,17 +159,17 @@ def memory_efficient_value_and_grad(graphdef: nnx.GraphDef, params: dict, batch:
     trunk_p = {k: params["trunk"][k] for k in ("embedding", blocks)}  # what the trunk's backward differentiates
     tied = "unembedding" not in params["trunk"]
     shared_p = {k: params["trunk"][k] for k in ("embedding" if tied else "unembedding", "final_norm")}
+    positions = nnx.merge(graphdef, params).trunk.rotary(batch["positions"])  # one table for trunk and heads
 
     def trunk_fn(tp: dict) -> jax.Array:
-        return _merge(graphdef, params, trunk=tp).trunk_hidden(batch["inputs"], batch["positions"],
-                                                               batch["segment_ids"])
+        return _merge(graphdef, params, trunk=tp).trunk_hidden(batch["inputs"], positions, batch["segment_ids"])
 
     z, trunk_vjp = jax.vjp(trunk_fn, trunk_p)
 
     def head_fn(hp: dict, sp: dict, z_in: jax.Array, targets: jax.Array, mask: jax.Array, weight: jax.Array):
         # Every head block has the same structure: the current one's weights go into slot 0.
         model = _merge(graphdef, params, trunk=sp, head=(0, hp))
-        logits = model.head_logits(0, z_in, batch["positions"], batch["segment_ids"])
+        logits = model.head_logits(0, z_in, positions, batch["segment_ids"])
         metrics = masked_cross_entropy(logits, targets, mask)
         return weight * metrics["loss"], metrics
 
@@ -215,8 +218,9 @@ class MultiTokenPrediction(ObjectiveBase):
         return prepare_rows(rows, self.heads)
 
     def loss(self, model: MultiTokenModel, batch: dict[str, jax.Array]) -> tuple[jax.Array, Metrics]:
-        z = model.trunk_hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
-        return combine_heads([head_metrics(model, i, z, batch) for i in range(self.heads)], self.weights)
+        positions = model.trunk.rotary(batch["positions"])  # one table for trunk and heads
+        z = model.trunk_hidden(batch["inputs"], positions, batch["segment_ids"])
+        return combine_heads([head_metrics(model, i, z, batch, positions) for i in range(self.heads)], self.weights)
 
     def value_and_grad(self, graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Array]):
         if not self.memory_efficient:

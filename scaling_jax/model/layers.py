@@ -83,6 +83,11 @@ def rotary_angles(positions: jax.Array, head_dim: int, theta: float) -> Rotary:
     return Rotary(jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :])
 
 
+def as_rotary(positions: jax.Array | Rotary, head_dim: int, theta: float) -> Rotary:
+    """The rotation tables of ``positions``, or the tables themselves when the caller computed them already."""
+    return positions if isinstance(positions, Rotary) else rotary_angles(positions, head_dim, theta)
+
+
 def rope(x: jax.Array, rotary: Rotary) -> jax.Array:
     """Rotary embedding, half-split layout (as in Llama/HF): pairs (i, i + d/2) rotate together.
 
@@ -136,8 +141,7 @@ class Attention(nnx.Module):
         k = checkpoint_name(jnp.einsum("btd,dhk->bthk", x, gathered(self.wk, dtype)), "key_proj")
         v = checkpoint_name(jnp.einsum("btd,dhk->bthk", x, gathered(self.wv, dtype)), "value_proj")
         if self.rotary:
-            rotary = positions if isinstance(positions, Rotary) else rotary_angles(positions, q.shape[-1],
-                                                                                    self.rope_theta)
+            rotary = as_rotary(positions, q.shape[-1], self.rope_theta)
             q, k = rope(q, rotary), rope(k, rotary)
         q = constrain(q, ("batch", "length", "heads", "kv"))
         k = constrain(k, ("batch", "length", "kv_heads", "kv"))

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from scaling_jax.config import ModelConfig
-from scaling_jax.model.layers import ACT, Block, Mask, MaskSpec, RMSNorm, Rotary, make_param, rotary_angles
+from scaling_jax.model.layers import ACT, Block, Mask, MaskSpec, RMSNorm, Rotary, as_rotary, make_param
 from scaling_jax.model.position_bias import position_distance, relative_bias
 from scaling_jax.model.remat import checkpoint_policy, policy_name, remat
 from scaling_jax.parallel.sharding import active_mesh, constrain
@@ -115,9 +115,7 @@ class Decoder(nnx.Module):
     def rotary(self, positions: jax.Array | Rotary) -> jax.Array | Rotary:
         """A RoPE model's ``positions`` as their ``Rotary`` tables, for every block to share (computed here,
         outside the layer scan and remat, XLA emits them once); other models' positions (and tables) as given."""
-        if self.rope_args is None or isinstance(positions, Rotary):
-            return positions
-        return rotary_angles(positions, *self.rope_args)
+        return positions if self.rope_args is None else as_rotary(positions, *self.rope_args)
 
     def apply_block(self, block: Block, x: jax.Array, positions: jax.Array | Rotary, mask: Mask) -> jax.Array:
         """One (unstacked) block under the remat policy: the unscanned layout and objectives' head blocks."""

@@ -159,7 +159,7 @@ def memory_efficient_value_and_grad(graphdef: nnx.GraphDef, params: dict, batch:
     trunk_p = {k: params["trunk"][k] for k in ("embedding", blocks)}  # what the trunk's backward differentiates
     tied = "unembedding" not in params["trunk"]
     shared_p = {k: params["trunk"][k] for k in ("embedding" if tied else "unembedding", "final_norm")}
-    positions = nnx.merge(graphdef, params).trunk.rotary(batch["positions"])  # one table for trunk and heads
+    positions = _merge(graphdef, params).trunk.rotary(batch["positions"])  # one table for trunk and heads
 
     def trunk_fn(tp: dict) -> jax.Array:
         return _merge(graphdef, params, trunk=tp).trunk_hidden(batch["inputs"], positions, batch["segment_ids"])

@@ -563,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="fit a scaling law to a CSV table (yours or published numbers)")
     fit.add_argument("table", help="CSV with a header: N, D, C and/or loss columns")
     fit.add_argument("--law", required=True, help="kaplan_n | kaplan_d | kaplan_c | offset_n | kaplan_nd | chinchilla")
-    fit.add_argument("--compute", help="chinchilla: compute-optimal N, D at this C (FLOPs > 0)")
+    fit.add_argument("--compute", help="chinchilla: compute-optimal N, D at this C = 6·N·D (FLOPs > 0)")
     fit.add_argument("--bootstrap", default=200, help="bootstrap refits for the intervals (0: none)")
     fit.set_defaults(func=_fit)
 

@@ -114,6 +114,50 @@ def test_optimum_on_a_measured_flops_grid_is_the_closed_form_when_flops_are_6n()
     assert laws.optimal_n_at_compute(EPOCH, 1e26, sizes, 6 * sizes) == (pytest.approx(1e12), False)  # not bracketed
 
 
+# A small family's FLOPs per token: 6 per non-embedding parameter plus a vocabulary projection and attention
+# share that grows more slowly (on the isoflop_cpu sweep grid they are 14-20x N, not 6x).
+SMALL_FAMILY = laws.FlopsPerToken(k=6.0, g=3e3, q=0.45)
+
+
+def _true_optimum(compute, flops_per_token, n_low=1e2, n_high=1e9):
+    """(N*, D*) minimising the Chinchilla law at real compute C = FLOPs/token(N)·D, by a bounded 1-D search."""
+    loss = lambda ln: laws.chinchilla(np.exp(ln), compute / flops_per_token(np.exp(ln)), **EPOCH)  # noqa: E731
+    res = optimize.minimize_scalar(loss, bounds=(np.log(n_low), np.log(n_high)), method="bounded",
+                                   options={"xatol": 1e-10})
+    return float(np.exp(res.x)), float(compute / flops_per_token(np.exp(res.x)))
+
+
+def test_isoflop_d_opt_is_what_the_profiles_runs_train_at_n_opt_not_c_over_6n():
+    budgets = (1e11, 1e12, 1e13, 1e14)
+    rows = []
+    for c in budgets:
+        n_star = _true_optimum(c, SMALL_FAMILY)[0]
+        for n in n_star * np.geomspace(0.5, 2.0, 7):
+            rows.append((n, c / SMALL_FAMILY(n), c))
+    n, d, c = np.array(rows).T
+    fit = laws.fit_isoflop(n, d, laws.chinchilla(n, d, **EPOCH), compute=c, n_boot=20)
+    truth = np.array([_true_optimum(b, SMALL_FAMILY) for b in budgets])
+    np.testing.assert_allclose(fit.n_opt, truth[:, 0], rtol=0.03)
+    np.testing.assert_allclose(fit.d_law.predict(fit.budgets), truth[:, 1], rtol=0.05)
+    b_true = np.polyfit(np.log(budgets), np.log(truth[:, 1]), 1)[0]
+    assert fit.b == pytest.approx(b_true, abs=0.01)
+    assert abs(fit.b - (1 - fit.a)) > 0.03  # D_opt = C / (6 N_opt) would force b = 1 - a
+
+
+def test_flops_per_token_law_is_recovered_and_prices_budgets_past_the_grid():
+    sizes = np.geomspace(1e4, 1e6, 5)
+    fitted = laws.fit_flops_per_token(sizes, SMALL_FAMILY(sizes))
+    assert (fitted.k, fitted.g, fitted.q) == (6.0, pytest.approx(3e3), pytest.approx(0.45))
+    assert laws.fit_flops_per_token(sizes, 6 * sizes) == laws.FlopsPerToken(6.0, 0.0, 1.0)  # nothing beyond 6N
+    target = 1e15  # 10x past the grid's largest run at 1e8 tokens
+    alloc, inside = laws.optimal_allocation(EPOCH, target, fitted, 1e2, 1e10, points=20001)
+    n_true, d_true = _true_optimum(target, SMALL_FAMILY)
+    assert inside and alloc.n == pytest.approx(n_true, rel=2e-3) and alloc.d == pytest.approx(d_true, rel=2e-3)
+    assert SMALL_FAMILY(alloc.n) * alloc.d == pytest.approx(target)  # spends the budget as the runs count it
+    closed = laws.chinchilla_optimal(EPOCH, target)  # C = 6ND: would cost far more than the budget
+    assert SMALL_FAMILY(closed.n) * closed.d > 1.1 * target
+
+
 def test_profile_minimum_intervals_cover_the_true_minimum_of_noisy_profiles():
     n = np.geomspace(1e3, 1e6, 10)  # decades: only the window around the lowest point is parabolic enough
     true = 3e4

@@ -454,19 +454,53 @@ def chinchilla_optimal(params: dict[str, float], compute, flops_per_param_token:
     return Allocation(c, g * scaled ** (beta / (alpha + beta)), scaled ** (alpha / (alpha + beta)) / g)
 
 
+def optimal_allocation(params: dict[str, float], compute: float, flops_per_token: Callable[[np.ndarray], np.ndarray],
+                       n_low: float, n_high: float, points: int = 2001) -> tuple[Allocation, bool]:
+    """Approach 3's loss-minimising (N, D) at a real compute C = FLOPs/token(N) · D, searched over log N in
+    [``n_low``, ``n_high``]: for model families whose FLOPs per token are not 6N (a tiny model spends most of them
+    on the vocabulary projection, so C = 6ND would misplace every budget). Returns the allocation and whether its
+    N lies inside the range (False at an edge: the range does not bracket the optimum)."""
+    grid = np.exp(np.linspace(math.log(n_low), math.log(n_high), points))
+    tokens = compute / flops_per_token(grid)
+    best = int(np.argmin(chinchilla(grid, tokens, **params)))
+    return Allocation(np.asarray(float(compute)), grid[best], tokens[best]), 0 < best < points - 1
+
+
 def optimal_n_at_compute(params: dict[str, float], compute: float, n, flops_per_token,
                          points: int = 2001) -> tuple[float, bool]:
-    """Approach 3's loss-minimising N at a real compute C = FLOPs/token(N) · D, for grids whose FLOPs per token
-    are not 6N (a tiny model spends most of them on the vocabulary projection, so C = 6ND would misplace every
-    budget). ``n`` / ``flops_per_token``: the grid's sizes and their measured FLOPs per token, interpolated
-    log-log between sizes; the search stays inside the grid's N. Returns (N_opt, inside), ``inside`` False when
-    the minimum is at the grid's edge (the budget's optimum is not bracketed)."""
+    """``optimal_allocation`` inside a grid of sizes ``n`` with measured ``flops_per_token``, interpolated log-log
+    between sizes. Returns (N_opt, inside), ``inside`` False when the budget's optimum is not bracketed."""
     ln, lf = np.log(np.asarray(n, float)), np.log(np.asarray(flops_per_token, float))
     order = np.argsort(ln)
-    grid = np.linspace(ln.min(), ln.max(), points)
-    tokens = compute / np.exp(np.interp(grid, ln[order], lf[order]))
-    best = int(np.argmin(chinchilla(np.exp(grid), tokens, **params)))
-    return float(np.exp(grid[best])), 0 < best < points - 1
+    alloc, inside = optimal_allocation(params, compute, lambda x: np.exp(np.interp(np.log(x), ln[order], lf[order])),
+                                       float(np.exp(ln.min())), float(np.exp(ln.max())), points)
+    return float(alloc.n), inside
+
+
+@dataclass(frozen=True)
+class FlopsPerToken:
+    """Training FLOPs per token of a model family as k·N + g·N^q (``fit_flops_per_token``)."""
+
+    k: float
+    g: float
+    q: float
+
+    def __call__(self, n):
+        n = np.asarray(n, float)
+        return self.k * n + self.g * n ** self.q
+
+
+def fit_flops_per_token(n, flops_per_token, k: float = 6.0) -> FlopsPerToken:
+    """Every non-embedding parameter costs ``k`` = 6 FLOPs per token (its matmul forward and backward); what runs
+    spend beyond that (the vocabulary projection, attention scores) grows more slowly with N and is fitted as
+    g·N^q on their measured FLOPs per token, so that a budget beyond the grid's sizes can be priced. Where the
+    runs spend no more than k·N (another parameter count), FLOPs per token are taken as their median multiple of N."""
+    n, f = columns(n, flops_per_token, names=("N", "FLOPs per token"), min_rows=1)
+    extra = f - k * n
+    if len(np.unique(n)) >= 2 and np.all(extra > 0):
+        q, log_g = np.polyfit(np.log(n), np.log(extra), 1)
+        return FlopsPerToken(k, float(np.exp(log_g)), float(q))
+    return FlopsPerToken(float(np.median(f / n)), 0.0, 1.0)
 
 
 def optimal_n_interval(fit: Fit, compute: float, n, flops_per_token) -> tuple[float, float, float]:
@@ -577,23 +611,27 @@ def fit_isoflop(n, d, loss, compute=None, flops_per_param_token: float = 6.0, re
     """IsoFLOP profiles from runs at a few fixed compute budgets (``compute`` defaults to k·N·D).
 
     Budgets need ≥ 3 sizes whose parabola has its minimum inside the sampled range; ≥ 2 such budgets fit
-    the exponents."""
+    the exponents. D_opt is the token count the profile's own runs train at N_opt (log D interpolated in
+    log N), not C / (k·N_opt): with measured compute a small model spends most FLOPs per token outside its
+    non-embedding parameters (the vocabulary projection, attention), so k·N·D would overstate D and tie the
+    exponent b to 1 - a whatever the data say."""
     n, d, loss = columns(n, d, loss, names=("N", "D", "loss"), min_rows=6)
     c = flops_per_param_token * n * d if compute is None else columns(compute, names=("C",), min_rows=1)[0]
-    budgets, n_opt, l_opt = [], [], []
+    budgets, n_opt, d_opt, l_opt = [], [], [], []
     for idx in isoflop_groups(c, rel_tol):
         found = _parabola_minimum(n[idx], loss[idx])
         if found is not None:
             budgets.append(float(np.exp(np.log(c[idx]).mean())))
             n_opt.append(found[0])
+            order = np.argsort(n[idx])
+            d_opt.append(float(np.exp(np.interp(np.log(found[0]), np.log(n[idx][order]), np.log(d[idx][order])))))
             l_opt.append(found[1])
     if len(budgets) < 2:
         raise DataError(f"IsoFLOP fit found {len(budgets)} usable compute budget(s); need >= 2 budgets, each with "
                         ">= 3 sizes bracketing the loss minimum")
     budgets_a, n_a = np.array(budgets), np.array(n_opt)
-    d_a = budgets_a / (flops_per_param_token * n_a)
     return IsoFlopFit(budgets_a, n_a, np.array(l_opt), fit_power_law(budgets_a, n_a, n_boot, level, seed),
-                      fit_power_law(budgets_a, d_a, n_boot, level, seed))
+                      fit_power_law(budgets_a, np.array(d_opt), n_boot, level, seed))
 
 
 # ---------------------------------------------------------------------------------------------- tables

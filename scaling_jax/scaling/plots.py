@@ -256,14 +256,27 @@ def fit_objective(runs: list[RunRecord], target_flops: float, n_boot: int = 200)
                                                       np.ptp(np.log(d / n))) > 0.1:
         fit = _try(laws.fit_chinchilla, n, d, loss, n_boot=min(n_boot, 50))
         if fit is not None:
-            alloc = laws.chinchilla_optimal(fit.params, target_flops)
             out["chinchilla"] = fit
-            out["compute_optimal"] = {"flops": target_flops, "n": float(alloc.n), "tokens": float(alloc.d),
-                                      "tokens_per_param": float(alloc.tokens_per_param)}
+            out["compute_optimal"] = compute_optimal(fit.params, target_flops, n, d, c)
         iso = _try(laws.fit_isoflop, n, d, loss, compute=c, n_boot=n_boot)
         if iso is not None:
             out["isoflop"] = iso
     return {k: v for k, v in out.items() if v is not None}
+
+
+def compute_optimal(params: dict[str, float], target_flops: float, n: np.ndarray, tokens: np.ndarray,
+                    flops: np.ndarray) -> dict:
+    """Approach 3's (N, D) at ``target_flops`` counted as the runs count compute (their measured FLOPs per token,
+    extended beyond the grid by ``laws.fit_flops_per_token``), not Hoffmann's C = 6ND: a tiny model spends most of
+    its FLOPs outside its non-embedding parameters, so a 6ND allocation would cost 2-3x the budget. N is searched
+    from 1/100 of the smallest run's to 100x the largest's times the budget's multiple of the largest run's compute
+    (N_opt grows about as C^0.5)."""
+    per_token = laws.fit_flops_per_token(n, flops / tokens)
+    high = float(n.max()) * 100 * max(1.0, target_flops / float(flops.max()))
+    alloc, inside = laws.optimal_allocation(params, target_flops, per_token, float(n.min()) / 100, high, points=4001)
+    return {"flops": target_flops, "n": float(alloc.n), "tokens": float(alloc.d),
+            "tokens_per_param": float(alloc.tokens_per_param), "bracketed": inside,
+            "flops_per_token": {"k": per_token.k, "g": per_token.g, "q": per_token.q}}
 
 
 def noise_scale_points(runs: list[RunRecord], window: int = 50) -> list[tuple[str, ns.NoiseScalePoint]]:
@@ -469,8 +482,11 @@ def _fits_section(fits: dict[str, dict]) -> list[str]:
                          f"{_interval(*e['ci'], '.4f')}")
         if "compute_optimal" in f:
             a = f["compute_optimal"]
-            lines.append(f"- compute-optimal at C = {a['flops']:.3g}: N = {a['n']:.3g}, D = {a['tokens']:.3g} "
-                         f"({a['tokens_per_param']:.1f} tokens/parameter)")
+            per_token = a["flops_per_token"]
+            edge = "" if a["bracketed"] else " (at the edge of the searched sizes: not bracketed)"
+            lines.append(f"- compute-optimal at C = {a['flops']:.3g} FLOPs: N = {a['n']:.3g}, D = {a['tokens']:.3g} "
+                         f"({a['tokens_per_param']:.1f} tokens/parameter){edge}; FLOPs/token = "
+                         f"{per_token['k']:.3g}·N + {per_token['g']:.3g}·N^{per_token['q']:.3f} fitted on the runs")
         if "isoflop" in f:
             iso = f["isoflop"]
             lines.append(f"- IsoFLOP (approach 2): N_opt ∝ C^{iso.a:.3f}, D_opt ∝ C^{iso.b:.3f} "

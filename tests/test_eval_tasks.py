@@ -12,7 +12,7 @@ import pytest
 from scaling_jax.cli import main
 from scaling_jax.errors import DataError
 from scaling_jax.eval import generators
-from scaling_jax.eval.scoring import score_task
+from scaling_jax.eval.scoring import make_checker, score_task
 from scaling_jax.eval.tasks import Example, build_prompts, load_task, task_from_dict
 from scaling_jax.model.decode import truncate_at_stop
 
@@ -172,6 +172,10 @@ def test_code_completion_checks_candidates_by_execution_in_a_subprocess():
     assert generators.run_execution_check(double, "    return x + x", timeout=20)  # another text, same behaviour
     assert not generators.run_execution_check(double, "    return x * x", timeout=20)
     assert not generators.run_execution_check(double, "    while True: pass", timeout=1)  # killed at the timeout
+    # the task's checker runs what post-processing keeps: the completed line, up to its stop string
+    task = task_from_dict({**data, "examples": [{"input": prefix, "target": "    return 2 * x",
+                                                  "execution": double.extra["execution"]}]})
+    assert make_checker(task)(task.examples[0], "    return x + x\nprint(undefined_name) )(")
 
 
 @pytest.mark.slow

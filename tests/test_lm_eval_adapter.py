@@ -127,7 +127,7 @@ def test_is_greedy_marks_the_greedy_continuation(run_dir, reference):
     from lm_eval.api.instance import Instance
 
     model = adapter.ScalingJaxLM(run_dir=run_dir, batch_size=4)
-    context = "def "
+    context = "def"
     greedy = reference.generate_ids([reference.encode_prompt(context)], SamplingConfig(max_new_tokens=3)).tokens[0]
     text = reference.tokenizer.decode(greedy)
     assert [int(t) for t in reference.tokenizer.encode(text)] == greedy
@@ -138,6 +138,25 @@ def test_is_greedy_marks_the_greedy_continuation(run_dir, reference):
     np.testing.assert_allclose([s for s, _ in got], _summed(reference.loglikelihood([context] * 2, [text, other])),
                                atol=1e-5)
     assert model.loglikelihood([Instance("loglikelihood", {}, ("abc", ""), 0)], disable_tqdm=True) == [(0.0, True)]
+
+
+def test_context_and_continuation_are_split_as_lm_eval_splits_them(run_dir, reference):
+    """lm-eval's own split (``TemplateLM._encode_pair``, run here on our tokenizer) after BOS: trailing
+    whitespace of the context is scored with the continuation."""
+    from types import SimpleNamespace
+
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.model import TemplateLM
+
+    model = adapter.ScalingJaxLM(run_dir=run_dir, batch_size=4)
+    tok = reference.tokenizer
+    lm_evals = SimpleNamespace(backend="causal", tok_encode=lambda text, **_: [int(t) for t in tok.encode(text)])
+    pairs = [("Answer: ", "Paris"), ("x", " y"), ("a \n ", "b"), ("q", "\t")]
+    for context, continuation in pairs:
+        ctx, cont = TemplateLM._encode_pair(lm_evals, context, continuation)
+        assert model._pair(context, continuation) == ([tok.bos_id, *ctx], cont)
+    got = model.loglikelihood([Instance("loglikelihood", {}, ("Answer: ", "Paris"), 0)], disable_tqdm=True)
+    assert got[0][0] == pytest.approx(_summed(reference.loglikelihood(["Answer:"], [" Paris"]))[0], abs=1e-5)
 
 
 def test_bad_model_args_are_one_clear_error(tmp_path, run_dir):

@@ -82,15 +82,18 @@ def test_loss_based_pu_equals_the_exact_sequence_probability(tiny_config):
     logits_of = jax.jit(lambda st, ids, seg: full_logits(nnx.merge(graphdef, st), ids, jnp.arange(length)[None], seg))
     seq = lm.encode_prompt(context)
     want = 1.0
-    for t in (int(i) for i in tok.encode(target)):
+    for t in [int(i) for i in tok.encode(target)] + [tok.eos_id]:
         ids = jnp.asarray([seq + [0] * (length - len(seq))])
         seg = jnp.asarray([[1] * len(seq) + [0] * (length - len(seq))])
         logits = np.asarray(logits_of(state, ids, seg)[0, len(seq) - 1], np.float64)
         probs = np.exp(logits - logits.max())
-        want *= probs[t] / probs.sum()
+        want, last = want * probs[t] / probs.sum(), probs[t] / probs.sum()
         seq = seq + [t]
-    assert got == pytest.approx(want, rel=1e-4)
+    assert got == pytest.approx(want / last, rel=1e-4)
     assert 0 < got < 1
+    # the same text, then the end of generation (a stop-string task's target passes only so)
+    ended = pu.loss_based_pu(lm.loglikelihood([context], [target], end_of_text=True)[0])
+    assert ended == pytest.approx(want, rel=1e-4) and ended < got
 
 
 def _synthetic(a: float, b: float, n: np.ndarray, noise: float, seed: int):

@@ -10,11 +10,15 @@ import pytest
 
 from scaling_jax.eval.scoring import (
     Normalization,
+    PassingText,
     exact_match,
+    make_checker,
     multiple_choice_grade,
     pass_at_k,
+    passing_text,
     postprocess,
 )
+from scaling_jax.eval.tasks import task_from_dict
 
 
 def _pass_at_k_by_enumeration(n: int, c: int, k: int) -> float:
@@ -66,3 +70,30 @@ def test_multiple_choice_grade_takes_the_best_choice_with_partial_credit_and_has
     assert multiple_choice_grade([0.0, -1.0], ["a", "b"], {"a": 0.5, "b": 1.0}) == 0.5  # partial credit
     grades = {multiple_choice_grade(np.full(2, -float(k)), ["a", "b"], {"a": 1.0, "b": 0.0}) for k in range(1, 12)}
     assert grades == {0.0, 1.0}  # a tie is not always won by the first choice
+
+
+def _generative_task(target: str, **fmt) -> object:
+    return task_from_dict({"name": "t", "description": "", "keywords": [], "metrics": ["exact_str_match"],
+                           "examples": [{"input": "Q", "target": target}], **fmt})
+
+
+@pytest.mark.parametrize("target, fmt, want", [
+    ("three", {}, PassingText("three\n", ends=False)),  # default regex: the newline ends its match
+    ("hi", {"stop_string": "\n"}, PassingText("hi", ends=True)),  # the kept stop string would fail "hi"
+    ("hi.", {"stop_string": "."}, PassingText("hi.", ends=False)),  # the target ends with the stop string
+    ("42", {"output_regex": r"\d+"}, PassingText("42\n", ends=False)),
+    ("Foo bar.", {}, None),  # the default regex drops the final '.': no generation can match this target
+])
+def test_passing_text_passes_the_tasks_own_check_whatever_follows_it(target, fmt, want):
+    """PassUntil's loss-based estimate is the probability of this text: every sample that writes it must
+    pass the task's checker (BIG-bench post-processing, then exact match), whatever it writes after."""
+    task = _generative_task(target, **fmt)
+    example, check = task.examples[0], make_checker(task)
+    got = passing_text(task, example)
+    assert got == want
+    if got is None:  # nothing passes: the target itself, closed or not, fails its own check
+        assert not any(check(example, text) for text in (target, target + "\n", target + " more"))
+        return
+    assert check(example, got.text)
+    suffixes = ["\n", "\nQ: next", " more words", ".", "!?"]
+    assert all(check(example, got.text + s) for s in suffixes) == (not got.ends)

@@ -135,8 +135,7 @@ def passuntil_task(task: Task, lm: LanguageModel, options: PassUntilOptions, sho
     check = make_checker(task)
     stop = stop_sequences(task)
     prompted = [p for p in build_prompts(task, shots, seed, max_examples) if p.example.targets]
-    # The exact text a passing sample produces before generation stops: the target, then the stop string.
-    logprobs = lm.loglikelihood([p.prompt for p in prompted], [passing_text(task, p.example) for p in prompted])
+    loss_pus = _loss_based_pus(task, lm, prompted)
     instances = []
     for i, p in enumerate(prompted):
         calls = [0]
@@ -148,9 +147,23 @@ def passuntil_task(task: Task, lm: LanguageModel, options: PassUntilOptions, sho
             return [check(p.example, out) for out in lm.generate([p.prompt] * k, sampling)]
 
         s, t = pu_lib.sample_until(draw, options.passes, options.max_samples, options.batch)
-        instances.append(pu_lib.instance_pu(s, t, options.passes, pu_lib.loss_based_pu(logprobs[i]),
-                                            options.confidence))
+        instances.append(pu_lib.instance_pu(s, t, options.passes, loss_pus[i], options.confidence))
     return instances, pu_lib.task_pu(instances, options.confidence)
+
+
+def _loss_based_pus(task: Task, lm: LanguageModel, prompted: list) -> list[float | None]:
+    """Per example, the probability of the text a passing sample writes (``scoring.passing_text``; with eos
+    where the sample must stop there); None where no sample can pass."""
+    texts = [passing_text(task, p.example) for p in prompted]
+    out: list[float | None] = [None] * len(prompted)
+    for ends in (False, True):
+        rows = [i for i, t in enumerate(texts) if t is not None and t.ends == ends]
+        if rows:
+            extra = {"end_of_text": True} if ends else {}
+            logprobs = lm.loglikelihood([prompted[i].prompt for i in rows], [texts[i].text for i in rows], **extra)
+            for i, lp in zip(rows, logprobs, strict=True):
+                out[i] = pu_lib.loss_based_pu(lp)
+    return out
 
 
 # ----------------------------------------------------------------------------- one run, many tasks

@@ -13,10 +13,10 @@ Every flag after the module name is lm-eval's own (``run`` / ``ls`` / ``validate
 The three request types run on the run's ``CachedLM`` (``harness.load_run``), batched:
 
 - ``loglikelihood``: one teacher-forced forward per batch gives each continuation's summed log-probability
-  and whether greedy decoding would produce it (argmax at every continuation position). Texts are tokenized
-  as ``scaling-jax eval`` does (``CachedLM.loglikelihood``): BOS + context, then the continuation encoded on
-  its own, so both tools give the same numbers (with the default byte tokenizer this is also lm-eval's own
-  split). A context longer than ``max_length`` loses its oldest tokens.
+  and whether greedy decoding would produce it (argmax at every continuation position). Context and
+  continuation are split as lm-eval splits them for its own causal models (``TemplateLM._encode_pair``: the
+  context's trailing whitespace is scored with the continuation, and the pair is encoded whole), after BOS.
+  A context longer than ``max_length`` loses its oldest tokens.
 - ``loglikelihood_rolling``: BOS + the whole text, cut into lm-eval's rolling windows of ``max_length``
   tokens (every token predicted once, each window with the most context that fits), summed.
 - ``generate_until``: ``CachedLM.generate_ids`` (KV cache over left-padded batches) with the request's
@@ -176,9 +176,14 @@ class _ScalingJaxLMMethods:
         return tqdm(total=total, desc=desc, disable=disable or self.rank != 0)
 
     def _pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """Token rows as ``CachedLM.loglikelihood`` makes them; an over-long context keeps its newest tokens."""
+        """Token rows split as lm-eval splits them (``TemplateLM._encode_pair``): the context's trailing whitespace
+        moves to the continuation, the pair is encoded whole and cut after the context's tokens; BOS first, as the
+        run trained. An over-long context keeps its newest tokens."""
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
         ctx = self.lm.encode_prompt(context)
-        cont = [int(t) for t in self.tokenizer.encode(continuation)]
+        cont = [int(t) for t in self.tokenizer.encode(context + continuation)][len(ctx) - 1:]
         if len(cont) > self.max_length:
             raise DataError(f"a continuation of {len(cont)} tokens exceeds max_length={self.max_length}; raise "
                             "--model_args max_length or use a loglikelihood_rolling task")

@@ -32,7 +32,8 @@ class LanguageModel(Protocol):
         """One continuation per prompt (``sampling`` is a ``model.decode.SamplingConfig``)."""
 
     def loglikelihood(self, contexts: Sequence[str], continuations: Sequence[str]) -> list[np.ndarray]:
-        """Per-token log-probabilities of each continuation given its context."""
+        """Per-token log-probabilities of each continuation given its context (PassUntil also passes
+        ``end_of_text=True``: each continuation followed by the end of generation)."""
 
 
 # ----------------------------------------------------------------------------- post-processing
@@ -141,7 +142,9 @@ def make_checker(task: Task, norm: Normalization | None = None, timeout: float =
         if "code_execution" in task.metrics and "execution" in example.extra:
             from scaling_jax.eval.generators import run_execution_check
 
-            return run_execution_check(example, response, timeout)
+            # the code the task asked for: cut at its stop string as exact match is (what generation wrote
+            # after the completed lines would otherwise run too)
+            return run_execution_check(example, postprocess(response, norm), timeout)
         return exact_match(response, example.targets, norm)
 
     return check
@@ -153,13 +156,37 @@ def stop_sequences(task: Task) -> tuple[str, ...]:
     return ()
 
 
-def passing_text(task: Task, example: Example) -> str:
-    """A continuation that passes: the first target, then what ends the answer (the stop string, else a
-    newline, which ends the default regex's match). Its probability is PassUntil's loss-based lower bound."""
+@dataclass(frozen=True)
+class PassingText:
+    """What a sample must write to pass: ``text``, then anything (``ends`` False) or nothing (``ends`` True)."""
+
+    text: str
+    ends: bool
+
+
+_PROBE = "\x00 more"  # stands for whatever generation writes after an answer
+
+
+def passing_text(task: Task, example: Example) -> PassingText | None:
+    """The continuation whose probability is PassUntil's loss-based estimate where no sample passed.
+
+    The first target that can pass, followed by what closes the answer (the stop string, or a newline, which
+    ends the default regex's match) when every sample starting so passes: its probability is a lower bound on
+    the pass rate. BIG-bench's post-processing keeps the stop string, so a target that does not end with it
+    passes only as the whole generation (then eos). None when no target survives post-processing (the default
+    regex drops a final '.'): no sample can pass, and the sampled estimate (zero passes) stands."""
     leaf = _leaf_of(task, example)
+    norm = Normalization.for_task(leaf)
+    executed = "code_execution" in leaf.metrics and "execution" in example.extra  # checked by running it
     end = leaf.stop_string or "\n"
-    target = example.targets[0]
-    return target if target.endswith(end) else target + end
+    for target in example.targets:
+        closed = target if target.endswith(end) else target + end
+        kept = postprocess(closed, norm)
+        if postprocess(closed + _PROBE, norm) == kept and (executed or exact_match(closed, [target], norm)):
+            return PassingText(closed, ends=False)
+        if executed or exact_match(target, [target], norm):
+            return PassingText(target, ends=True)
+    return None
 
 
 @dataclass

@@ -561,13 +561,15 @@ class CachedLM:
             out += self.generate_ids(chunk, sampling).texts
         return out
 
-    def loglikelihood(self, contexts: Sequence[str], continuations: Sequence[str],
-                      batch_size: int = 32) -> list[np.ndarray]:
-        """Per-token log-probabilities of ``continuation`` after ``context``."""
+    def loglikelihood(self, contexts: Sequence[str], continuations: Sequence[str], batch_size: int = 32,
+                      end_of_text: bool = False) -> list[np.ndarray]:
+        """Per-token log-probabilities of ``continuation`` after ``context`` (then of eos, with ``end_of_text``:
+        the probability that generation writes exactly the continuation and stops)."""
+        end = [self.tokenizer.eos_id] if end_of_text else []
         out: list[np.ndarray] = []
         for i in range(0, len(contexts), batch_size):
             pre = [self.encode_prompt(c) for c in contexts[i:i + batch_size]]
-            cont = [list(self.tokenizer.encode(c)) for c in continuations[i:i + batch_size]]
+            cont = [[int(t) for t in self.tokenizer.encode(c)] + end for c in continuations[i:i + batch_size]]
             out += self.logprobs(pre, cont)
         return out
 

@@ -60,6 +60,11 @@ def test_with_one_pass_the_estimate_is_the_mle_and_overestimates_small_p():
     assert values.mean() > 2 * p
 
 
+def test_a_cap_reached_with_every_draw_passing_has_the_clopper_pearson_ends_of_n_of_n():
+    est = pu.estimate_from_counts(3, 3, passes=5)  # --max-samples below --passes (the Python API allows it)
+    assert est.p == 1.0 and est.high == 1.0 and est.low == pytest.approx(0.025 ** (1 / 3), rel=1e-9)
+
+
 def test_sample_until_counts_draws_in_order_and_stops_at_the_rth_pass():
     draws = iter([[False, True, False, True, True, True], [True] * 6])
     assert pu.sample_until(lambda k: next(draws), passes=2, max_samples=100, batch=6) == (2, 4)

@@ -73,7 +73,8 @@ def estimate_from_counts(successes: int, trials: int, passes: int, confidence: f
     else:  # stopped by the cap: a binomial count
         p = successes / trials
         low = float(special.betaincinv(successes, trials - successes + 1, alpha / 2)) if successes else 0.0
-        high = float(special.betaincinv(successes + 1, trials - successes, 1 - alpha / 2))
+        high = float(special.betaincinv(successes + 1, trials - successes, 1 - alpha / 2)) \
+            if successes < trials else 1.0
     return InstancePU(p, low, high, successes, trials, "sampled")
 
 

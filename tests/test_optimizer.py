@@ -29,6 +29,18 @@ def test_wsd_schedule_is_flat_then_decays_linearly_at_the_end():
     assert float(sched(100)) == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("total, warmup, fraction", [(1000, 100, 1.0), (100, 50, 0.8), (100, 90, 0.5)])
+def test_wsd_decay_still_ends_at_the_final_lr_when_warmup_takes_part_of_its_share(total, warmup, fraction):
+    """Warmup, then a linear decay from the later of warmup's end and (1 - decay_fraction) of the run."""
+    cfg = OptimizerConfig(lr=2.0, schedule="wsd", warmup_steps=warmup, min_lr_ratio=0.1, decay_fraction=fraction)
+    sched = make_schedule(cfg, total)
+    start = max(warmup, total - round(fraction * total))
+    for step in range(start, total + 1, max(1, (total - start) // 7)):
+        want = 2.0 + (0.2 - 2.0) * (step - start) / max(1, total - start)
+        assert float(sched(step)) == pytest.approx(want, rel=1e-5), step
+    assert float(sched(total)) == pytest.approx(0.2)
+
+
 def test_constant_schedule_after_warmup():
     sched = make_schedule(OptimizerConfig(lr=0.3, schedule="constant", warmup_steps=4), 50)
     assert float(sched(2)) == pytest.approx(0.15) and float(sched(40)) == pytest.approx(0.3)

@@ -42,8 +42,9 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     warmup = optax.linear_schedule(0.0, peak, max(warm, 1))
     if cfg.schedule == "constant":
         return optax.join_schedules([warmup, optax.constant_schedule(peak)], [warm])
-    decay_steps = max(1, round(cfg.decay_fraction * total_steps))
-    decay_start = max(warm, total_steps - decay_steps)
+    # the decay ends at total_steps even where warmup leaves it less than decay_fraction of the run
+    decay_start = max(warm, total_steps - round(cfg.decay_fraction * total_steps))
+    decay_steps = max(1, total_steps - decay_start)
     return optax.join_schedules(
         [warmup, optax.constant_schedule(peak), optax.linear_schedule(peak, final, decay_steps)],
         [warm, decay_start],

@@ -22,12 +22,13 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import programs_built
 from test_checkpoint import _command, _env, _losses, _signal_after_step, _wait_for_step
 
 from scaling_jax.cli import main
-from scaling_jax.config import load_config
+from scaling_jax.config import OptimizerConfig, load_config
 from scaling_jax.errors import CheckpointError
 from scaling_jax.train import lock as lock_lib
 from scaling_jax.train.checkpoint import DAMAGED_DIR, DIGEST_FILE, Checkpointer, damage, file_digests
@@ -36,7 +37,7 @@ from scaling_jax.train.loop import train
 from scaling_jax.train.metrics import read_metrics
 from scaling_jax.train.preemption import StopRequest
 from scaling_jax.train.session import build_session
-from scaling_jax.train.state import TrainState
+from scaling_jax.train.state import TrainState, make_optimizer
 
 # ----------------------------------------------------------------------------- checkpoints on tiny states
 
@@ -209,6 +210,27 @@ def test_guard_keeps_the_previous_state_on_a_nonfinite_update():
         jax.tree.map(np.testing.assert_array_equal, (params, opt), (expected.params, expected.opt_state))
         assert float(out["skipped"]) == skipped
         assert int(out["nonfinite_tensor"]) == (len(jax.tree.leaves(state.params)) if skipped else -1)
+
+
+def test_a_skipped_update_keeps_adams_moments_while_the_schedule_follows_the_step():
+    """The logged lr is schedule(step): after a skipped update optax must apply that one, not the one before."""
+    tx, _ = make_optimizer(OptimizerConfig(lr=1.0, schedule="cosine", warmup_steps=4), 10)
+    params, grads = {"w": jnp.ones((4, 4))}, {"w": jnp.full((4, 4), 0.1)}
+    opt = tx.init(params)
+    for _ in range(3):
+        opt = tx.update(grads, opt, params)[1]
+    state = TrainState(step=jnp.int32(3), params=params, opt_state=opt, rng=jnp.zeros(2, jnp.uint32))
+    new_opt = tx.update(grads, opt, params)[1]
+    metrics = {"loss": jnp.float32(jnp.nan), "grad_norm": jnp.float32(1.0)}
+    _, kept, _ = guard_nonfinite(state, params, new_opt, squared_norms(grads), metrics)
+
+    def nodes(tree, kind):
+        return [n for n in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, kind)) if isinstance(n, kind)]
+
+    assert [int(n.count) for n in nodes(kept, optax.ScaleByScheduleState)] == [4]  # = the step after this one
+    (adam,), (old_adam,) = nodes(kept, optax.ScaleByAdamState), nodes(opt, optax.ScaleByAdamState)
+    assert int(adam.count) == 3
+    jax.tree.map(np.testing.assert_array_equal, (adam.mu, adam.nu), (old_adam.mu, old_adam.nu))
 
 
 TINY_RUN = ["model.series=custom", "model.layers=1", "model.d_model=32", "model.heads=1", "model.head_dim=32",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from scaling_jax import log
 from scaling_jax.errors import UserError
@@ -52,11 +53,15 @@ def first_nonfinite(loss: jax.Array, grad_squares: list[jax.Array], num_params: 
 
 def guard_nonfinite(state, params: dict, opt_state, grad_squares: list[jax.Array],
                     metrics: dict) -> tuple[dict, object, dict]:
-    """Keep ``state``'s parameters and optimizer state when the new ones came from a non-finite step."""
+    """Keep ``state``'s parameters and optimizer state when the new ones came from a non-finite step, except the
+    learning-rate schedule's step count: the schedule follows the training step (the logged ``lr``) through a
+    skipped update, so a run still ends at its final learning rate. Adam's moments and their count stay."""
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
     params = jax.tree.map(keep, params, state.params)
-    opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    is_schedule = lambda node: isinstance(node, optax.ScaleByScheduleState)  # noqa: E731
+    opt_state = jax.tree.map(lambda new, old: new if is_schedule(new) else keep(new, old), opt_state,
+                             state.opt_state, is_leaf=is_schedule)
     culprit = first_nonfinite(metrics["loss"], grad_squares, len(jax.tree.leaves(state.params)))
     return params, opt_state, {**metrics, SKIPPED: 1.0 - finite.astype(jnp.float32), CULPRIT: culprit}
 

@@ -16,6 +16,7 @@ from scaling_jax.config import load_config
 from scaling_jax.errors import CheckpointError
 from scaling_jax.train.checkpoint import Checkpointer
 from scaling_jax.train.loop import check_shared_storage
+from scaling_jax.train.metrics import read_metrics
 
 QUICKSTART = os.path.abspath("configs/quickstart.yaml")
 
@@ -84,6 +85,23 @@ def test_resume_by_directory_from_another_working_directory(trained, tmp_path, m
     assert "resuming at step 1" in capsys.readouterr().out
     assert Checkpointer(str(copy), 3).latest_step() == 2
     assert os.listdir(elsewhere) == []
+
+
+def test_a_run_resumed_with_a_larger_batch_counts_each_update_at_the_size_it_ran(trained, tmp_path):
+    """Step 1 ran 8 x 32 tokens, steps 2-3 run 16 x 32: the tokens and FLOPs axes and the summary add them up."""
+    copy = _copy(trained, tmp_path / "bigger")
+    with open(copy / run_dirs.SUMMARY_FILE) as f:
+        first = json.load(f)
+    assert first["tokens"] == 8 * 32
+    assert main(["resume", str(copy), "data.batch_size=16", "train.steps=3", "train.eval_every=0"]) == 0
+    rows = [r for r in read_metrics(str(copy / "metrics.jsonl")) if "loss" in r]
+    per_token = first["flops"] / first["tokens"]
+    assert [(r["step"], r["tokens"]) for r in rows] == [(1, 256), (2, 256 + 512), (3, 256 + 1024)]
+    assert all(r["flops"] == pytest.approx(r["tokens"] * per_token) for r in rows)
+    with open(copy / run_dirs.SUMMARY_FILE) as f:
+        summary = json.load(f)
+    assert summary["tokens"] == summary["total_tokens"] == 1280
+    assert summary["flops"] == pytest.approx(1280 * per_token)
 
 
 def test_resuming_a_finished_run_keeps_its_validation_in_the_summary(trained, tmp_path):

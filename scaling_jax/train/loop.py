@@ -198,6 +198,7 @@ class Trainer:
         if latest is None:
             begin = begin_from(start or StartSpec.from_config(config), session)
             self.state, self.offset, self.history = begin.state, begin.offset, begin.history
+            self.counted = {"step": 0, "tokens": 0, "flops": 0.0}
             self.record = {"stage": config.stage.name, "objective": session.objective.name,
                            "run_dir": paths.absolute(self.t.run_dir), "parent": begin.parent,
                            "parent_step": begin.parent_step, "start_step": self.offset["step"]}
@@ -209,22 +210,29 @@ class Trainer:
                              checkpointer.directory)
             self.state, raw = checkpointer.restore(latest, session.abstract, session.state_sharding, self.data_iter)
             meta = CheckpointMeta.from_json(raw)
-            self.wall_offset, self.offset = float(meta.wall_time), meta.offset
+            self.wall_offset, self.offset, self.counted = float(meta.wall_time), meta.offset, _counted(meta)
             self.history, self.record = meta.lineage[:-1], meta.stage_record
         if self.is_main:
             save_config(config, os.path.join(self.files.local, run_dir.CONFIG_FILE))
 
     # ------------------------------------------------------------------------- bookkeeping
 
+    def stage_totals(self, step: int) -> tuple[int, float]:
+        """This run's tokens and FLOPs after ``step`` updates, counted on from the restored checkpoint's own
+        totals: a run resumed with another batch size or sequence length counts each update at its own size."""
+        done = step - self.counted["step"]
+        return self.counted["tokens"] + done * self.tokens_per_step, self.counted["flops"] + done * self.flops_per_step
+
     def at(self, step: int) -> dict:
         """Compute axes of a row: totals over every stage so far (``step`` counts this run's updates)."""
-        return {"total_step": self.offset["step"] + step, "tokens": self.offset["tokens"] + step * self.tokens_per_step,
-                "flops": self.offset["flops"] + step * self.flops_per_step}
+        tokens, flops = self.stage_totals(step)
+        return {"total_step": self.offset["step"] + step, "tokens": self.offset["tokens"] + tokens,
+                "flops": self.offset["flops"] + flops}
 
     def lineage(self, step: int) -> list:
-        return self.history + [{**self.record, "steps": step, "tokens": step * self.tokens_per_step,
-                                "flops": step * self.flops_per_step, "total_tokens": self.at(step)["tokens"],
-                                "total_flops": self.at(step)["flops"]}]
+        tokens, flops = self.stage_totals(step)
+        return self.history + [{**self.record, "steps": step, "tokens": tokens, "flops": flops,
+                                "total_tokens": self.at(step)["tokens"], "total_flops": self.at(step)["flops"]}]
 
     def say(self, message: str) -> None:
         if self.is_main and self.t.progress:
@@ -316,8 +324,9 @@ class Trainer:
         s, checkpointer = self.session, self.checkpointer
         checkpointer.wait()
         target = self.nonfinite.rollback_target(checkpointer.latest_step(set_aside_damaged=True))
-        self.state, _ = checkpointer.restore(target, s.abstract, s.state_sharding, self.data_iter)
+        self.state, raw = checkpointer.restore(target, s.abstract, s.state_sharding, self.data_iter)
         self.step = self.saved = int(jax.device_get(self.state.step))
+        self.counted = _counted(CheckpointMeta.from_json(raw))
         resumed = self.data_iter.index
         self.data_iter.seek(max(bad_batch + 1, resumed))  # past the bad window, without computing its batches
         kept_rows = self.writer.truncate_after(self.step)
@@ -418,9 +427,9 @@ class Trainer:
 
     def finish(self, wall: float) -> dict:
         step, totals = self.step, self.at(self.step)
+        tokens, flops = self.stage_totals(step)
         summary = {"step": step, "preempted": step < self.t.steps, "stopped_by": self.stopped_by,
-                   "tokens": step * self.tokens_per_step,
-                   "flops": step * self.flops_per_step, "wall_time": wall,
+                   "tokens": tokens, "flops": flops, "wall_time": wall,
                    "params": self.counts.total, "non_embedding_params": self.counts.non_embedding,
                    "baseline_bpb": self.session.data.baseline_bpb, "stage": self.config.stage.name,
                    "total_step": totals["total_step"], "total_tokens": totals["tokens"],
@@ -452,3 +461,9 @@ def train(config: Config, start: Start | None = None) -> dict:
     fails before its first step leaves nothing behind.
     """
     return Trainer(config, start).run()
+
+
+def _counted(meta: CheckpointMeta) -> dict:
+    """A checkpoint's own run totals (its step, and the tokens and FLOPs of this stage up to it)."""
+    offset = meta.offset
+    return {"step": meta.step, "tokens": meta.tokens - offset["tokens"], "flops": meta.flops - offset["flops"]}

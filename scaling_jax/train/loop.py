@@ -154,6 +154,11 @@ class Trainer:
             log.warning(f"checkpoint step {self.saved} has no digest ({DIGEST_FILE}), so its bytes cannot be "
                         "checked: a damaged array would load as wrong numbers")
         self.pending: tuple | None = None  # (step, device metrics, batch index) not yet fetched to the host
+        # The pending step's time: from the top of its loop round to the top of the next (or to its log, if a hook
+        # logs it first), less the hooks' own time, so an eval or a save is never counted as a step. Rounds, not
+        # log calls, because a step is computed in its round (where dispatch waits, as on CPU) or, queued, by the
+        # next round's fetch of it.
+        self.round_began, self.hook_seconds, self.pending_seconds = 0.0, 0.0, None
         self.stopped_by: str | None = None  # "SIGTERM" / "Ctrl-C" when a stop request ended the run early
         # a resumed run's summary keeps the validation it already logged (a run resumed at its last step evaluates
         # nothing new; one stopped after a periodic eval may not reach the next)
@@ -303,8 +308,8 @@ class Trainer:
         host = jax.device_get(device_metrics)  # one transfer per step serves the NaN policy and the log
         verdict = self.nonfinite.inspect(done, host, batch_index)
         now = time.perf_counter()
-        self.log_row(done, host, now - self.last_logged, self.wall_offset + now - self.started)
-        self.last_logged = now
+        seconds = self.pending_seconds if self.pending_seconds is not None else self._round_seconds(now)
+        self.log_row(done, host, seconds, self.wall_offset + now - self.started)
         if verdict == "halt":
             raise self.nonfinite.diverged(self._last_checkpoint_note())
         if verdict == "rollback":
@@ -359,15 +364,16 @@ class Trainer:
         self.announce()
         preemption = StopRequest().install()  # SIGTERM; on several processes JAX's preemption sync point
         watcher = watch_maintenance()  # Cloud TPU maintenance notice -> SIGTERM
-        self.started = self.last_logged = time.perf_counter()
+        self.started = self.round_began = time.perf_counter()
         try:
             while self.step < t.steps and not preemption.should_stop(self.step):
+                self._next_round()
                 batch = to_global(next(self.data_iter), s.batch_sharding)
                 self.state, device_metrics = s.step_fn(self.state, batch)
                 if self.flush():
                     continue
                 self.step += 1
-                self.pending = (self.step, device_metrics, self.position - 1)
+                self.pending, self.pending_seconds = (self.step, device_metrics, self.position - 1), None
                 self.run_hooks()
             self.flush()
             if preemption.requested and self.step < t.steps:
@@ -380,13 +386,25 @@ class Trainer:
             self.close()
         return self.finish(self.wall())
 
+    def _round_seconds(self, now: float) -> float:
+        return now - self.round_began - self.hook_seconds
+
+    def _next_round(self) -> None:
+        """A loop round begins: the pending step's time (if not logged yet) ends here."""
+        now = time.perf_counter()
+        if self.pending is not None:
+            self.pending_seconds = self._round_seconds(now)
+        self.round_began, self.hook_seconds = now, 0.0
+
     def run_hooks(self) -> None:
         """The hooks due after this update, in order; a rollback (found when a hook first logs) ends the round."""
         for hook in self.hooks:
             if hook.due(self.step, self.t.steps):
                 if hook.after_log and self.flush():
                     return
+                began = time.perf_counter()
                 hook.fn(self.step)
+                self.hook_seconds += time.perf_counter() - began
 
     @property
     def position(self) -> int:

@@ -377,7 +377,7 @@ def check_vocab_holds(vocab_size: int, needed: int, tokenizer_size: int, spec: s
     """An explicit model.vocab_size must hold every id the data produces: text ids and pad/bos/eos (ids past
     the embedding would be clamped silently). A smaller one than the tokenizer's is legal: imported
     checkpoints lack the reserved ids until a continuation extends the vocabulary."""
-    if 0 < vocab_size < needed:  # (UL2's sentinels are checked where a vocabulary can be extended)
+    if 0 < vocab_size < needed:  # (objectives' own reserved ids: objectives.base.check_fresh_vocab)
         raise ConfigError(f"model.vocab_size={vocab_size} cannot hold the {needed} text and pad/bos/eos ids of "
                           f"data.tokenizer='{spec}'; set model.vocab_size={tokenizer_size} "
                           "or 0 (take it from the tokenizer)")

@@ -54,6 +54,9 @@ def _assert_one_line_error(result, *fragments):
      ["data.seq_len=31 must be divisible by 8", "'length'"]),
     # the data source is read after the mesh check, so the batch must fit the mesh first
     (["data.batch_size=8", "data.source=/nonexistent/*.txt"], None, ["data.source", "/nonexistent/*.txt"]),
+    # UL2's mode and sentinel ids sit above the byte ids: a vocabulary that holds only those made the loss NaN
+    (["data.batch_size=8", "objective=ul2", "model.vocab_size=300"], None,
+     ["objective ul2 uses", "past model.vocab_size=300", "set model.vocab_size=384 or 0"]),
 ])
 def test_bad_inputs_fail_with_one_line(tmp_path, capsys, overrides, devices, fragments):
     args = ["train", "configs/quickstart.yaml", *TINY, *overrides, f"train.run_dir={tmp_path / 'run'}"]

@@ -93,6 +93,28 @@ OBJECTIVES = {  # name -> (module, class); imported on use so one objective's de
 }
 
 
+def special_ids(objective: Objective, tokenizer: Tokenizer) -> dict[str, int]:
+    """Every reserved id the objective may emit: pad/bos/eos, plus mode tokens and sentinels if it uses them."""
+    ids = {"pad": tokenizer.pad_id, "bos": tokenizer.bos_id, "eos": tokenizer.eos_id}
+    token_ids = getattr(objective, "ids", None)  # UL2-style objectives keep their TokenIds here
+    if token_ids is not None:
+        ids.update(token_ids.modes)
+        ids.update({f"sentinel {k}": int(v) for k, v in enumerate(token_ids.sentinels)})
+    return ids
+
+
+def check_fresh_vocab(objective: Objective, tokenizer: Tokenizer, vocab_size: int, spec: str) -> None:
+    """A fresh model's embedding holds every id its objective emits: an id past it makes the loss NaN (the
+    embedding lookup fills it, the softmax has no such class). A continuation checks its parent instead, where
+    ``stage.extend_vocab`` can grow the embedding."""
+    missing = {name: i for name, i in special_ids(objective, tokenizer).items() if i >= vocab_size}
+    if missing:
+        first = max(missing, key=missing.get)
+        raise ConfigError(f"objective {objective.name} uses {len(missing)} reserved ids past model.vocab_size="
+                          f"{vocab_size} ({first} = id {missing[first]} of data.tokenizer='{spec}'); set "
+                          f"model.vocab_size={tokenizer.vocab_size} or 0 (take it from the tokenizer)")
+
+
 def build_objective(cfg: ObjectiveConfig, tokenizer: Tokenizer | None = None) -> Objective:
     """The configured objective; ``tokenizer`` supplies special ids (UL2's sentinels and mode tokens)."""
     if cfg.name not in OBJECTIVES:

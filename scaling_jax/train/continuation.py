@@ -42,7 +42,7 @@ from scaling_jax.data import pipeline
 from scaling_jax.data.tokenizer import Tokenizer, build_tokenizer, resolve_vocab
 from scaling_jax.errors import CheckpointError, ConfigError
 from scaling_jax.model.family import flops_per_token
-from scaling_jax.objectives.base import Objective, build_objective
+from scaling_jax.objectives.base import Objective, build_objective, special_ids
 from scaling_jax.run_dir import CheckpointMeta
 from scaling_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, model_signature
 from scaling_jax.train.session import Session
@@ -179,16 +179,6 @@ def read_stage(path: str) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"--stage '{path}' must hold a mapping of sections (stage:, budget:, objective:, ...)")
     return raw
-
-
-def special_ids(objective: Objective, tokenizer: Tokenizer) -> dict[str, int]:
-    """Every reserved id the objective may emit: pad/bos/eos, plus mode tokens and sentinels if it uses them."""
-    ids = {"pad": tokenizer.pad_id, "bos": tokenizer.bos_id, "eos": tokenizer.eos_id}
-    token_ids = getattr(objective, "ids", None)  # UL2-style objectives keep their TokenIds here
-    if token_ids is not None:
-        ids.update(token_ids.modes)
-        ids.update({f"sentinel {k}": int(v) for k, v in enumerate(token_ids.sentinels)})
-    return ids
 
 
 def check_tokens(config: Config, meta: CheckpointMeta, tokenizer: Tokenizer, objective: Objective,

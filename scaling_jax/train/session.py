@@ -20,7 +20,7 @@ from scaling_jax.data import pipeline, sources, synthetic
 from scaling_jax.data.instructions import InstructionData
 from scaling_jax.data.tokenizer import build_tokenizer, read_saved_info, resolve_vocab
 from scaling_jax.errors import CheckpointError, DataError
-from scaling_jax.objectives.base import build_objective
+from scaling_jax.objectives.base import build_objective, check_fresh_vocab
 from scaling_jax.objectives.causal import CausalLM
 from scaling_jax.parallel.mesh import build_mesh
 from scaling_jax.parallel.sharding import rules_from_config
@@ -151,6 +151,8 @@ def build_session(config: Config, tokenizer=None, preflight: bool = True) -> Ses
     tokenizer = tokenizer or build_tokenizer(d.tokenizer, d.seqio_modules)
     resolve_vocab(config.model, tokenizer, d.tokenizer)
     objective = build_objective(config.objective, tokenizer)
+    if not config.stage.parent:
+        check_fresh_vocab(objective, tokenizer, config.model.vocab_size, d.tokenizer)
     mesh = build_mesh(config.mesh)
     check_batch_fits_mesh(config, mesh, rules_from_config(config.mesh.rules))
     if preflight:

@@ -551,6 +551,12 @@ def validate(config: Config) -> None:
     if t.noise_scale and d.batch_size % 2:
         raise ConfigError(f"train.noise_scale needs an even data.batch_size (got {d.batch_size}): the step splits "
                           "the batch into two halves; change data.batch_size or set train.noise_scale=false")
+    if t.noise_scale and config.objective.name == "mtp" and config.objective.heads > 1:
+        # Each head's loss is a mean over its own targets, whose counts differ between the halves by document
+        # ends: one weight per half cannot recombine the halves into the full-batch gradient (measured 45% off).
+        raise ConfigError("train.noise_scale measures one token-mean loss; objective=mtp with objective.heads="
+                          f"{config.objective.heads} mixes one per head, so the two half-batch gradients do not "
+                          "recombine exactly; measure the noise scale on the causal objective")
     for name in ("eval_every", "checkpoint_every"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name} must be >= 0 (0 means only at the end)")

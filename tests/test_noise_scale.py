@@ -114,3 +114,10 @@ def test_training_logs_noise_metrics_consistent_with_the_gradient_norm(tiny_conf
 def test_odd_batch_with_noise_scale_is_a_config_error(tiny_config):
     with pytest.raises(ConfigError, match="train.noise_scale needs an even data.batch_size"):
         tiny_config("data.batch_size=7", "train.noise_scale=true")
+
+
+def test_noise_scale_refuses_a_loss_mixed_from_several_heads(tiny_config):
+    """MTP's heads each average over their own targets: the halves cannot recombine into its gradient."""
+    with pytest.raises(ConfigError, match="objective=mtp with objective.heads=2"):
+        tiny_config("objective=mtp", "model.layers=3", "train.noise_scale=true")
+    assert tiny_config("objective=mtp", "model.layers=3", "objective.heads=1", "train.noise_scale=true")

@@ -33,6 +33,7 @@ _PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("tpu v6 lite", 918e12),
     ("tpu v6e", 918e12),
     ("tpu v4", 275e12),
+    ("h100 pcie", 756e12),  # the PCIe card's lower clocks and power (the SXM part is 989)
     ("h100", 989e12),
     ("h200", 989e12),
     ("a100", 312e12),

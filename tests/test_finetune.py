@@ -106,6 +106,7 @@ def test_long_prompts_lose_their_beginning_not_the_question():
     seq, prompt = encode("x" * 100 + "QUESTION\n", "ANSWER", TOK, 32)
     assert seq.size == 32 and TOK.decode(seq).endswith("QUESTION\nANSWER") and seq[-1] == TOK.eos_id
     assert prompt == 32 - len("ANSWER") - 1
+    assert seq[0] == TOK.bos_id and TOK.decode(seq[1:prompt]) == ("x" * 100 + "QUESTION\n")[-(prompt - 1):]
 
 
 def test_generated_tasks_are_correct_and_deterministic():

@@ -218,13 +218,14 @@ def exemplars_for(i: int, pool: Sequence[Example], x: Example, shots: int, seed:
 def encode(prompt: str, target: str, tokenizer: Tokenizer, length: int) -> tuple[np.ndarray, int]:
     """``[bos] prompt target [eos]`` cut to ``length`` tokens, and how many of them are prompt.
 
-    Long prompts lose their beginning (few-shot exemplars go first, the question stays); targets
-    are cut at the end only if they alone overflow.
+    Long prompts lose the beginning of their text, after bos (few-shot exemplars go first, the question
+    stays; every example still starts as a document does); targets are cut at the end only if they alone
+    overflow.
     """
-    p = np.concatenate([[tokenizer.bos_id], tokenizer.encode(prompt)])
-    t = np.concatenate([tokenizer.encode(target), [tokenizer.eos_id]])
-    t = t[: length - 1]
-    p = p[max(0, p.size - (length - t.size)):]
+    text = np.asarray(tokenizer.encode(prompt), np.int64)
+    t = np.concatenate([tokenizer.encode(target), [tokenizer.eos_id]])[: length - 1]
+    room = length - 1 - t.size  # for the prompt's text, after bos
+    p = np.concatenate([[tokenizer.bos_id], text[max(0, text.size - room):]])
     return np.concatenate([p, t]).astype(np.int32), int(p.size)
 
 

@@ -27,6 +27,7 @@ import pytest
 from conftest import programs_built
 from test_checkpoint import _command, _env, _losses, _signal_after_step, _wait_for_step
 
+from scaling_jax import run_dir as run_dirs
 from scaling_jax.cli import main
 from scaling_jax.config import OptimizerConfig, load_config
 from scaling_jax.errors import CheckpointError
@@ -338,6 +339,29 @@ def test_second_writer_on_a_live_run_dir_is_refused(tmp_path, capsys):
     assert code == 2 and len(err) == 1
     assert f"is in use by another run (pid {proc.pid} on" in err[0] and "choose another train.run_dir" in err[0]
     assert sorted(os.listdir(run_dir)) == [".lock"]  # nothing else written
+
+
+def test_a_start_that_loses_the_lock_race_takes_back_nothing_of_the_winners(tmp_path, monkeypatch, capsys):
+    """Both starts find the directory missing; the other locks it first and writes: the loser's clean-up of
+    its own failed fresh start must not delete the winner's run directory."""
+    run_dir, holders = tmp_path / "run", []
+    claim = run_dirs.claim
+
+    def claim_then_lose_the_race(path, *args, **kwargs):
+        claimed = claim(path, *args, **kwargs)
+        holders.append(_holder(path))
+        (run_dir / "winners_metrics.jsonl").write_text("{}\n")
+        return claimed
+
+    monkeypatch.setattr(run_dirs, "claim", claim_then_lose_the_race)
+    try:
+        code = main(["train", "configs/quickstart.yaml", *TINY_RUN, "train.steps=2", f"train.run_dir={run_dir}"])
+    finally:
+        for proc in holders:
+            proc.kill()
+            proc.wait()
+    assert code == 2 and "is in use by another run" in capsys.readouterr().err
+    assert sorted(os.listdir(run_dir)) == [".lock", "winners_metrics.jsonl"]
 
 
 def test_a_killed_holders_lock_does_not_block(tmp_path):

@@ -164,7 +164,8 @@ def test_plot_loss_without_validation_rows_still_writes_png(tmp_path):
 
 @pytest.mark.parametrize("kind, peak", [
     ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("tpu v5e", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12),
-    ("TPU v6 lite", 918e12), ("TPU v6e", 918e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
+    ("TPU v6 lite", 918e12), ("TPU v6e", 918e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H200", 989e12),
     ("NVIDIA A100-SXM4-40GB", 312e12), ("cpu", None), ("", None),
 ])
 def test_peak_flops_lookup(kind, peak):

@@ -31,7 +31,7 @@ from scaling_jax.train.compile_cache import CompilationCache
 from scaling_jax.train.continuation import start_from_parent
 from scaling_jax.train.health import NonFinitePolicy, tensor_names
 from scaling_jax.train.hooks import Hook, ProfileTrace
-from scaling_jax.train.lock import acquire_run_lock, release_run_lock
+from scaling_jax.train.lock import acquire_run_lock, holds_run_lock, release_run_lock
 from scaling_jax.train.preemption import StopRequest, watch_maintenance
 from scaling_jax.train.projection import LiveProjection
 from scaling_jax.train.session import Session, build_session, sync_run_tokenizer
@@ -187,8 +187,9 @@ class Trainer:
 
     def discard_if_untrained(self) -> None:
         """A fresh run that failed before logging a step takes back all it wrote (its directory too, if it made
-        it) and releases the lock; a run with checkpoints or metrics keeps everything."""
-        if self.claimed.fresh and not self.logged_any:
+        it) and releases the lock; a run with checkpoints or metrics keeps everything. Only while it holds the
+        lock: a start that lost the lock to another (both found the directory fresh) takes nothing back."""
+        if self.claimed.fresh and not self.logged_any and holds_run_lock(self.t.run_dir):
             run_dir.discard_fresh(self.t.run_dir, self.claimed)
             if self.files.local != self.t.run_dir:
                 shutil.rmtree(self.files.local, ignore_errors=True)

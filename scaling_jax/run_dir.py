@@ -6,8 +6,8 @@ created). Anything else — an empty path, the current directory with the user's
 is refused with one line before a byte is written, because a run writes ``config.yaml``,
 ``metrics.jsonl`` and ``summary.json`` by those names and would overwrite the user's own.
 
-Runs made before the marker existed are recognised by their layout (``config.yaml`` next to
-``checkpoints/`` or ``metrics.jsonl``) and adopted: the marker is added on their next start.
+Runs made before the marker existed are recognised by their layout (a config.yaml that a run saved, next
+to step-numbered ``checkpoints/`` or ``metrics.jsonl``) and adopted: the marker is added on their next start.
 
 A fresh start that fails (bad data, a model that cannot fit) takes back what it wrote, so a typo
 leaves no half-made run directory behind (``discard_fresh``).
@@ -22,6 +22,8 @@ import os
 import shutil
 import time
 from typing import NamedTuple
+
+import yaml
 
 from scaling_jax import paths
 from scaling_jax.config import fill_saved_run_defaults
@@ -43,17 +45,32 @@ COMPILATION_CACHE_DIR = "compilation_cache"  # XLA's persistent cache (train.com
 REPORT_DIR = "report"  # scaling-jax report's default output, inside the first path
 # a bucket run's entries its local mirror never copies (checkpoints and the compilation cache go to the bucket direct)
 MIRROR_SKIP = (CHECKPOINT_DIR, DAMAGED_DIR, LOCK_FILE, COMPILATION_CACHE_DIR)
-_LEGACY_SIGNS = (CHECKPOINT_DIR, METRICS_FILE)  # next to config.yaml: a run written before the marker
 _FAILED_START = {LOCK_FILE, TOKENIZER_DIR}  # all that a failed start left behind before starts cleaned up
 _SHOWN = 3  # entries named in a refusal
 
 
 def is_run_dir(path: str) -> bool:
-    """True if ``path`` is a directory holding our marker or a run written before markers existed."""
+    """True if ``path`` is a directory holding our marker or a run written before markers existed: our
+    ``config.yaml`` (its sections, ``train.run_dir`` among them) beside step-numbered ``checkpoints/`` or
+    ``metrics.jsonl``, or only what a failed start left (its lock, perhaps the tokenizer). A user's project
+    with a config.yaml and a checkpoints folder of its own is not one (its config.yaml would be overwritten)."""
     names = set(paths.listdir(path))
-    if MARKER in names or (CONFIG_FILE in names and any(sign in names for sign in _LEGACY_SIGNS)):
+    if MARKER in names:
         return True
-    return bool(names) and names <= _FAILED_START
+    if CONFIG_FILE in names and _is_saved_config(paths.join(path, CONFIG_FILE)):
+        return METRICS_FILE in names or (CHECKPOINT_DIR in names and any(
+            name.isdigit() for name in paths.listdir(paths.join(path, CHECKPOINT_DIR))))
+    return LOCK_FILE in names and names <= _FAILED_START
+
+
+def _is_saved_config(path: str) -> bool:
+    """A config.yaml that a run saved: every section of ours, with the run's ``train.run_dir``."""
+    try:
+        raw = yaml.safe_load(paths.read_text(path))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    sections = ("model", "data", "optimizer", "train")
+    return isinstance(raw, dict) and all(isinstance(raw.get(k), dict) for k in sections) and "run_dir" in raw["train"]
 
 
 def _refusal(path: str, field: str, names: list[str]) -> CheckpointError:

@@ -133,6 +133,27 @@ def test_a_run_written_before_markers_is_adopted(trained, tmp_path):
     assert (copy / run_dirs.MARKER).exists() and Checkpointer(str(copy), 3).latest_step() == 2
 
 
+@pytest.mark.parametrize("layout", ["project", "tokenizer_only", "our_config_their_checkpoints"])
+def test_a_users_directory_that_looks_like_an_old_run_is_refused_and_kept(tmp_path, capsys, layout):
+    """Only a config.yaml a run saved, beside step-numbered checkpoints or metrics, makes a run from before the
+    marker; a project with its own config.yaml and checkpoints (or just a tokenizer folder) is someone's files."""
+    user = tmp_path / "project"
+    (user / "checkpoints").mkdir(parents=True)
+    (user / "checkpoints" / "model.pt").write_text("weights")
+    (user / "config.yaml").write_text("# mine\nlr: 3e-4\n")
+    if layout == "tokenizer_only":
+        shutil.rmtree(user)
+        (user / "tokenizer").mkdir(parents=True)
+        (user / "tokenizer" / "tokenizer.json").write_text("{}")
+    if layout == "our_config_their_checkpoints":
+        shutil.copy(QUICKSTART, user / "config.yaml")
+    before = _tree_digest(user)
+    assert not run_dirs.is_run_dir(str(user))
+    assert main(["train", QUICKSTART, *TINY, f"train.run_dir={user}"]) == 2
+    assert "already holds files that are not a scaling_jax run" in capsys.readouterr().err
+    assert _tree_digest(user) == before
+
+
 @pytest.mark.parametrize("existed", [False, True])
 def test_a_failed_fresh_start_leaves_nothing_behind(tmp_path, capsys, existed):
     (tmp_path / "empty.txt").write_text("")

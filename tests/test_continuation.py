@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+import yaml
 
 from scaling_jax.cli import main
 from scaling_jax.config import load_config
@@ -219,6 +220,26 @@ def test_budget_fraction_and_lr_from_parent(parent):
         child_config(parent_dir, UL2R, ["budget.steps=1", "model.layers=3", "train.run_dir=unused"])
     with pytest.raises(CheckpointError, match="never modified"):
         child_config(parent_dir, UL2R, ["budget.steps=1", f"train.run_dir={parent_dir}"])
+
+
+def test_a_stage_never_writes_into_its_parent_through_a_link_or_into_another_parents_stage(parent, ul2r_child,
+                                                                                            tmp_path):
+    parent_dir, _ = parent
+    link = tmp_path / "link-to-parent"
+    link.symlink_to(parent_dir)
+    with pytest.raises(CheckpointError, match="never modified"):
+        child_config(parent_dir, UL2R, ["budget.steps=1", f"train.run_dir={link}"])
+    # the same stage again, into a directory that is a stage of another parent step: refused, not reused
+    other = tmp_path / "other-stage"
+    shutil.copytree(ul2r_child[0].train.run_dir, other)
+    saved = yaml.safe_load((other / "config.yaml").read_text())
+    saved["stage"]["parent"] = os.path.join(parent_dir, "checkpoints", "2")
+    (other / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(CheckpointError, match="already a stage of parent .*checkpoints/2, not"):
+        child_config(parent_dir, UL2R, [*CHILD, "budget.steps=4", f"train.run_dir={other}"])
+    config, _ = child_config(parent_dir, UL2R, [*CHILD, "budget.steps=4",  # its own stage resumes as before
+                                                f"train.run_dir={ul2r_child[0].train.run_dir}"])
+    assert config.stage.parent == ul2r_child[0].stage.parent
 
 
 @pytest.mark.slow

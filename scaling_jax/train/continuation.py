@@ -43,7 +43,7 @@ from scaling_jax.data.tokenizer import Tokenizer, build_tokenizer, resolve_vocab
 from scaling_jax.errors import CheckpointError, ConfigError
 from scaling_jax.model.family import flops_per_token
 from scaling_jax.objectives.base import Objective, build_objective, special_ids
-from scaling_jax.run_dir import CheckpointMeta
+from scaling_jax.run_dir import CONFIG_FILE, CheckpointMeta, is_run_dir
 from scaling_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, model_signature
 from scaling_jax.train.session import Session
 from scaling_jax.train.start import StageStart, StartSpec
@@ -197,6 +197,22 @@ def check_tokens(config: Config, meta: CheckpointMeta, tokenizer: Tokenizer, obj
             f"the embedding to {tokenizer.vocab_size} rows (new rows start at the embedding mean)")
 
 
+def _same_directory(a: str, b: str) -> bool:
+    """One directory, however it is spelled (a symlink to the parent is the parent)."""
+    if paths.is_remote(a) or paths.is_remote(b):
+        return paths.absolute(a) == paths.absolute(b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _stage_parent_of(run_dir: str) -> str | None:
+    """The ``stage.parent`` an existing run directory was started from (None: not a run, or no parent)."""
+    saved = paths.join(run_dir, CONFIG_FILE)
+    if not paths.isdir(run_dir) or not is_run_dir(run_dir) or not paths.exists(saved):
+        return None
+    raw = yaml.safe_load(paths.read_text(saved)) or {}
+    return (raw.get("stage") or {}).get("parent") or None
+
+
 def check_model(config: Config, meta: CheckpointMeta, where: str) -> None:
     """A stage keeps the parent's architecture; only the vocabulary may grow (``stage.extend_vocab``)."""
     saved, child = model_signature(meta.config["model"]), model_signature(to_dict(config)["model"])
@@ -271,9 +287,14 @@ def child_config(source: str, stage_path: str, overrides: list[str] | dict | Non
     objective = build_objective(config.objective, tokenizer)
     check_model(config, meta, where)
     check_tokens(config, meta, tokenizer, objective, where)
-    if paths.absolute(config.train.run_dir) == run_dir:
+    if _same_directory(config.train.run_dir, run_dir):
         raise CheckpointError(f"train.run_dir is the parent's run dir {run_dir}; a stage writes a new directory "
                               "(the parent is never modified)")
+    earlier = _stage_parent_of(config.train.run_dir)
+    if earlier is not None and earlier != where:
+        raise CheckpointError(f"train.run_dir '{config.train.run_dir}' is already a stage of parent {earlier}, not "
+                              f"{where}; choose another train.run_dir (or resume that stage: scaling-jax train "
+                              f"{config.train.run_dir})")
 
     notes.append(_stream_note(child_stream_index(config, run_dir, step, meta)))
     steps, how = step_budget(config, totals(meta)["flops"], objective)

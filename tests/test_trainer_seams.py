@@ -66,6 +66,22 @@ def test_hooks_run_every_n_steps_in_order_after_the_metrics_they_wait_for(tmp_pa
     assert glob.glob(str(run / TENSORBOARD_DIR / "plugins" / "profile" / "*" / "*.xplane.pb"))
 
 
+def test_a_checkpoint_is_never_ahead_of_the_metrics_log(tmp_path):
+    """When a step's checkpoint is saved its row is already in metrics.jsonl: a run killed just after the save
+    resumes after that step, so a row written later would be lost for good."""
+    from scaling_jax.train.checkpoint import Checkpointer
+
+    run = tmp_path / "run"
+    config = load_config(None, [*TINY, "train.steps=4", "train.eval_every=0", "train.checkpoint_every=2",
+                                "train.async_checkpointing=false", f"train.run_dir={run}"])
+    trainer, seen = Trainer(config), []
+    trainer.add_hook(lambda step: seen.append((step, Checkpointer(str(run), 3).latest_step(),
+                                               max(r["step"] for r in read_metrics(str(run / METRICS_FILE))))),
+                     every=2)
+    trainer.run()
+    assert seen == [(2, 2, 2), (4, 4, 4)]
+
+
 def test_step_time_leaves_out_the_time_hooks_take(tmp_path):
     """An eval-like hook (logs first) and a save-like one each take 0.5 s; no step's time, and so no tokens/s or
     MFU, counts them (they were added to the step after the hook, and the step a hook logged got ~0 s)."""

@@ -169,7 +169,10 @@ class Trainer:
         self.projection.resume(kept_rows)
         self.hooks: list[Hook] = []
         self.add_hook(self.evaluate, every=t.eval_every, after_log=True, name="eval")
-        self.add_hook(lambda step: self.checkpoint(self.wall()), every=t.checkpoint_every, name="checkpoint")
+        # after its step's row is logged: a run killed right after the save must not lose that row for good
+        # (a resume keeps the rows up to the checkpoint and starts after it), and a bucket run pushes it too
+        self.add_hook(lambda step: self.checkpoint(self.wall()), every=t.checkpoint_every, after_log=True,
+                      name="checkpoint")
         self.profile = None
         if t.profile_steps:
             self.profile = ProfileTrace(os.path.join(self.files.local, run_dir.TENSORBOARD_DIR), t.profile_skip,

@@ -234,6 +234,25 @@ def test_a_skipped_update_keeps_adams_moments_while_the_schedule_follows_the_ste
     jax.tree.map(np.testing.assert_array_equal, (adam.mu, adam.nu), (old_adam.mu, old_adam.nu))
 
 
+@pytest.mark.parametrize("harm", [_flip_bytes, _truncate])
+def test_a_damaged_step_named_by_the_caller_is_refused_not_restored(tmp_path, harm):
+    """continue --from RUN/checkpoints/STEP and convert --step read one step's parameters (restore_partial):
+    flipped bytes restored as wrong weights without an error, a cut file raised a bare exception."""
+    directory = _saved_run(tmp_path)
+    harm(os.path.join(directory, "4"))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                                     jax.eval_shape(lambda: _state(0)).params)}
+    checkpointer = Checkpointer(tmp_path, 3)
+    try:
+        with pytest.raises(CheckpointError, match=f"checkpoint {directory}/4 is damaged .*pass another step"):
+            checkpointer.restore_partial(4, target)
+        intact = checkpointer.restore_partial(2, target)["params"]
+    finally:
+        checkpointer.close()
+    jax.tree.map(np.testing.assert_array_equal, intact, _state(2).params)
+
+
 TINY_RUN = ["model.series=custom", "model.layers=1", "model.d_model=32", "model.heads=1", "model.head_dim=32",
             "model.d_ff=64", "data.seq_len=32", "data.batch_size=8", "data.max_docs=30", "optimizer.warmup_steps=1",
             "train.eval_every=0", "train.eval_batches=1", "train.progress=false", "train.plot=false",

@@ -338,13 +338,24 @@ class Checkpointer:
         if not paths.isdir(path):
             raise CheckpointError(f"checkpoint {self.directory}/{step} has no saved state; "
                                   "pass a run directory with a finished checkpoint")
+        # A step named by the caller is checked as the trainer checks the newest one (every byte, where it has a
+        # digest): damaged bytes may restore without an error, as wrong weights.
+        problem = damage(self._step_dir(step))
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {self.directory}/{step} is damaged ({problem}); pass another step, "
+                                  "or the run directory for its newest intact checkpoint")
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         try:
             return ocp.PyTreeCheckpointer().restore(
                 path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"checkpoint {self.directory}/{step} does not match this model ({e}); "
-                                  "use the model settings it was trained with") from None
+        except Exception as e:  # tensorstore's read errors are plain Exceptions
+            if _is_damage(e):
+                raise CheckpointError(f"checkpoint {self.directory}/{step} is unreadable ({_first_line(e)}); pass "
+                                      "another step, or the run directory for its newest intact checkpoint") from None
+            if isinstance(e, (ValueError, KeyError, TypeError)):
+                raise CheckpointError(f"checkpoint {self.directory}/{step} does not match this model ({e}); "
+                                      "use the model settings it was trained with") from None
+            raise
 
     def close(self) -> None:
         """Finish (and digest) a pending save, then release orbax's threads."""

@@ -102,6 +102,7 @@ def check_claimable(path: str, field: str = "train.run_dir") -> bool:
 class Claim(NamedTuple):
     fresh: bool  # the directory was missing or empty: a failed start may take back all of it
     created: bool  # it was missing: a failed start removes the directory itself too
+    outermost: str = ""  # the outermost directory the claim made (``runs/a`` for a missing ``runs/a/b``)
 
 
 def claim(path: str, field: str = "train.run_dir") -> Claim:
@@ -112,8 +113,13 @@ def claim(path: str, field: str = "train.run_dir") -> Claim:
     """
     fresh = check_claimable(path, field)
     created = not paths.exists(path)
+    outermost = path
+    if created and not paths.is_remote(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            outermost, parent = parent, os.path.dirname(parent)
     paths.prepare_dir(path, field)
-    return Claim(fresh, created)
+    return Claim(fresh, created, outermost if created else "")
 
 
 def mark(path: str) -> None:
@@ -132,7 +138,7 @@ def discard_fresh(path: str, claimed: Claim) -> None:
             paths.remove(paths.join(path, name))
         return
     if claimed.created:
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(claimed.outermost or path, ignore_errors=True)
         return
     for name in os.listdir(path):
         target = os.path.join(path, name)

@@ -163,6 +163,9 @@ def test_a_failed_fresh_start_leaves_nothing_behind(tmp_path, capsys, existed):
     assert main(["train", QUICKSTART, *TINY, f"train.run_dir={run}", f"data.source={tmp_path / 'empty.txt'}"]) == 2
     assert "gives no train documents" in capsys.readouterr().err
     assert (os.listdir(run) == []) if existed else not run.exists()
+    nested = tmp_path / "made" / "for" / "it"  # every directory the start made goes, its parents too
+    assert main(["train", QUICKSTART, *TINY, f"train.run_dir={nested}", f"data.source={tmp_path / 'empty.txt'}"]) == 2
+    assert sorted(os.listdir(tmp_path)) == (["empty.txt", "run"] if existed else ["empty.txt"])
     # and the directory is not left locked: a good start right after works
     assert main(["train", QUICKSTART, *TINY, f"train.run_dir={run}"]) == 0
 

@@ -83,20 +83,20 @@ def test_a_checkpoint_is_never_ahead_of_the_metrics_log(tmp_path):
 
 
 def test_step_time_leaves_out_the_time_hooks_take(tmp_path):
-    """An eval-like hook (logs first) and a save-like one each take 0.3 s; no step's time, and so no tokens/s or
+    """An eval-like hook (logs first) and a save-like one each take 0.5 s; no step's time, and so no tokens/s or
     MFU, counts them (they were added to the step after the hook, and the step a hook logged got ~0 s)."""
     import time
 
     config = load_config(None, [*TINY, "train.steps=7", "train.eval_every=0", "train.checkpoint_every=0",
                                 f"train.run_dir={tmp_path / 'run'}"])
     trainer = Trainer(config)
-    trainer.add_hook(lambda step: time.sleep(0.3), every=2, at_end=False, after_log=True)
-    trainer.add_hook(lambda step: time.sleep(0.3), every=3, at_end=False)
+    trainer.add_hook(lambda step: time.sleep(0.5), every=2, at_end=False, after_log=True)
+    trainer.add_hook(lambda step: time.sleep(0.5), every=3, at_end=False)
     trainer.run()
     rows = [r for r in read_metrics(str(tmp_path / "run" / METRICS_FILE)) if "step_time" in r]
     assert [r["step"] for r in rows] == list(range(1, 8))
     later = [r["step_time"] for r in rows[2:]]  # steps 1 and 2 also compile and warm up (4.3 and 0.6 s alone)
-    assert max(later) < 0.2 and min(later) > 0, later
+    assert max(later) < 0.35 and min(later) > 0, later  # a hook's 0.5 s would show
 
 
 def test_the_start_spec_is_the_stage_section_and_decides_between_fresh_and_parent_weights():

@@ -126,6 +126,32 @@ def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path,
     assert not os.path.exists(bad)
 
 
+def test_an_unreadable_file_is_damage_but_a_permission_error_moves_nothing(tmp_path, monkeypatch):
+    """EIO while verifying a step: damaged (set aside, the older step restored). No read permission: the bytes
+    may be intact, so one error line and nothing moved (root ignores file modes: the errors are injected)."""
+    from scaling_jax.train import checkpoint as checkpoint_lib
+
+    directory = _saved_run(tmp_path)
+
+    def failing(error):
+        def crc32(path, chunk=0):
+            raise error
+        return crc32
+
+    monkeypatch.setattr(checkpoint_lib, "_crc32", failing(OSError(errno.EIO, "Input/output error")))
+    assert damage(os.path.join(directory, "4")).endswith("is unreadable (Input/output error)")
+    monkeypatch.setattr(checkpoint_lib, "_crc32", failing(PermissionError(errno.EACCES, "Permission denied")))
+    lock_lib.acquire_run_lock(str(tmp_path))
+    checkpointer = Checkpointer(tmp_path, 3)
+    try:
+        with pytest.raises(CheckpointError, match="cannot read .* \\(permission denied\\); give this user read"):
+            checkpointer.latest_step(set_aside_damaged=True)
+    finally:
+        checkpointer.close()
+        lock_lib.release_run_lock(str(tmp_path))
+    assert sorted(os.listdir(directory)) == ["2", "4"] and not (tmp_path / DAMAGED_DIR).exists()
+
+
 def test_a_reader_without_the_lock_skips_damage_but_moves_nothing(tmp_path, capfd):
     directory = _saved_run(tmp_path)
     _truncate(os.path.join(directory, "4"))

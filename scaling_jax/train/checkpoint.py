@@ -18,6 +18,7 @@ the previous checkpoint stays intact.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
@@ -116,8 +117,14 @@ def damage(step_dir: str) -> str | None:
         if actual != size:
             return f"{rel} is truncated ({actual} of {size} bytes)" if actual < size else \
                 f"{rel} has {actual} bytes, {size} were written"
-        if _crc32(path) != crc:
-            return f"{rel} is corrupted (checksum mismatch)"
+        try:
+            if _crc32(path) != crc:
+                return f"{rel} is corrupted (checksum mismatch)"
+        except PermissionError:  # the files may be intact: setting the step aside would resume from an older one
+            raise CheckpointError(f"cannot read {path} (permission denied); give this user read access to "
+                                  f"{step_dir}") from None
+        except OSError as e:
+            return f"{rel} is unreadable ({e.strerror or e})"
     return None
 
 
@@ -204,7 +211,12 @@ class Checkpointer:
         self._reported.add(step)
         where = self._step_dir(step)
         if move and holds_run_lock(self.run_dir) and jax.process_index() == 0:
-            target = paths.join(self.run_dir, DAMAGED_DIR, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+            stamp = f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+            target = paths.join(self.run_dir, DAMAGED_DIR, stamp)
+            for n in itertools.count(2):  # the same step set aside twice within a second
+                if not paths.exists(target):
+                    break
+                target = paths.join(self.run_dir, DAMAGED_DIR, f"{stamp}-{n}")
             paths.makedirs(paths.dirname(target))
             paths.rename(where, target)
             self.manager.reload()

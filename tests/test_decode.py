@@ -224,6 +224,13 @@ def test_temperature_sampling_follows_the_softmax_and_filters_keep_only_their_se
     hot = np.asarray(sample_logits(logits, jax.random.key(3), 2.0))
     want = probs ** 0.5 / (probs ** 0.5).sum()
     assert np.all(np.abs(np.bincount(hot, minlength=4) / len(hot) - want) < 0.02)
+    # ties: each filter still keeps exactly its count (HF's top-p keeps 2 of 4 equal tokens at p=0.5)
+    tied = lambda p: jnp.log(jnp.asarray(np.tile(p, (2000, 1)), jnp.float32))  # noqa: E731
+    kept = lambda logits, **f: set(np.asarray(sample_logits(logits, jax.random.key(4), 1.0, **f)).tolist())  # noqa: E731
+    assert kept(tied([0.4, 0.4, 0.2]), top_k=1) == {0}
+    assert kept(tied([0.25] * 4), top_p=0.5) == {0, 1}
+    assert kept(tied([0.5, 0.25, 0.25]), top_p=0.75) == {0, 1}
+    assert kept(tied([0.25] * 4), top_k=3, top_p=0.5) == {0, 1}
 
 
 def test_invalid_sampling_settings_are_refused():

@@ -347,16 +347,19 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: 
     if temperature == 0:
         return greedy(logits)
     logits = logits.astype(jnp.float32) / temperature
+    # Both filters keep exactly their count of tokens, ties going to the lower id (as a stable sort orders them):
+    # a cut by logit value would keep every token tied with the last one kept.
+    order = jnp.argsort(-logits, axis=-1, stable=True)  # most likely first
+    ordered = jnp.take_along_axis(logits, order, axis=-1)
+    rank = jnp.argsort(order, axis=-1)  # each token's place in that order
     if top_k:
-        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
+        logits = jnp.where(rank < top_k, logits, -jnp.inf)
+        ordered = jnp.where(jnp.arange(ordered.shape[-1]) < top_k, ordered, -jnp.inf)
     if top_p < 1.0:
-        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
         probs = jax.nn.softmax(ordered, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
         keep = before < top_p  # the smallest prefix whose mass reaches top_p (always >= 1 token)
-        threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+        logits = jnp.where(jnp.take_along_axis(keep, rank, axis=-1), logits, -jnp.inf)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 

@@ -234,6 +234,8 @@ def test_temperature_sampling_follows_the_softmax_and_filters_keep_only_their_se
 
 
 def test_invalid_sampling_settings_are_refused():
+    with pytest.raises(ValueError, match="temperature 0 .greedy. or >= 1e-30"):
+        SamplingConfig(temperature=1e-39)  # logits / T overflows: the "coldest" sample was not the argmax
     with pytest.raises(ValueError):
         SamplingConfig(top_p=0.0)
     with pytest.raises(ValueError):

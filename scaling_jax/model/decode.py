@@ -49,6 +49,9 @@ Cache = dict
 UNROLL_QUERIES = 8
 
 
+MIN_TEMPERATURE = 1e-30
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """``temperature=0`` is greedy; ``top_k=0`` and ``top_p=1`` disable those filters."""
@@ -61,9 +64,12 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
-            raise ValueError(f"invalid sampling settings {self}: need temperature >= 0, top_k >= 0, "
-                             "0 < top_p <= 1, max_new_tokens >= 1")
+        # logits / temperature in float32: below 1e-30 the quotient overflows (or the divisor flushes to 0), so the
+        # "sample" is no longer the argmax it approaches; temperature=0 is greedy
+        cold = 0 < self.temperature < MIN_TEMPERATURE
+        if cold or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
+            raise ValueError(f"invalid sampling settings {self}: need temperature 0 (greedy) or >= "
+                             f"{MIN_TEMPERATURE:g}, top_k >= 0, 0 < top_p <= 1, max_new_tokens >= 1")
 
 
 # ----------------------------------------------------------------------------- model structure

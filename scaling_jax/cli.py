@@ -244,6 +244,23 @@ def _writable_out(out: str, default_in: str | None = None) -> None:
                         "directory") from None
 
 
+OUTPUT_MARKER = ".scaling_jax_output"  # in an --out directory: which command wrote its files
+
+
+def _own_out(out: str, command: str, names: tuple[str, ...]) -> None:
+    """An ``--out`` directory may already hold the files ``command`` writes only if ``command`` wrote them (a
+    rerun): a user's own report.md or results.json is never written over."""
+    taken = [n for n in names if os.path.exists(os.path.join(out, n))]
+    marker = os.path.join(out, OUTPUT_MARKER)
+    writers = set(open(marker).read().split()) if os.path.isfile(marker) else set()
+    if taken and command not in writers:
+        raise UserError(f"--out '{out}' already holds {taken[0]}, which scaling-jax {command} did not write; choose "
+                        "another --out (a new or empty directory, or an earlier output of this command)")
+    os.makedirs(out, exist_ok=True)
+    with open(marker, "w") as f:
+        f.write("\n".join(sorted(writers | {command})) + "\n")
+
+
 def _data_config(args: argparse.Namespace):
     """The data section of ``--config`` (optional) with dotted overrides: the source, format, tokenizer, split."""
     from scaling_jax.config import load_config
@@ -286,8 +303,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
     _flag(args, "chunk_tokens", int, 1)
     _flag(args, "chunks_per_shard", int, 1)
     part_mib = _flag(args, "part_mib", float, 0, above=True, hint="input MiB per part, e.g. 64")
-    if os.path.exists(args.output) and args.overwrite and not (os.path.isdir(args.output) and (
-            prep.is_prepared(args.output) or not os.listdir(args.output))):
+    if os.path.exists(args.output) and args.overwrite and not prep.replaceable(args.output):
         raise UserError(f"--output '{args.output}' exists and is not a prepared data directory; --overwrite only "
                         "replaces one that `data prepare` wrote: choose another --output")
     data = _data_config(args)
@@ -341,6 +357,8 @@ def _eval(args: argparse.Namespace) -> int:
         check_run_dir(ckpt)
     out_dir = args.out or os.path.join(checkpoints[0], EVAL_DIR)
     _writable_out(out_dir, None if args.out else checkpoints[0])
+    if args.out:
+        _own_out(out_dir, "eval", ("results.json", "results.md", "plots", "tasks"))
     out = run_eval(checkpoints, tasks, args.shots, out_dir, args.seed, args.num_examples, args.max_examples,
                    options, args.predict_n)
     with open(out["markdown"]) as f:
@@ -418,7 +436,7 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from scaling_jax.scaling.plots import check_report_paths, write_report
+    from scaling_jax.scaling.plots import REPORT_FILES, check_report_paths, write_report
 
     if args.overrides:
         raise UserError(f"report takes no config overrides (got {' '.join(args.overrides)})")
@@ -426,6 +444,8 @@ def _report(args: argparse.Namespace) -> int:
     check_report_paths(args.paths)  # every input checked before anything is written
     out = args.out or os.path.join(args.paths[0], REPORT_DIR)
     _writable_out(out, None if args.out else args.paths[0])
+    if args.out:
+        _own_out(out, "report", REPORT_FILES)
     print(f"report: {write_report(args.paths, out, args.target_flops)}")
     return 0
 
@@ -595,6 +615,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError) as e:
+        if args.debug or not e.filename:
+            raise
+        # a path the command was given (or made from one) that cannot be read or written as asked
+        print(f"error: '{e.filename}': {e.strerror}; check the path you gave (its permissions, or a file where a "
+              "directory is needed or the other way round)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted without saving; a rerun resumes from the newest checkpoint", file=sys.stderr)

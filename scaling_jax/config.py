@@ -260,7 +260,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not key=value; write e.g. model.layers=4")
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:  # not YAML (a glob such as *.txt, a stray bracket): the text itself
+            out[key.strip()] = raw
     return out
 
 
@@ -394,6 +397,8 @@ def load_config(path: str | None, overrides: list[str] | dict | None = None, sav
             raise ConfigError(f"config file '{path}' does not exist; pass a YAML file such as configs/quickstart.yaml")
         try:
             raw = yaml.safe_load(paths.read_text(path)) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file '{path}' is not UTF-8 text; save it as UTF-8") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""

@@ -512,6 +512,16 @@ def test_report_and_eval_into_a_directory_of_user_files_only_add_their_own(train
     after = _snapshot(str(out))
     assert {k: after[k] for k in before} == before  # the user's files untouched
     assert {"report.md", "report.json", "results.json", "results.md"} <= set(after)
+    assert main(["report", trained_run, "--out", str(out)]) == 0  # a rerun replaces its own earlier output
+    # a user's own report.md or results.json is never written over
+    for command, name in (("report", "report.md"), ("eval", "results.json")):
+        theirs = tmp_path / f"theirs-{command}"
+        theirs.mkdir()
+        (theirs / name).write_text("mine")
+        args = [trained_run] if command == "report" else ["--checkpoint", trained_run, "--tasks", "arithmetic"]
+        assert main([command, *args, "--out", str(theirs)]) == 2
+        assert f"already holds {name}, which scaling-jax {command} did not write" in capsys.readouterr().err
+        assert sorted(os.listdir(theirs)) == [name] and (theirs / name).read_text() == "mine"
 
 
 def _read_only_mount_works(path) -> bool:

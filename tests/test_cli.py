@@ -64,6 +64,21 @@ def test_bad_inputs_fail_with_one_line(tmp_path, capsys, overrides, devices, fra
     _assert_one_line_error(result, *fragments)
 
 
+def test_unwritable_output_paths_non_utf8_files_and_non_yaml_overrides_are_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    result = _cli_here(capsys, "data", "prepare", "--output", str(tmp_path / "afile" / "out"), "data.source=stdlib",
+                       "data.tokenizer=byte", "data.max_docs=5")
+    _assert_one_line_error(result, f"'{tmp_path / 'afile'}'", "check the path you gave")
+    (tmp_path / "latin1.yaml").write_bytes("model:\n  layers: 2  # caf\xe9\n".encode("latin-1"))
+    _assert_one_line_error(_cli_here(capsys, "info", str(tmp_path / "latin1.yaml")), "latin1.yaml", "is not UTF-8")
+    # a glob is not YAML (a leading * is an alias): the override is its text, and the data error names it
+    result = _cli_here(capsys, "train", "configs/quickstart.yaml", *TINY, "data.batch_size=8",
+                       "data.source=*.nothing_matches_this", f"train.run_dir={tmp_path / 'run'}")
+    _assert_one_line_error(result, "data.source", "*.nothing_matches_this")
+    _assert_one_line_error(_cli_here(capsys, "info", "configs/quickstart.yaml", "model.layers={"),
+                           "model.layers must be int")
+
+
 def test_empty_data_source_is_one_line(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
     result = _cli_here(capsys, "train", "configs/quickstart.yaml", *TINY, "data.batch_size=8",  # 8 devices here

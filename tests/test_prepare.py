@@ -231,6 +231,14 @@ def test_prepare_refuses_to_overwrite_and_leaves_nothing_on_failure(prepared, tm
     assert not (tmp_path / "never").exists() and not (tmp_path / "never.tmp").exists()
     with pytest.raises(DataError, match="one text source"):
         prep.prepare(dataclasses.replace(cfg, source=str(out)), tok, str(tmp_path / "again"), log=None)
+    # --overwrite deletes only what data prepare wrote: not a sweep's (or anyone's) directory with a manifest.json
+    theirs = tmp_path / "a_sweep"
+    theirs.mkdir()
+    (theirs / "manifest.json").write_text('{"runs": []}')
+    (theirs / "MY_NOTES.txt").write_text("keep")
+    with pytest.raises(DataError, match="is not a prepared data directory"):
+        prep.prepare(cfg, tok, str(theirs), overwrite=True, log=None)
+    assert sorted(os.listdir(theirs)) == ["MY_NOTES.txt", "manifest.json"]
 
 
 def test_cli_prepares_with_a_trained_tokenizer(tmp_path, capsys):

@@ -255,6 +255,8 @@ def _read_json(path: str) -> Any:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"task file '{path}' is not valid JSON (line {e.lineno}: {e.msg})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"task file '{path}' is not UTF-8 text; save it as UTF-8") from None
 
 
 # ----------------------------------------------------------------------------- prompting

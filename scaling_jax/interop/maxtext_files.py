@@ -55,6 +55,8 @@ def read_maxtext_keys(config_files: Sequence[str], overrides: Mapping[str, Any])
         except yaml.YAMLError as e:
             first = str(e).splitlines()[0]
             raise ConfigError(f"--maxtext-config '{path}' is not valid YAML ({first}); fix it") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"--maxtext-config '{path}' is not UTF-8 text; save it as UTF-8") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"--maxtext-config '{path}' is not a mapping of MaxText keys; write key: value lines")
         keys |= loaded

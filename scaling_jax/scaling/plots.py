@@ -34,6 +34,9 @@ from scaling_jax.train.metrics import METRICS_FILE, read_metrics
 
 AXES = {"tokens": ("tokens", "tokens"), "flops": ("flops", "training FLOPs"),
         "wallclock": ("wall_time", "wall-clock (s)")}
+# every file a report writes (an --out directory holding one of them that a report did not write is refused)
+REPORT_FILES = ("report.md", "report.json", *(f"loss_vs_{axis}.png" for axis in AXES), "fit_loss_vs_params.png",
+                "fit_loss_vs_compute.png")
 
 
 @dataclass

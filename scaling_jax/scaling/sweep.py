@@ -197,6 +197,8 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> SweepSpec:
             raw = yaml.safe_load(f) or {}
         except yaml.YAMLError:
             raise ConfigError(f"sweep file '{path}' is not valid YAML; fix its syntax") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"sweep file '{path}' is not UTF-8 text; save it as UTF-8") from None
     if not isinstance(raw, dict):
         raise _fail(path, "must be a mapping with objectives, sizes and budgets")
     unknown = sorted(set(raw) - set(SPEC_KEYS))

@@ -176,6 +176,8 @@ def read_stage(path: str) -> dict:
             raw = yaml.safe_load(f) or {}
     except yaml.YAMLError:
         raise ConfigError(f"--stage '{path}' is not valid YAML; fix its syntax") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--stage '{path}' is not UTF-8 text; save it as UTF-8") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--stage '{path}' must hold a mapping of sections (stage:, budget:, objective:, ...)")
     return raw

@@ -127,7 +127,9 @@ def test_sweep_files_are_checked_with_one_line_errors(tmp_path):
     cases = [({"budgets": [{"tokens": -5}]}, "must be > 0"),
              ({"budgets": [{"steps": 5}]}, "exactly one of"),
              ({"sizes": [7]}, "series string"),
-             ({"objective": ["causal"]}, "unknown key 'objective'")]
+             ({"objective": ["causal"]}, "unknown key 'objective'"),
+             ({"objectives": {"../escape": {"objective.name": "causal"}}}, "objective label '../escape'"),
+             ({"sizes": [{"name": "/abs", "layers": 1}]}, "size label '/abs'")]
     for change, message in cases:
         spec = {"objectives": ["causal"], "sizes": ["passuntil:1"], "budgets": [{"tokens": 100}], **change}
         path = tmp_path / "bad.yaml"
@@ -137,6 +139,20 @@ def test_sweep_files_are_checked_with_one_line_errors(tmp_path):
     good = sweep.load_sweep(write_spec(tmp_path, [{"tokens": 1280}]))
     with pytest.raises(ConfigError, match="--sizes 'xl' is not in sweep"):
         sweep.plan(good, sizes=["xl"])
+
+
+@pytest.mark.parametrize("theirs", [{"mine": True}, {"format_version": 1, "source": "corpus.txt"},
+                                    {"sweep": "another", "runs": []}])
+def test_a_sweep_never_replaces_a_manifest_that_is_not_its_own(tmp_path, theirs):
+    """A user's manifest.json, a prepared data directory's, or another sweep's: refused before any run."""
+    spec = sweep.load_sweep(write_spec(tmp_path, [{"tokens": 1280}]))
+    os.makedirs(spec.out_dir)
+    manifest = os.path.join(spec.out_dir, sweep.MANIFEST)
+    with open(manifest, "w") as f:
+        json.dump(theirs, f)
+    with pytest.raises(ConfigError, match="point the sweep's out_dir at a new directory"):
+        sweep.run_sweep(spec, train_fn=lambda config: pytest.fail("nothing may run"), say=lambda _: None)
+    assert json.load(open(manifest)) == theirs and os.listdir(spec.out_dir) == [sweep.MANIFEST]
 
 
 def test_seeds_axis_repeats_every_point_with_its_own_init_and_data_seed(tmp_path):

@@ -118,7 +118,16 @@ def expand_sizes(entries: list, path: str) -> dict[str, dict[str, Any]]:
                               "mapping of model fields with a name")
     if not sizes:
         raise _fail(path, "sizes is empty; list at least one model size")
+    for label in sizes:
+        _check_label(label, "size", path)
     return sizes
+
+
+def _check_label(label: str, kind: str, path: str) -> None:
+    """Labels name run directories inside out_dir (``OBJECTIVE-SIZE-BUDGET``): no path separators or dots first."""
+    if not re.fullmatch(r"[A-Za-z0-9_+][A-Za-z0-9_.+-]*", label):
+        raise _fail(path, f"{kind} label '{label}' must be letters, digits and _ + - . (it names run directories "
+                          "inside out_dir)")
 
 
 def _objectives(raw: Any, path: str) -> dict[str, dict[str, Any]]:
@@ -128,6 +137,7 @@ def _objectives(raw: Any, path: str) -> dict[str, dict[str, Any]]:
         raise _fail(path, "objectives must be a list of names (causal, mtp, ul2) or a mapping label -> overrides")
     out = {}
     for label, overrides in raw.items():
+        _check_label(str(label), "objective", path)
         if not isinstance(overrides, (dict, type(None))):
             raise _fail(path, f"objective '{label}' must map to dotted overrides such as {{objective.heads: 4}}, "
                               f"got {overrides!r}")
@@ -367,6 +377,21 @@ def manifest_entry(run: PlannedRun, status: str) -> dict:
     return entry
 
 
+def check_out_dir(spec: SweepSpec) -> None:
+    """``out_dir`` is new, or this sweep's own: a manifest.json there must be a manifest of this sweep (not
+    another sweep's, a prepared data directory's or a user's file, which the sweep would replace)."""
+    path = paths.join(spec.out_dir, MANIFEST)
+    if not paths.exists(path):
+        return
+    old = _read_json(path)
+    if not isinstance(old, dict) or not isinstance(old.get("runs"), list) or "sweep" not in old:
+        raise ConfigError(f"out_dir '{spec.out_dir}' holds a {MANIFEST} that is not a sweep's; point the sweep's "
+                          "out_dir at a new directory")
+    if old["sweep"] != spec.name:
+        raise ConfigError(f"out_dir '{spec.out_dir}' holds sweep '{old['sweep']}', not '{spec.name}'; point the "
+                          "sweep's out_dir at a new directory (or give the sweep that name to add to it)")
+
+
 def write_manifest(spec: SweepSpec, entries: dict[str, dict]) -> str:
     """All runs of the sweep (earlier ones from the existing manifest kept), rewritten atomically."""
     path = paths.join(spec.out_dir, MANIFEST)
@@ -397,6 +422,7 @@ def run_sweep(spec: SweepSpec, objectives: list[str] | None = None, sizes: list[
         from scaling_jax.train.loop import train as train_fn
     executor = executor or LocalExecutor()
     runs = run_order(plan(spec, objectives, sizes))
+    check_out_dir(spec)
     if paths.is_remote(spec.out_dir):  # a bucket: prove it is reachable and writable before any run starts
         paths.prepare_dir(spec.out_dir, "out_dir")
     else:

@@ -268,12 +268,18 @@ def _data_config(args: argparse.Namespace):
     return load_config(args.config, args.overrides).data
 
 
+MAX_TRAINED_VOCAB = 1 << 20
+
+
 def _tokenizer_train(args: argparse.Namespace) -> int:
     from scaling_jax.data.sources import load_documents
     from scaling_jax.data.tokenizer import MODE_TOKENS, NUM_SENTINELS, TRAINED_SPECIALS, train_tokenizer
 
     least = len(TRAINED_SPECIALS) + len(MODE_TOKENS) + NUM_SENTINELS + 256 + 16  # as train_tokenizer requires
-    _flag(args, "vocab_size", int, least, hint=f"{least - 272} ids are reserved and the 256 bytes need their own")
+    size = _flag(args, "vocab_size", int, least,
+                 hint=f"{least - 272} ids are reserved and the 256 bytes need their own")
+    if size is not None and size > MAX_TRAINED_VOCAB:  # the trainers allocate per id and abort the process
+        raise UserError(f"--vocab-size {size} is larger than {MAX_TRAINED_VOCAB:,}; LLM vocabularies are 32k-256k")
     if os.path.isdir(args.output):
         raise UserError(f"--output '{args.output}' is a directory; name the file to write, e.g. "
                         f"{os.path.join(args.output, 'tokenizer.json')}")

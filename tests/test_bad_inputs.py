@@ -284,6 +284,8 @@ FLAG_CASES = [  # (id, argv with {u}, fragments): numeric flags are checked by t
      ["--vocab-size 100 must be an integer >= 378", "ids are reserved"]),
     ("tokenizer-vocab-not-a-number", ["tokenizer", "train", "--output", "{u}/t.json", "--vocab-size", "32k"],
      ["--vocab-size 32k must be an integer"]),
+    ("tokenizer-vocab-too-large", ["tokenizer", "train", "--output", "{u}/t.json", "--vocab-size", "100000000000"],
+     ["--vocab-size 100000000000 is larger than 1,048,576"]),  # the trainer aborted the process allocating it
     ("tokenizer-output-is-a-directory", ["tokenizer", "train", "--output", "{u}/notes"],
      ["notes' is a directory", "name the file to write"]),
     ("prepare-zero-chunk-tokens", ["data", "prepare", "--output", "{u}/prep", "--chunk-tokens", "0"],

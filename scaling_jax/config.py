@@ -386,6 +386,19 @@ def check_vocab_holds(vocab_size: int, needed: int, tokenizer_size: int, spec: s
                           "or 0 (take it from the tokenizer)")
 
 
+def read_yaml(path: str, label: str) -> Any:
+    """A YAML file's contents ({} when empty); ``label`` names it in the one-line error for text that is not
+    UTF-8 or not YAML."""
+    try:
+        return yaml.safe_load(paths.read_text(path)) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{label} is not UTF-8 text; save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{label} is not valid YAML{where}; fix its syntax") from None
+
+
 def load_config(path: str | None, overrides: list[str] | dict | None = None, saved_run: bool = False) -> Config:
     """Read a YAML file (or nothing: all defaults) and apply dotted overrides.
 
@@ -395,14 +408,7 @@ def load_config(path: str | None, overrides: list[str] | dict | None = None, sav
     if path:
         if not (paths.exists(path) if paths.is_remote(path) else os.path.isfile(path)):
             raise ConfigError(f"config file '{path}' does not exist; pass a YAML file such as configs/quickstart.yaml")
-        try:
-            raw = yaml.safe_load(paths.read_text(path)) or {}
-        except UnicodeDecodeError:
-            raise ConfigError(f"config file '{path}' is not UTF-8 text; save it as UTF-8") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config file '{path}' is not valid YAML{where}; fix its syntax") from None
+        raw = read_yaml(path, f"config file '{path}'")
         if not isinstance(raw, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections (model:, data:, ...)")
         if saved_run:

@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 
 from scaling_jax import paths
-from scaling_jax.config import COMPILATION_CACHE_IN_RUN, Config, load_config, to_dict
+from scaling_jax.config import COMPILATION_CACHE_IN_RUN, Config, load_config, read_yaml, to_dict
 from scaling_jax.data.tokenizer import resolved_config
 from scaling_jax.errors import ConfigError
 from scaling_jax.run_dir import COMPILATION_CACHE_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
@@ -202,13 +202,7 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> SweepSpec:
 
     if not os.path.isfile(path):
         raise ConfigError(f"sweep file '{path}' does not exist; pass one such as configs/sweeps/micro.yaml")
-    with open(path) as f:
-        try:
-            raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError:
-            raise ConfigError(f"sweep file '{path}' is not valid YAML; fix its syntax") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"sweep file '{path}' is not UTF-8 text; save it as UTF-8") from None
+    raw = read_yaml(path, f"sweep file '{path}'")
     if not isinstance(raw, dict):
         raise _fail(path, "must be a mapping with objectives, sizes and budgets")
     unknown = sorted(set(raw) - set(SPEC_KEYS))

@@ -37,7 +37,7 @@ import optax
 import yaml
 
 from scaling_jax import paths
-from scaling_jax.config import Config, load_config, parse_overrides, to_dict
+from scaling_jax.config import Config, load_config, parse_overrides, read_yaml, to_dict
 from scaling_jax.data import pipeline
 from scaling_jax.data.tokenizer import Tokenizer, build_tokenizer, resolve_vocab
 from scaling_jax.errors import CheckpointError, ConfigError
@@ -171,13 +171,7 @@ def flatten(tree: dict, prefix: str = "", skip: tuple[str, ...] = ()) -> dict[st
 def read_stage(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"--stage '{path}' does not exist; pass a stage YAML such as configs/stages/ul2r.yaml")
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    except yaml.YAMLError:
-        raise ConfigError(f"--stage '{path}' is not valid YAML; fix its syntax") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"--stage '{path}' is not UTF-8 text; save it as UTF-8") from None
+    raw = read_yaml(path, f"--stage '{path}'")
     if not isinstance(raw, dict):
         raise ConfigError(f"--stage '{path}' must hold a mapping of sections (stage:, budget:, objective:, ...)")
     return raw

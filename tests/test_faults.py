@@ -260,6 +260,27 @@ def test_a_skipped_update_keeps_adams_moments_while_the_schedule_follows_the_ste
     jax.tree.map(np.testing.assert_array_equal, (adam.mu, adam.nu), (old_adam.mu, old_adam.nu))
 
 
+def test_the_latest_step_then_its_parameters_read_its_bytes_once_for_the_check(tmp_path, monkeypatch):
+    """eval and convert take the newest intact step, then restore its parameters: one digest check, not two."""
+    from scaling_jax.train import checkpoint as checkpoint_lib
+
+    _saved_run(tmp_path)
+    checked, crc32 = [], checkpoint_lib._crc32
+    monkeypatch.setattr(checkpoint_lib, "_crc32", lambda path, *a: checked.append(path) or crc32(path, *a))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                                     jax.eval_shape(lambda: _state(0)).params)}
+    checkpointer = Checkpointer(tmp_path, 3)
+    try:
+        step = checkpointer.latest_step()
+        once = len(checked)
+        jax.tree.map(np.testing.assert_array_equal, checkpointer.restore_partial(step, target)["params"],
+                     _state(4).params)
+    finally:
+        checkpointer.close()
+    assert step == 4 and once > 0 and len(checked) == once == len(set(checked))
+
+
 @pytest.mark.parametrize("harm", [_flip_bytes, _truncate])
 def test_a_damaged_step_named_by_the_caller_is_refused_not_restored(tmp_path, harm):
     """continue --from RUN/checkpoints/STEP and convert --step read one step's parameters (restore_partial):

@@ -190,10 +190,22 @@ class Checkpointer:
         self._undigested: list[int] = []  # steps this process saved whose digest is not written yet
         self._digester: threading.Thread | None = None
         self._reported: set[int] = set()
+        self._intact: set[int] = set()  # steps ``damage`` passed in this process (each verified once)
         logging.getLogger("absl").addFilter(_ORBAX_FILTER)
 
     def _step_dir(self, step: int) -> str:
         return paths.join(self.directory, str(step))
+
+    def _damage(self, step: int, again: bool = False) -> str | None:
+        """``damage`` of a finished step; ``restore_partial`` skips a step this process found intact already
+        (``latest_step`` then ``restore_partial`` of one step, as eval and convert do, read every byte twice).
+        ``again``: check it anyway (the trainer's choice of where to resume)."""
+        if step in self._intact and not again:
+            return None
+        problem = damage(self._step_dir(step))
+        if problem is None:
+            self._intact.add(step)
+        return problem
 
     def _finished_steps(self) -> list[int]:
         """Committed step directories, newest first. Locally orbax renames a finished temporary directory
@@ -232,7 +244,7 @@ class Checkpointer:
         steps = [s for s in self._finished_steps() if below is None or s < below]
         problems = {}
         for step in steps:
-            problem = damage(self._step_dir(step))
+            problem = self._damage(step, again=True)
             if problem is None:
                 for bad, why in problems.items():
                     self._set_aside(bad, why, move)
@@ -263,6 +275,7 @@ class Checkpointer:
                                   data=grain.checkpoint.CheckpointSave(data_iter),
                                   meta=ocp.args.JsonSave(meta))
         self._undigested.append(step)
+        self._intact.discard(step)
         try:
             self.manager.save(step, args=args, force=True)
         except Exception as e:
@@ -352,7 +365,7 @@ class Checkpointer:
                                   "pass a run directory with a finished checkpoint")
         # A step named by the caller is checked as the trainer checks the newest one (every byte, where it has a
         # digest): damaged bytes may restore without an error, as wrong weights.
-        problem = damage(self._step_dir(step))
+        problem = self._damage(step)
         if problem is not None:
             raise CheckpointError(f"checkpoint {self.directory}/{step} is damaged ({problem}); pass another step, "
                                   "or the run directory for its newest intact checkpoint")

@@ -309,9 +309,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
     _flag(args, "chunk_tokens", int, 1)
     _flag(args, "chunks_per_shard", int, 1)
     part_mib = _flag(args, "part_mib", float, 0, above=True, hint="input MiB per part, e.g. 64")
-    if os.path.exists(args.output) and args.overwrite and not prep.replaceable(args.output):
-        raise UserError(f"--output '{args.output}' exists and is not a prepared data directory; --overwrite only "
-                        "replaces one that `data prepare` wrote: choose another --output")
+    prep.check_output(args.output, args.overwrite)  # before the tokenizer and any Ray cluster start
     data = _data_config(args)
     parallel_map = None
     if args.executor == "ray":

@@ -23,11 +23,9 @@ import shutil
 import time
 from typing import NamedTuple
 
-import yaml
-
 from scaling_jax import paths
-from scaling_jax.config import fill_saved_run_defaults
-from scaling_jax.errors import CheckpointError
+from scaling_jax.config import fill_saved_run_defaults, read_yaml
+from scaling_jax.errors import CheckpointError, ConfigError
 
 MARKER = "scaling_jax_run.json"
 CONFIG_FILE = "config.yaml"
@@ -66,8 +64,8 @@ def is_run_dir(path: str) -> bool:
 def _is_saved_config(path: str) -> bool:
     """A config.yaml that a run saved: every section of ours, with the run's ``train.run_dir``."""
     try:
-        raw = yaml.safe_load(paths.read_text(path))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        raw = read_yaml(path, path)
+    except (OSError, ConfigError):
         return False
     sections = ("model", "data", "optimizer", "train")
     return isinstance(raw, dict) and all(isinstance(raw.get(k), dict) for k in sections) and "run_dir" in raw["train"]

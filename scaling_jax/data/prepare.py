@@ -55,7 +55,16 @@ def is_prepared(path: str) -> bool:
     return os.path.isfile(os.path.join(os.path.expanduser(path), MANIFEST))
 
 
-def replaceable(path: str) -> bool:
+def check_output(output: str, overwrite: bool) -> None:
+    """``--output`` must be new, or with ``--overwrite`` an empty directory or one ``data prepare`` wrote."""
+    if os.path.exists(output) and not overwrite:
+        raise DataError(f"'{output}' already exists; pass --overwrite or choose another output directory")
+    if os.path.exists(output) and not _replaceable(output):
+        raise DataError(f"--output '{output}' exists and is not a prepared data directory; --overwrite only "
+                        "replaces one that `data prepare` wrote: choose another --output")
+
+
+def _replaceable(path: str) -> bool:
     """What ``--overwrite`` may delete: an empty directory, or one ``data prepare`` wrote (a readable manifest
     of a version it knows; any directory holding a file named manifest.json is not enough)."""
     if not os.path.isdir(path):
@@ -299,11 +308,7 @@ def _check_written(directory: str, manifest: dict) -> None:
 
 def _check_request(cfg: DataConfig, output: str, overwrite: bool, chunk_tokens: int, chunks_per_shard: int,
                    part_bytes: int) -> None:
-    if os.path.exists(output) and not overwrite:
-        raise DataError(f"'{output}' already exists; pass --overwrite or choose another output directory")
-    if os.path.exists(output) and not replaceable(output):
-        raise DataError(f"--output '{output}' exists and is not a prepared data directory; --overwrite only "
-                        "replaces one that `data prepare` wrote: choose another --output")
+    check_output(output, overwrite)
     if sources.is_url(output):
         raise DataError(f"--output '{output}' must be a local or mounted directory; prepare locally and copy it up")
     if cfg.mixture or cfg.source.startswith("seqio:") or is_prepared(cfg.source):

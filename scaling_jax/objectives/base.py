@@ -103,11 +103,16 @@ def special_ids(objective: Objective, tokenizer: Tokenizer) -> dict[str, int]:
     return ids
 
 
+def ids_past(objective: Objective, tokenizer: Tokenizer, rows: int) -> dict[str, int]:
+    """The reserved ids ``objective`` emits that an embedding of ``rows`` rows has no row for."""
+    return {name: i for name, i in special_ids(objective, tokenizer).items() if i >= rows}
+
+
 def check_fresh_vocab(objective: Objective, tokenizer: Tokenizer, vocab_size: int, spec: str) -> None:
     """A fresh model's embedding holds every id its objective emits: an id past it makes the loss NaN (the
     embedding lookup fills it, the softmax has no such class). A continuation checks its parent instead, where
     ``stage.extend_vocab`` can grow the embedding."""
-    missing = {name: i for name, i in special_ids(objective, tokenizer).items() if i >= vocab_size}
+    missing = ids_past(objective, tokenizer, vocab_size)
     if missing:
         first = max(missing, key=missing.get)
         raise ConfigError(f"objective {objective.name} uses {len(missing)} reserved ids past model.vocab_size="

@@ -34,7 +34,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-import yaml
 
 from scaling_jax import paths
 from scaling_jax.config import Config, load_config, parse_overrides, read_yaml, to_dict
@@ -42,7 +41,7 @@ from scaling_jax.data import pipeline
 from scaling_jax.data.tokenizer import Tokenizer, build_tokenizer, resolve_vocab
 from scaling_jax.errors import CheckpointError, ConfigError
 from scaling_jax.model.family import flops_per_token
-from scaling_jax.objectives.base import Objective, build_objective, special_ids
+from scaling_jax.objectives.base import Objective, build_objective, ids_past
 from scaling_jax.run_dir import CONFIG_FILE, CheckpointMeta, is_run_dir
 from scaling_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, model_signature
 from scaling_jax.train.session import Session
@@ -184,7 +183,7 @@ def check_tokens(config: Config, meta: CheckpointMeta, tokenizer: Tokenizer, obj
         raise CheckpointError(f"the stage's data.tokenizer='{config.data.tokenizer}' is not the tokenizer parent "
                               f"{where} was trained with (ids would change meaning); keep the parent's data.tokenizer")
     rows = config.model.vocab_size
-    missing = {name: i for name, i in special_ids(objective, tokenizer).items() if i >= rows}
+    missing = ids_past(objective, tokenizer, rows)
     if missing:
         first = min(missing, key=missing.get)
         raise CheckpointError(
@@ -203,10 +202,9 @@ def _same_directory(a: str, b: str) -> bool:
 def _stage_parent_of(run_dir: str) -> str | None:
     """The ``stage.parent`` an existing run directory was started from (None: not a run, or no parent)."""
     saved = paths.join(run_dir, CONFIG_FILE)
-    if not paths.isdir(run_dir) or not is_run_dir(run_dir) or not paths.exists(saved):
+    if not is_run_dir(run_dir) or not paths.exists(saved):
         return None
-    raw = yaml.safe_load(paths.read_text(saved)) or {}
-    return (raw.get("stage") or {}).get("parent") or None
+    return (read_yaml(saved, f"'{saved}'").get("stage") or {}).get("parent") or None
 
 
 def check_model(config: Config, meta: CheckpointMeta, where: str) -> None:

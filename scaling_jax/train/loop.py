@@ -239,9 +239,9 @@ class Trainer:
                 "flops": self.offset["flops"] + flops}
 
     def lineage(self, step: int) -> list:
-        tokens, flops = self.stage_totals(step)
+        (tokens, flops), totals = self.stage_totals(step), self.at(step)
         return self.history + [{**self.record, "steps": step, "tokens": tokens, "flops": flops,
-                                "total_tokens": self.at(step)["tokens"], "total_flops": self.at(step)["flops"]}]
+                                "total_tokens": totals["tokens"], "total_flops": totals["flops"]}]
 
     def say(self, message: str) -> None:
         if self.is_main and self.t.progress:

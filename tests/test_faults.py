@@ -260,6 +260,13 @@ def test_a_skipped_update_keeps_adams_moments_while_the_schedule_follows_the_ste
     jax.tree.map(np.testing.assert_array_equal, (adam.mu, adam.nu), (old_adam.mu, old_adam.nu))
 
 
+def _params_target() -> dict:
+    """What ``restore_partial`` restores of a ``_state``: its parameters, on one device."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                                   jax.eval_shape(lambda: _state(0)).params)}
+
+
 def test_the_latest_step_then_its_parameters_read_its_bytes_once_for_the_check(tmp_path, monkeypatch):
     """eval and convert take the newest intact step, then restore its parameters: one digest check, not two."""
     from scaling_jax.train import checkpoint as checkpoint_lib
@@ -267,9 +274,7 @@ def test_the_latest_step_then_its_parameters_read_its_bytes_once_for_the_check(t
     _saved_run(tmp_path)
     checked, crc32 = [], checkpoint_lib._crc32
     monkeypatch.setattr(checkpoint_lib, "_crc32", lambda path, *a: checked.append(path) or crc32(path, *a))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                                     jax.eval_shape(lambda: _state(0)).params)}
+    target = _params_target()
     checkpointer = Checkpointer(tmp_path, 3)
     try:
         step = checkpointer.latest_step()
@@ -287,9 +292,7 @@ def test_a_damaged_step_named_by_the_caller_is_refused_not_restored(tmp_path, ha
     flipped bytes restored as wrong weights without an error, a cut file raised a bare exception."""
     directory = _saved_run(tmp_path)
     harm(os.path.join(directory, "4"))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                                     jax.eval_shape(lambda: _state(0)).params)}
+    target = _params_target()
     checkpointer = Checkpointer(tmp_path, 3)
     try:
         with pytest.raises(CheckpointError, match=f"checkpoint {directory}/4 is damaged .*pass another step"):

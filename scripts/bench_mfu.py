@@ -8,21 +8,27 @@ counted, so remat shows up as lost MFU) and the compiled step's per-device peak 
 that does not fit prints its error and the next one runs. ``--json FILE`` appends one line per variant as
 soon as it is measured, so a run cut short keeps what it measured.
 
+``--packed-runs 32,0`` compares cuDNN's packed layout (segment offsets, at most that many runs per row) with the
+dense-mask path (0); ``--doc-len 0`` gives every row one document instead of packed ones (mean 256 tokens).
+
     python scripts/bench_mfu.py [CONFIG] [key=value ...] [--attention cudnn,xla] [--remat none,full]
-                                [--batch 16] [--steps 10] [--json out.jsonl]
+                                [--batch 16,32] [--packed-runs 32,0] [--doc-len 256] [--steps 10] [--json out.jsonl]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 
 import jax
+import numpy as np
 
 from scaling_jax.config import Config, load_config
 from scaling_jax.data.synthetic import example_batch
-from scaling_jax.model.attention_kernels import resolve
+from scaling_jax.model import attention_kernels
+from scaling_jax.model.attention_kernels import resolve, segment_runs
 from scaling_jax.model.family import flops_per_token, param_counts
 from scaling_jax.objectives.base import build_objective
 from scaling_jax.train.compute import build_compute
@@ -40,11 +46,19 @@ def compiled_peak_bytes(mem) -> float:
             + mem.temp_size_in_bytes)
 
 
-def measure(config: Config, steps: int) -> dict:
+def synthetic_batch(config: Config, whole_rows: bool) -> dict:
+    """One prepared batch of synthetic rows: packed documents, or one document per row."""
+    d, m = config.data, config.model
+    rows = example_batch(d.batch_size, d.seq_len, m.vocab_size)
+    if whole_rows:
+        rows["segment_ids"] = np.ones_like(rows["segment_ids"])
+    return build_objective(config.objective, None).prepare(rows)
+
+
+def measure(config: Config, batch: dict, steps: int) -> dict:
     """Compile, warm up and time the trainer's step for ``config`` on one synthetic batch."""
     d, m = config.data, config.model
     objective = build_objective(config.objective, None)
-    batch = objective.prepare(example_batch(d.batch_size, d.seq_len, m.vocab_size))
     start = time.perf_counter()
     compute = build_compute(config, objective, batch)
     step = compute.lower(batch).compile()
@@ -78,42 +92,53 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--attention", default="auto", help="comma-separated model.attention values")
     parser.add_argument("--remat", default="none,full", help="comma-separated model.remat policies")
-    parser.add_argument("--batch", type=int, default=16, help="global batch size (rows)")
+    parser.add_argument("--batch", default="16", help="comma-separated global batch sizes (rows)")
+    parser.add_argument("--packed-runs", default=str(attention_kernels.PACKED_MAX_RUNS),
+                        help="comma-separated bounds on runs per row for cuDNN's packed layout (0: dense mask)")
+    parser.add_argument("--doc-len", type=int, default=256, help="mean document length; 0: one document per row")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--json", default=None, help="append one JSON line per measured variant")
     args = parser.parse_args()
     n = jax.device_count()
-    base = ["data.source=synthetic", f"data.batch_size={args.batch}", "mesh.data=1", f"mesh.fsdp={n}",
-            "mesh.tensor=1", "train.run_dir=", *args.overrides]
     device = jax.devices()[0]
     rows = []
-    for attention in args.attention.split(","):
-        for remat in args.remat.split(","):
-            config = load_config(args.config, [*base, f"model.attention={attention}", f"model.remat={remat}"])
-            m = config.model
-            kernel = resolve(attention, device.platform, m.dtype, m.head_dim, device)
-            row = {"attention": attention, "kernel": kernel, "remat": remat, "batch": args.batch,
-                   "seq_len": config.data.seq_len, "params": param_counts(m).total, "devices": n,
-                   "device_kind": device.device_kind, "jax": jax.__version__}
-            try:
-                row.update(measure(config, args.steps))
-            except Exception as e:  # noqa: BLE001 - an out-of-memory variant is a result, not a crash
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            if args.json:
-                with open(args.json, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-    print(f"\n{n} x {device.device_kind}, jax {jax.__version__}; {rows[0]['params']:,} params, batch "
-          f"{args.batch} x {rows[0]['seq_len']}, {args.steps} timed steps after {WARMUP} warm-up")
-    print(f"{'attention':>9} {'kernel':>6} {'remat':>9} {'ms/step':>9} {'tokens/s':>10} {'TFLOP/s':>8} "
-          f"{'MFU':>6} {'peak GiB':>8} {'temp GiB':>8} {'compile s':>9}")
+    variants = itertools.product(args.batch.split(","), args.attention.split(","), args.remat.split(","),
+                                 args.packed_runs.split(","))
+    for batch_size, attention, remat, runs in variants:
+        config = load_config(args.config, [
+            "data.source=synthetic", f"data.batch_size={batch_size}", "mesh.data=1", f"mesh.fsdp={n}",
+            "mesh.tensor=1", "train.run_dir=", *args.overrides, f"model.attention={attention}", f"model.remat={remat}"])
+        attention_kernels.PACKED_MAX_RUNS = int(runs)
+        m = config.model
+        kernel = resolve(attention, device.platform, m.dtype, m.head_dim, device)
+        batch = synthetic_batch(config, whole_rows=args.doc_len == 0)
+        packed = kernel == "cudnn" and int(runs) > 0 and bool(segment_runs(batch["segment_ids"], int(runs))[2])
+        row = {"attention": attention, "kernel": kernel, "remat": remat, "batch": int(batch_size),
+               "seq_len": config.data.seq_len, "documents": "one per row" if args.doc_len == 0 else "packed",
+               "packed_runs": int(runs), "packed_layout": packed, "params": param_counts(m).total, "devices": n,
+               "device_kind": device.device_kind, "jax": jax.__version__}
+        try:
+            row.update(measure(config, batch, args.steps))
+        except Exception as e:  # noqa: BLE001 - an out-of-memory variant is a result, not a crash
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    print(f"\n{n} x {device.device_kind}, jax {jax.__version__}; {rows[0]['params']:,} params, rows of "
+          f"{rows[0]['seq_len']} tokens (documents: {rows[0]['documents']}), {args.steps} timed steps after {WARMUP} "
+          f"warm-up; layout: packed = cuDNN segment offsets, mask = dense mask")
+    print(f"{'attention':>9} {'kernel':>6} {'layout':>6} {'remat':>9} {'batch':>5} {'ms/step':>9} {'tokens/s':>10} "
+          f"{'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8} {'temp GiB':>8} {'compile s':>9}")
     for r in rows:
+        layout = "packed" if r["packed_layout"] else "mask" if r["kernel"] == "cudnn" else "-"
+        head = f"{r['attention']:>9} {r['kernel']:>6} {layout:>6} {r['remat']:>9} {r['batch']:>5}"
         if "error" in r:
-            print(f"{r['attention']:>9} {r['kernel']:>6} {r['remat']:>9}  {r['error']}")
+            print(f"{head}  {r['error']}")
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        print(f"{r['attention']:>9} {r['kernel']:>6} {r['remat']:>9} {r['ms_per_step']:9.1f} "
+        print(f"{head} {r['ms_per_step']:9.1f} "
               f"{r['tokens_per_s']:10,.0f} {r['tflops_per_device']:8.1f} {mfu:>6} "
               f"{r['peak_memory_gib']:8.1f} {r['temp_gib']:8.1f} {r['compile_s']:9.1f}")
 

@@ -122,16 +122,20 @@ def _has_gpu() -> bool:
 
 
 @pytest.mark.skipif(not _has_gpu(), reason="cuDNN flash attention needs an NVIDIA GPU")
-@pytest.mark.parametrize("kind, kv_heads", [("packed", H), ("prefix", 2)],
-                         ids=["causal-and-packed-mha", "prefix-lm-packed-gqa"])
-def test_cudnn_on_gpu_matches_xla_outputs_and_gradients(kind, kv_heads):
+@pytest.mark.parametrize("kind, kv_heads, max_runs", [("packed", H, None), ("packed", 2, 2), ("prefix", 2, None)],
+                         ids=["causal-and-packed-mha", "dense-mask-fallback-gqa", "prefix-lm-packed-gqa"])
+def test_cudnn_on_gpu_matches_xla_outputs_and_gradients(kind, kv_heads, max_runs):
     """The cuDNN kernel on bf16 inputs against the xla path in float32 on the same (upcast) values: relative
-    error of outputs and gradients at bf16 precision (the kernel accumulates in float32, rounds to bf16)."""
+    error of outputs and gradients at bf16 precision (the kernel accumulates in float32, rounds to bf16). Causal
+    rows take the packed layout on Hopper (row 1's 4 runs fit the default bound); ``max_runs=2`` sends the same
+    rows down the dense-mask branch of the ``lax.cond``; prefix-LM rows always take the dense mask."""
     gpu = jax.devices("gpu")[0]
     q, k, v = (jax.device_put(x.astype(jnp.bfloat16), gpu) for x in _qkv(kv_heads))
     seg, bi = (None if x is None else jax.device_put(x, gpu) for x in _rows(kind))
     assert ak.resolve("cudnn", gpu.platform, q.dtype, D, gpu) == "cudnn"
-    out_c, grads_c = _loss_and_grads(ak.cudnn_attention, q, k, v, seg, bi)
+    assert bool(ak.segment_runs(seg, max_runs or ak.PACKED_MAX_RUNS)[2]) == (max_runs is None)
+    cudnn = functools.partial(ak.cudnn_attention, max_runs=max_runs)
+    out_c, grads_c = _loss_and_grads(cudnn, q, k, v, seg, bi)
     up = lambda x: x.astype(jnp.float32)
     out_x, grads_x = _loss_and_grads(ak.xla_attention, up(q), up(k), up(v), seg, bi)
     for name, ref, got in zip(("out", "dq", "dk", "dv"), (out_x, *grads_x), (out_c, *grads_c), strict=True):
@@ -139,6 +143,43 @@ def test_cudnn_on_gpu_matches_xla_outputs_and_gradients(kind, kv_heads):
         assert bool(jnp.isfinite(got).all()), f"{name} has non-finite entries"
         relative = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
         assert relative < 1.5e-2, f"{name}: relative error {relative:.2e}"
+
+
+def _runs_by_scan(row: np.ndarray, max_runs: int) -> tuple[list[int], list[int], bool]:
+    """The reference: walk the row, closing a run wherever the id changes."""
+    starts = [i for i in range(len(row)) if i == 0 or row[i] != row[i - 1]]
+    lengths = [b - a for a, b in zip(starts, [*starts[1:], len(row)], strict=True)]
+    ids = [int(row[i]) for i in starts if row[i] != 0]
+    exact = len(starts) <= max_runs and len(ids) == len(set(ids)) and ids == sorted(ids)
+    pad = lambda xs, n: (xs + [-1] * n)[:n]
+    return pad(lengths, max_runs), pad(starts, max_runs + 1), exact
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_segment_runs_match_a_scan_of_each_row(seed):
+    """cuDNN's packed layout from segment ids: run lengths and starts (-1 past the last run) and the ``exact``
+    flag that picks the packed branch, against a plain walk along each row. Rows: packed documents with a
+    padding tail, one document, padding in the middle, an id split in two runs, more runs than allowed."""
+    r = np.random.default_rng(seed)
+    t = 64
+    documents = np.cumsum(r.random(t) < 0.08) + 1
+    tail = documents.copy()
+    tail[r.integers(t // 2, t):] = 0
+    middle = np.repeat([1, 0, 2, 3], t // 4)
+    split = np.repeat([1, 0, 1, 2], t // 4)
+    many = np.arange(t) // 4 + 1  # 16 runs
+    outcomes = []
+    for max_runs in (12, 16, 20):
+        for batch in ([documents, tail, np.ones(t), middle], [np.ones(t), split], [tail, many]):
+            seg = np.stack(batch).astype(np.int32)
+            lengths, offsets, exact = (np.asarray(x) for x in ak.segment_runs(jnp.asarray(seg), max_runs))
+            expected = [_runs_by_scan(row, max_runs) for row in seg]
+            assert bool(exact) == all(e[2] for e in expected)
+            if bool(exact):
+                assert lengths.tolist() == [e[0] for e in expected]
+                assert offsets.tolist() == [e[1] for e in expected]
+            outcomes.append(bool(exact))
+    assert outcomes.count(True) >= 3 and outcomes.count(False) >= 3  # the split id row is never exact
 
 
 def test_auto_resolves_to_xla_on_cpu_and_by_platform_elsewhere():

@@ -34,6 +34,9 @@ MAX_BLOCK = 512  # MaxText's default splash block for q and kv
 # Segment id of every non-prefix token in the bidirectional splash call: no prefix token has it (real ids are
 # > 0, padding gets -1 - position), so prefix queries never see such keys and non-prefix queries see each other.
 NOT_PREFIX = np.iinfo(np.int32).min
+# Most segments (runs of equal ids) a row may have for cuDNN's packed layout: 2048-token rows of documents averaging
+# 256 tokens hold ~9. A batch with a row beyond it takes the dense-mask path (correct, slower).
+PACKED_MAX_RUNS = 32
 
 
 @jax.tree_util.register_dataclass
@@ -144,22 +147,73 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Arr
                                         mask=attention_mask(segment_ids, bidirectional))
 
 
-def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
-                    bidirectional: jax.Array | None = None) -> jax.Array:
-    """cuDNN flash attention through ``jax.nn.dot_product_attention``.
+def segment_runs(segment_ids: jax.Array, max_runs: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """cuDNN's packed ("ragged") layout of each row: the contiguous runs of equal ids, padding runs included, so
+    every token lies in one run. Returns ``lengths [b, max_runs]`` and ``offsets [b, max_runs + 1]`` (run starts),
+    both -1 past a row's last run, and ``exact``: True when every row has at most ``max_runs`` runs and no
+    non-padding id occurs in two runs (then attention within runs is attention within segments)."""
+    b, t = segment_ids.shape
+    ids = segment_ids.astype(jnp.int32)
+    starts = jnp.concatenate([jnp.ones((b, 1), bool), ids[:, 1:] != ids[:, :-1]], axis=1)
+    run = jnp.cumsum(starts, axis=1) - 1  # run index of each token
+    count = run[:, -1] + 1
+    position = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    slot = jnp.where(starts & (run < max_runs), run, max_runs + 1)  # out of range: dropped by the scatter
+    rows = jnp.arange(b)[:, None]
+    offsets = jnp.full((b, max_runs + 1), -1, jnp.int32).at[rows, slot].set(position, mode="drop")
+    ends = jnp.where(offsets[:, 1:] < 0, t, offsets[:, 1:])  # a run ends where the next begins, the last at t
+    lengths = jnp.where(offsets[:, :-1] >= 0, ends - offsets[:, :-1], -1)
+    seen_before = jax.lax.cummax(jnp.pad(ids, ((0, 0), (1, 0)))[:, :-1], axis=1)  # largest id left of each token
+    in_order = (ids == 0) | (ids > seen_before) | ((ids == seen_before) & ~starts)
+    exact = (count <= max_runs).all() & in_order.all()
+    return lengths, offsets, exact
 
-    jax 0.10.2's wrapper exposes ``is_causal``, per-row ``query/key_value_seq_lengths`` (padding at the tail
-    of a single sequence), a local window, and a dense ``mask`` / ``bias``; it does not expose segment ids
-    (cuDNN's packed ``q_offsets`` live only in the private ``jax._src.cudnn`` API and need Hopper). Packed
-    documents and prefix-LM rows are therefore passed as the same dense mask as the xla path, which jax turns
-    into an additive ``[batch, 1, q, k]`` bias: still one fused kernel (no ``[b, h, q, k]`` logits), but the
-    bias is materialised (and cuDNN also returns its gradient). Causal rows add ``is_causal`` so cuDNN skips
-    the tiles above the diagonal. Dtypes or head dims cuDNN cannot take run the xla path instead."""
+
+def _supports_packed_layout(device: jax.Device) -> bool:
+    """cuDNN's packed layout (per-row segment offsets) runs on Hopper or newer only."""
+    return _cuda_capability(device) >= (9, 0)
+
+
+def _cudnn_packed(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, lengths: jax.Array,
+                  offsets: jax.Array) -> jax.Array:
+    """Causal attention within each run (cuDNN's packed layout: no mask or bias tensor at all). A padding query
+    sees only itself, as in ``attention_mask``: its output is its own value row (of its GQA group's kv head)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn  # the packed layout is not in jax.nn's wrapper
+
+    out = cudnn.dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
+                                      kv_offsets=offsets, scale=q.shape[-1] ** -0.5,
+                                      mask_type=cudnn.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+    own_value = jnp.repeat(v, q.shape[2] // v.shape[2], axis=2)
+    return jnp.where((segment_ids == 0)[:, :, None, None], own_value, out)
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                    bidirectional: jax.Array | None = None, max_runs: int | None = None) -> jax.Array:
+    """cuDNN flash attention on NVIDIA GPUs.
+
+    Causal rows on Hopper or newer use cuDNN's packed layout: each row's segments become per-row offsets and
+    lengths (``segment_runs``), so packed documents cost no mask at all. A batch where some row has more than
+    ``max_runs`` runs (default ``PACKED_MAX_RUNS``; 0 turns the packed layout off) or a segment id split in two
+    runs takes the dense-mask path instead, chosen on device by ``lax.cond`` (both are compiled).
+
+    The dense-mask path (prefix-LM rows, older GPUs, the fallback) goes through ``jax.nn.dot_product_attention``,
+    whose wrapper has no segment ids: the boolean mask of the xla path becomes an additive ``[batch, 1, q, k]``
+    bias (still one fused kernel with no ``[b, h, q, k]`` logits, but the bias is materialised); causal rows add
+    ``is_causal`` so cuDNN skips the tiles above the diagonal. Dtypes or head dims cuDNN cannot take run the xla
+    path instead."""
     if not cudnn_supports(q.dtype, q.shape[-1]):
         return xla_attention(q, k, v, segment_ids, bidirectional)
-    mask = attention_mask(segment_ids, bidirectional)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=bidirectional is None,
-                                        implementation="cudnn")
+
+    def dense(q, k, v, segment_ids):
+        return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids, bidirectional),
+                                            is_causal=bidirectional is None, implementation="cudnn")
+
+    max_runs = PACKED_MAX_RUNS if max_runs is None else max_runs
+    if bidirectional is not None or max_runs <= 0 or not _supports_packed_layout(current_device()):
+        return dense(q, k, v, segment_ids)
+    lengths, offsets, exact = segment_runs(segment_ids, max_runs)
+    packed = lambda q, k, v, s: _cudnn_packed(q, k, v, s, lengths, offsets)
+    return jax.lax.cond(exact, packed, dense, q, k, v, segment_ids)
 
 
 # ----------------------------------------------------------------------------- splash

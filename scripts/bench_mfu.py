@@ -8,11 +8,12 @@ counted, so remat shows up as lost MFU) and the compiled step's per-device peak 
 that does not fit prints its error and the next one runs. ``--json FILE`` appends one line per variant as
 soon as it is measured, so a run cut short keeps what it measured.
 
-``--packed-runs 32,0`` compares cuDNN's packed layout (segment offsets, at most that many runs per row) with the
-dense-mask path (0); ``--doc-len 0`` gives every row one document instead of packed ones (mean 256 tokens).
+``--max-segments 16,0`` compares cuDNN's packed layout (``model.cudnn_max_segments``: segment offsets, used when
+no row holds more documents) with the dense-mask path (0); ``--doc-len 0`` gives every row one document instead
+of packed ones (mean 256 tokens).
 
     python scripts/bench_mfu.py [CONFIG] [key=value ...] [--attention cudnn,xla] [--remat none,full]
-                                [--batch 16,32] [--packed-runs 32,0] [--doc-len 256] [--steps 10] [--json out.jsonl]
+                                [--batch 16,32] [--max-segments 16,0] [--doc-len 256] [--steps 10] [--json out.jsonl]
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import numpy as np
 
 from scaling_jax.config import Config, load_config
 from scaling_jax.data.synthetic import example_batch
-from scaling_jax.model import attention_kernels
 from scaling_jax.model.attention_kernels import resolve, segment_runs
 from scaling_jax.model.family import flops_per_token, param_counts
 from scaling_jax.objectives.base import build_objective
@@ -93,29 +93,32 @@ def main() -> None:
     parser.add_argument("--attention", default="auto", help="comma-separated model.attention values")
     parser.add_argument("--remat", default="none,full", help="comma-separated model.remat policies")
     parser.add_argument("--batch", default="16", help="comma-separated global batch sizes (rows)")
-    parser.add_argument("--packed-runs", default=str(attention_kernels.PACKED_MAX_RUNS),
-                        help="comma-separated bounds on runs per row for cuDNN's packed layout (0: dense mask)")
-    parser.add_argument("--doc-len", type=int, default=256, help="mean document length; 0: one document per row")
+    parser.add_argument("--max-segments", default=None,
+                        help="comma-separated model.cudnn_max_segments values (0: dense mask; default: the config's)")
+    parser.add_argument("--doc-len", type=int, choices=(0, 256), default=256,
+                        help="256: packed documents of mean length 256 (synthetic rows); 0: one document per row")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--json", default=None, help="append one JSON line per measured variant")
     args = parser.parse_args()
     n = jax.device_count()
     device = jax.devices()[0]
     rows = []
-    variants = itertools.product(args.batch.split(","), args.attention.split(","), args.remat.split(","),
-                                 args.packed_runs.split(","))
-    for batch_size, attention, remat, runs in variants:
+    segments = [None] if args.max_segments is None else [f"model.cudnn_max_segments={s}"
+                                                         for s in args.max_segments.split(",")]
+    variants = itertools.product(args.batch.split(","), args.attention.split(","), args.remat.split(","), segments)
+    for batch_size, attention, remat, segment_override in variants:
         config = load_config(args.config, [
             "data.source=synthetic", f"data.batch_size={batch_size}", "mesh.data=1", f"mesh.fsdp={n}",
-            "mesh.tensor=1", "train.run_dir=", *args.overrides, f"model.attention={attention}", f"model.remat={remat}"])
-        attention_kernels.PACKED_MAX_RUNS = int(runs)
+            "mesh.tensor=1", "train.run_dir=", *args.overrides, f"model.attention={attention}", f"model.remat={remat}",
+            *([segment_override] if segment_override else [])])
         m = config.model
+        runs = m.cudnn_max_segments
         kernel = resolve(attention, device.platform, m.dtype, m.head_dim, device)
         batch = synthetic_batch(config, whole_rows=args.doc_len == 0)
-        packed = kernel == "cudnn" and int(runs) > 0 and bool(segment_runs(batch["segment_ids"], int(runs))[2])
+        packed = kernel == "cudnn" and runs > 0 and bool(segment_runs(batch["segment_ids"], runs)[2])
         row = {"attention": attention, "kernel": kernel, "remat": remat, "batch": int(batch_size),
                "seq_len": config.data.seq_len, "documents": "one per row" if args.doc_len == 0 else "packed",
-               "packed_runs": int(runs), "packed_layout": packed, "params": param_counts(m).total, "devices": n,
+               "max_segments": runs, "packed_layout": packed, "params": param_counts(m).total, "devices": n,
                "device_kind": device.device_kind, "jax": jax.__version__}
         try:
             row.update(measure(config, batch, args.steps))

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from scaling_jax.config import ModelConfig
 from scaling_jax.parallel import sharding
 
 IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
@@ -34,9 +35,6 @@ MAX_BLOCK = 512  # MaxText's default splash block for q and kv
 # Segment id of every non-prefix token in the bidirectional splash call: no prefix token has it (real ids are
 # > 0, padding gets -1 - position), so prefix queries never see such keys and non-prefix queries see each other.
 NOT_PREFIX = np.iinfo(np.int32).min
-# Most segments (runs of equal ids) a row may have for cuDNN's packed layout: 2048-token rows of documents averaging
-# 256 tokens hold ~9. A batch with a row beyond it takes the dense-mask path (correct, slower).
-PACKED_MAX_RUNS = 32
 
 
 @jax.tree_util.register_dataclass
@@ -124,7 +122,8 @@ def resolve(implementation: str, platform: str, dtype: jnp.dtype, head_dim: int,
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec,
-                          implementation: str = "auto") -> jax.Array:
+                          implementation: str = "auto",
+                          cudnn_max_segments: int = ModelConfig.cudnn_max_segments) -> jax.Array:
     """Attention of ``q [b, t, heads, d]`` over ``k, v [b, t, kv_heads, d]`` (GQA when kv_heads < heads),
     softmax scale ``1/sqrt(d)``, with the kernel ``implementation`` resolves to on this platform."""
     device = current_device()
@@ -132,7 +131,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSp
     if kind == "splash":
         return splash_attention(q, k, v, spec.segment_ids, spec.bidirectional)
     if kind == "cudnn":
-        return cudnn_attention(q, k, v, spec.segment_ids, spec.bidirectional)
+        return cudnn_attention(q, k, v, spec.segment_ids, spec.bidirectional, cudnn_max_segments)
     return xla_attention(q, k, v, spec.segment_ids, spec.bidirectional, spec.bias)
 
 
@@ -188,13 +187,16 @@ def _cudnn_packed(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Arr
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
-                    bidirectional: jax.Array | None = None, max_runs: int | None = None) -> jax.Array:
+                    bidirectional: jax.Array | None = None,
+                    max_runs: int = ModelConfig.cudnn_max_segments) -> jax.Array:
     """cuDNN flash attention on NVIDIA GPUs.
 
     Causal rows on Hopper or newer use cuDNN's packed layout: each row's segments become per-row offsets and
     lengths (``segment_runs``), so packed documents cost no mask at all. A batch where some row has more than
-    ``max_runs`` runs (default ``PACKED_MAX_RUNS``; 0 turns the packed layout off) or a segment id split in two
-    runs takes the dense-mask path instead, chosen on device by ``lax.cond`` (both are compiled).
+    ``max_runs`` runs (``model.cudnn_max_segments``; 0 turns the packed layout off) or a segment id split in two
+    runs takes the dense-mask path instead, chosen on device by ``lax.cond`` (both are compiled). jax's packed
+    layout sizes its buffers by ``batch x max_runs`` sequences, so memory and time grow with the bound (measured
+    in docs/benchmarks.md): keep it near the most documents a row really holds.
 
     The dense-mask path (prefix-LM rows, older GPUs, the fallback) goes through ``jax.nn.dot_product_attention``,
     whose wrapper has no segment ids: the boolean mask of the xla path becomes an additive ``[batch, 1, q, k]``
@@ -208,7 +210,6 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
         return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids, bidirectional),
                                             is_causal=bidirectional is None, implementation="cudnn")
 
-    max_runs = PACKED_MAX_RUNS if max_runs is None else max_runs
     if bidirectional is not None or max_runs <= 0 or not _supports_packed_layout(current_device()):
         return dense(q, k, v, segment_ids)
     lengths, offsets, exact = segment_runs(segment_ids, max_runs)

@@ -123,6 +123,7 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.rotary = cfg.position == "rope"
         self.implementation = cfg.attention
+        self.cudnn_max_segments = cfg.cudnn_max_segments
         self.wq = make_param(rngs, init, (d, h, hd), ("embed", "heads", "kv"), cfg.param_dtype)
         self.wk = make_param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "kv"), cfg.param_dtype)
         self.wv = make_param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "kv"), cfg.param_dtype)
@@ -150,7 +151,7 @@ class Attention(nnx.Module):
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, bias: jax.Array | None = None) -> jax.Array:
         """``bias``: additive logits ``[batch, heads, q, k]`` for an explicit mask (a ``MaskSpec`` carries its own)."""
         if isinstance(mask, MaskSpec):
-            out = dot_product_attention(q, k, v, mask, self.implementation)
+            out = dot_product_attention(q, k, v, mask, self.implementation, self.cudnn_max_segments)
         else:
             out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask)
         out = constrain(out, ("batch", "length", "heads", "kv"))

@@ -54,7 +54,7 @@ COSMETIC = {"train.progress", "train.tensorboard", "train.plot", "train.async_ch
             "train.keep_checkpoints", "train.peak_flops_per_device", "train.eval_every", "train.checkpoint_every",
             "train.check_memory", "train.shared_filesystem", "train.profile_steps", "train.profile_skip",
             "train.project_loss", "train.compilation_cache", "model.remat",
-            "model.attention"}  # how a run is done, not what it computes
+            "model.attention", "model.cudnn_max_segments"}  # how a run is done, not what it computes
 BUDGET_KINDS = ("tokens_per_param", "tokens", "flops")
 SPEC_KEYS = ("name", "base", "overrides", "out_dir", "objectives", "sizes", "budgets", "seeds", "warmup_fraction",
              "evals_per_run", "checkpoints_per_run", "ray")

@@ -240,3 +240,22 @@ def test_invalid_sampling_settings_are_refused():
         SamplingConfig(top_p=0.0)
     with pytest.raises(ValueError):
         SamplingConfig(temperature=-1.0)
+
+
+def test_a_prompt_longer_than_max_len_keeps_its_bos_and_newest_tokens(tiny_config, tok):
+    """Text-level calls cut a long prompt as lm-eval does (oldest tokens go), keeping the bos that starts it:
+    each equals the token-level call on the prompt cut by hand; prompts that fit are read whole."""
+    model = Decoder(tiny_config().model, nnx.Rngs(2))
+    lm, whole = CachedLM(model, tok, max_len=40), CachedLM(model, tok)
+    context, continuation = "0123456789" * 5 + "x = 1", "\ny"
+    ids = lm.encode_prompt(context)  # bos + 55 bytes
+    cont = [int(t) for t in tok.encode(continuation)]
+    cut = ids[:1] + ids[-(40 - (len(cont) - 1) - 1):]  # bos + 38 newest: 39 + 2 - 1 tokens read = 40
+    assert len(cut) + len(cont) - 1 == 40 and cut[-5:] == ids[-5:]
+    got = lm.loglikelihood([context, "x = 1"], [continuation, continuation])
+    want = whole.logprobs([cut, lm.encode_prompt("x = 1")], [cont, cont])
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    sampling = SamplingConfig(max_new_tokens=8)
+    assert lm.generate([context], sampling) == whole.generate_ids([ids[:1] + ids[-31:]], sampling).texts
+    assert lm.fit_prompt(ids, 100) == ids[:1]  # a continuation longer than max_len: only the bos is left

@@ -73,8 +73,8 @@ def load_run(run_dir: str, step: int | None = None) -> LoadedRun:
         checkpointer.close()
     counts = param_counts(config.model, **objective.size_extras())
     model = nnx.merge(graphdef, params)
-    return LoadedRun(CachedLM(model, tokenizer), paths.absolute(run_dir), int(step), counts.non_embedding,
-                     counts.total, objective.name, flops)
+    lm = CachedLM(model, tokenizer, max_len=config.data.seq_len)  # prompts cut to what the model trained on
+    return LoadedRun(lm, paths.absolute(run_dir), int(step), counts.non_embedding, counts.total, objective.name, flops)
 
 
 def _training_flops(checkpointer, run_dir: str, step: int) -> float | None:

@@ -403,7 +403,11 @@ class CachedLM:
     """A model ready for inference: parameters split out once, each decoding step jitted once per shape
     with the decoding state (KV cache included) donated, so it is updated in place."""
 
-    def __init__(self, model: nnx.Module, tokenizer):
+    def __init__(self, model: nnx.Module, tokenizer, max_len: int | None = None):
+        """``max_len``: the longest sequence the text-level calls (``generate``, ``loglikelihood``) give the model,
+        typically the ``data.seq_len`` it trained on: a longer prompt loses its oldest tokens (the bos that starts
+        it stays), as lm-eval and BIG-bench's own model wrappers truncate; None reads prompts whole."""
+        self.max_len = max_len
         self.graphdef, self.state = nnx.split(model)
         # the steps take the parameters as a flat list: flattening an nnx.State costs ~0.1 ms of host time a call
         self._leaves, self._treedef = jax.tree.flatten(self.state)
@@ -562,11 +566,20 @@ class CachedLM:
     def encode_prompt(self, text: str) -> list[int]:
         return [self.tokenizer.bos_id] + [int(t) for t in self.tokenizer.encode(text)]
 
+    def fit_prompt(self, prompt: list[int], room: int) -> list[int]:
+        """``prompt`` (bos first) cut to its bos and newest tokens so that ``room`` more tokens still fit in
+        ``max_len`` (at least the bos stays, so a continuation longer than ``max_len`` is read past it)."""
+        if self.max_len is None or len(prompt) + room <= self.max_len:
+            return prompt
+        keep = max(self.max_len - room - 1, 0)
+        return prompt[:1] + (prompt[len(prompt) - keep:] if keep else [])
+
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig, batch_size: int = 64) -> list[str]:
         """Texts continuing each prompt (a document start, as in training, precedes every prompt)."""
         out: list[str] = []
         for i in range(0, len(prompts), batch_size):
-            chunk = [self.encode_prompt(p) for p in prompts[i:i + batch_size]]
+            chunk = [self.fit_prompt(self.encode_prompt(p), sampling.max_new_tokens)
+                     for p in prompts[i:i + batch_size]]
             out += self.generate_ids(chunk, sampling).texts
         return out
 
@@ -577,8 +590,10 @@ class CachedLM:
         end = [self.tokenizer.eos_id] if end_of_text else []
         out: list[np.ndarray] = []
         for i in range(0, len(contexts), batch_size):
-            pre = [self.encode_prompt(c) for c in contexts[i:i + batch_size]]
             cont = [[int(t) for t in self.tokenizer.encode(c)] + end for c in continuations[i:i + batch_size]]
+            # the model reads context + continuation minus its last token
+            pre = [self.fit_prompt(self.encode_prompt(c), len(k) - 1) for c, k in zip(contexts[i:i + batch_size],
+                                                                                        cont, strict=True)]
             out += self.logprobs(pre, cont)
         return out
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -411,9 +412,10 @@ def _fit(args: argparse.Namespace) -> int:
         raise UserError(f"--compute applies to --law chinchilla (the compute-optimal N and D), not {args.law}; "
                         "drop it")
     if not os.path.isfile(args.table):
-        raise UserError(f"table '{args.table}' does not exist; pass a CSV with a header such as N,D,loss")
-    try:
-        with open(args.table, newline="", encoding="utf-8") as f:
+        what = "is a directory" if os.path.isdir(args.table) else "does not exist"
+        raise UserError(f"table '{args.table}' {what}; pass a CSV file with a header such as N,D,loss")
+    try:  # utf-8-sig: spreadsheets often start a UTF-8 CSV with a byte-order mark
+        with open(args.table, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
     except (UnicodeDecodeError, csv.Error) as e:
         why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else "malformed CSV"
@@ -600,6 +602,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Packages whose exceptions mean a gs:// (or other fsspec) path could not be reached: no network, no credentials,
+# a refused request. They reach the user as one error line, not a traceback from inside the client library.
+REMOTE_STORAGE_PACKAGES = ("aiohttp", "gcsfs", "google")
+
+
+def from_remote_storage(error: BaseException) -> bool:
+    return type(error).__module__.split(".")[0] in REMOTE_STORAGE_PACKAGES
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -612,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.overrides = list(getattr(args, "overrides", [])) + extra  # key=value after an --option
     ensure_threads_for_collectives()  # before any command touches a device
+    logging.getLogger("gcsfs").setLevel(logging.CRITICAL)  # its retry tracebacks: the error line below says it
     try:
         with no_notebook_probe():
             return args.func(args)
@@ -626,6 +638,14 @@ def main(argv: list[str] | None = None) -> int:
         # a path the command was given (or made from one) that cannot be read or written as asked
         print(f"error: '{e.filename}': {e.strerror}; check the path you gave (its permissions, or a file where a "
               "directory is needed or the other way round)", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if args.debug or not from_remote_storage(e):
+            raise
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"error: remote storage could not be reached or refused the request ({type(e).__name__}: {detail}); "
+              "check the network and the credentials (gcloud auth application-default login), or give a local path",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted without saving; a rerun resumes from the newest checkpoint", file=sys.stderr)

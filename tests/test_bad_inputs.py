@@ -58,6 +58,7 @@ def _make_user_files(root) -> None:
         "task_bad_metric.json": b'{"examples": [{"input": "2+2=", "target": "4"}], "metrics": ["vibes"]}',
         "task_not_json.json": b'{"examples": [',
         "table_ok.csv": b"N,loss\n1e6,3.0\n2e6,2.8\n4e6,2.6\n",
+        "table_bom.csv": b"\xef\xbb\xbfN,loss\n1e6,3.0\n2e6,2.8\n4e6,2.6\n",  # a spreadsheet's UTF-8 CSV
         "table_header_only.csv": b"N,loss\n",
         "table_other_columns.csv": b"params,tokens\n1e6,2e7\n",
         "table_latin1.csv": b"N,loss\n1e6,3.0 \xb1 0.1\n",
@@ -317,6 +318,7 @@ FLAG_CASES = [  # (id, argv with {u}, fragments): numeric flags are checked by t
      ["--compute -1 must be a number > 0"]),
     ("fit-negative-bootstrap", ["fit", "{u}/table_ok.csv", "--law", "kaplan_n", "--bootstrap", "-1"],
      ["--bootstrap -1 must be an integer >= 0"]),
+    ("fit-table-is-a-directory", ["fit", "{u}", "--law", "kaplan_n"], ["is a directory", "pass a CSV file"]),
     ("fit-table-without-rows", ["fit", "{u}/table_header_only.csv", "--law", "kaplan_n"], ["has no data rows"]),
     ("fit-table-without-the-columns", ["fit", "{u}/table_other_columns.csv", "--law", "kaplan_n"],
      ["the table lacks n, loss (its columns: params, tokens)"]),
@@ -431,6 +433,28 @@ def test_bad_eval_task_file_is_one_line(trained_run, user_dir, tmp_path, capsys,
 def test_eval_of_a_directory_that_is_not_a_run_is_one_line(user_dir, tmp_path, capsys):
     argv = ["eval", "--checkpoint", user_dir, "--tasks", "arithmetic", "--out", str(tmp_path / "eval")]
     _assert_clean_failure(argv, capsys, user_dir, ["is not a run directory (needs config.yaml"])
+
+
+def test_a_csv_with_a_byte_order_mark_fits_like_one_without(user_dir, capsys):
+    outputs = []
+    for name in ("table_ok.csv", "table_bom.csv"):
+        assert main(["fit", os.path.join(user_dir, name), "--law", "kaplan_n", "--bootstrap", "0"]) == 0
+        outputs.append(capsys.readouterr().out.replace(name, "TABLE"))
+    assert outputs[0] == outputs[1] and "alpha = " in outputs[0]
+
+
+def test_unreachable_remote_storage_is_one_line(user_dir, tmp_path, capsys, monkeypatch):
+    """No network (or no credentials) for a gs:// path: the client library's exception becomes one line."""
+    aiohttp = pytest.importorskip("aiohttp")
+    from scaling_jax import paths
+
+    def unreachable(path):
+        raise aiohttp.ClientOSError(-2, "Cannot connect to host storage.googleapis.com:443 [Name or service not known]")
+
+    monkeypatch.setattr(paths, "exists", unreachable)
+    argv = ["eval", "--checkpoint", "gs://bucket/runs/a", "--tasks", "arithmetic", "--out", str(tmp_path / "eval")]
+    _assert_clean_failure(argv, capsys, user_dir, ["remote storage could not be reached", "ClientOSError",
+                                                   "Cannot connect to host", "check the network and the credentials"])
 
 
 # ----------------------------------------------------------------------------- where eval and report write

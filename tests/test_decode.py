@@ -2,6 +2,7 @@
 teacher-forced log-probabilities, self-speculative decoding == plain greedy (each row advancing by its own
 acceptance), and every decoding step donating its state (the KV cache is updated in place)."""
 
+import dataclasses
 import functools
 import warnings
 from functools import partial
@@ -259,3 +260,15 @@ def test_a_prompt_longer_than_max_len_keeps_its_bos_and_newest_tokens(tiny_confi
     sampling = SamplingConfig(max_new_tokens=8)
     assert lm.generate([context], sampling) == whole.generate_ids([ids[:1] + ids[-31:]], sampling).texts
     assert lm.fit_prompt(ids, 100) == ids[:1]  # a continuation longer than max_len: only the bos is left
+
+
+def test_a_sampled_prompt_gives_the_same_text_whatever_batch_it_is_in(tiny_config, tok):
+    """Each request draws from its own stream (the seed folded with its index), so the batch size and the rows
+    beside it do not change its samples; different requests still draw differently."""
+    lm = CachedLM(Decoder(tiny_config().model, nnx.Rngs(4)), tok)
+    prompts = PROMPTS + PROMPTS[:2]  # 5 prompts: batches of 2, 2, 1 against one batch of 5 (padded to 8)
+    sampling = SamplingConfig(max_new_tokens=12, temperature=1.0, seed=7)
+    one_batch = lm.generate(prompts, sampling, batch_size=8)
+    assert lm.generate(prompts, sampling, batch_size=2) == one_batch
+    assert one_batch[0] != one_batch[3]  # the same prompt as request 0 and 3: two streams
+    assert lm.generate(prompts, dataclasses.replace(sampling, seed=8), batch_size=8) != one_batch

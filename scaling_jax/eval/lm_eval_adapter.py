@@ -162,7 +162,6 @@ class _ScalingJaxLMMethods:
         logger.info("scaling_jax: %s step %d (%s non-embedding parameters), max_length %d, batch %d", self.run.run_dir,
                     self.run.step, f"{self.run.n_params:,}", self.max_length, self.batch_size)
         self._scorer = _Scorer(self.lm, self.batch_size)
-        self._generate_calls = 0
 
     # ------------------------------------------------------------------------- lm-eval's interface
 
@@ -244,8 +243,6 @@ class _ScalingJaxLMMethods:
             raise UserError(f"generation settings {gen_kwargs}: {e}") from None
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        import dataclasses
-
         out: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
@@ -258,9 +255,9 @@ class _ScalingJaxLMMethods:
                 members = sorted(members, key=lambda i: -len(prompts[i]))
                 for start in range(0, len(members), self.batch_size):
                     chunk = members[start:start + self.batch_size]
-                    self._generate_calls += 1
-                    seeded = dataclasses.replace(sampling, seed=sampling.seed * 1_000_003 + self._generate_calls)
-                    texts = self.lm.generate_ids([prompts[i] for i in chunk], seeded).texts
+                    # each request samples from its own stream (seed folded with its index): the same whatever
+                    # --batch_size groups it with
+                    texts = self.lm.generate_ids([prompts[i] for i in chunk], sampling, request_ids=chunk).texts
                     for i, text in zip(chunk, texts, strict=True):
                         out[i] = text
                         self.cache_hook.add_partial("generate_until", requests[i].args, text)

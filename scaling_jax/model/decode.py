@@ -271,7 +271,7 @@ def plain_step(model: nnx.Module, state: dict, key_valid: jax.Array, key: jax.Ar
     eos or after ``max_new_tokens``."""
     step = state["step"]
     active = ~state["done"]
-    token = sample_logits(state["logits"], jax.random.fold_in(key, step), temperature, top_k, top_p)
+    token = sample_logits(state["logits"], _fold_in(key, step), temperature, top_k, top_p)
     out = jax.lax.dynamic_update_slice(state["out"], token[:, None], (0, step))
     logits, cache = forward_cached(model, token[:, None], state["pos"][:, None], key_valid, state["cache"],
                                    state["index"])
@@ -347,9 +347,15 @@ def greedy(logits: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(logits == top, ids, logits.shape[-1] - 1), axis=-1)
 
 
+def _fold_in(key: jax.Array, data) -> jax.Array:
+    """``jax.random.fold_in`` of one key or of each key of ``[batch]`` keys."""
+    return jax.random.fold_in(key, data) if key.ndim == 0 else jax.vmap(jax.random.fold_in, (0, None))(key, data)
+
+
 def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: int = 0,
                   top_p: float = 1.0) -> jax.Array:
-    """Token ids ``[batch]`` from logits ``[batch, vocab]``; the settings are static Python numbers."""
+    """Token ids ``[batch]`` from logits ``[batch, vocab]``; the settings are static Python numbers. ``key``: one
+    key for the batch, or ``[batch]`` keys, one per row (a row's draw then does not depend on the others)."""
     if temperature == 0:
         return greedy(logits)
     logits = logits.astype(jnp.float32) / temperature
@@ -366,7 +372,9 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: 
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
         keep = before < top_p  # the smallest prefix whose mass reaches top_p (always >= 1 token)
         logits = jnp.where(jnp.take_along_axis(keep, rank, axis=-1), logits, -jnp.inf)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    if key.ndim == 0:
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(key, logits).astype(jnp.int32)
 
 
 def _bucket(n: int, size: int = 32) -> int:
@@ -495,10 +503,15 @@ class CachedLM:
             stopped[r] = any(s in self.tokenizer.decode(tails[r]) for s in stop)
         return bool((stopped | done).all())
 
-    def generate_ids(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> Generation:
-        """Sample up to ``max_new_tokens`` per row; a row ends at eos or a stop string."""
+    def generate_ids(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+                     request_ids: Sequence[int] | None = None) -> Generation:
+        """Sample up to ``max_new_tokens`` per row; a row ends at eos or a stop string. Row ``r`` draws from its
+        own random stream, ``sampling.seed`` folded with ``request_ids[r]`` (default ``r``): a request's samples
+        are the same whatever batch it shares and wherever it sits in it."""
         state, key_valid, done = self._begin(prompts, sampling.max_new_tokens, 1)
-        key = jax.random.key(sampling.seed)
+        ids = list(range(len(prompts)) if request_ids is None else request_ids)
+        ids += [0] * (len(done) - len(ids))  # the batch's padding rows (finished from the start)
+        key = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(sampling.seed), jnp.asarray(ids, jnp.uint32))
 
         def step(s):
             return self._plain_step(self._leaves, s, key_valid, key, sampling.temperature, sampling.top_k,
@@ -575,12 +588,13 @@ class CachedLM:
         return prompt[:1] + (prompt[len(prompt) - keep:] if keep else [])
 
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig, batch_size: int = 64) -> list[str]:
-        """Texts continuing each prompt (a document start, as in training, precedes every prompt)."""
+        """Texts continuing each prompt (a document start, as in training, precedes every prompt); prompt ``i``
+        samples from ``sampling.seed`` folded with ``i``, whatever ``batch_size``."""
         out: list[str] = []
         for i in range(0, len(prompts), batch_size):
             chunk = [self.fit_prompt(self.encode_prompt(p), sampling.max_new_tokens)
                      for p in prompts[i:i + batch_size]]
-            out += self.generate_ids(chunk, sampling).texts
+            out += self.generate_ids(chunk, sampling, request_ids=range(i, i + len(chunk))).texts
         return out
 
     def loglikelihood(self, contexts: Sequence[str], continuations: Sequence[str], batch_size: int = 32,

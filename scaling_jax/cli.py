@@ -141,8 +141,10 @@ CONVERT_FLAGS = {"from_hf": ("out", "tokenizer"), "from_maxtext": ("out", "token
 
 def _convert(args: argparse.Namespace) -> int:
     _flag(args, "step", int, 0)
-    name = next(n for n in CONVERT_FLAGS if getattr(args, n))
+    name = next(n for n in CONVERT_FLAGS if getattr(args, n) is not None)
     way = "--" + name.replace("_", "-")
+    if not getattr(args, name).strip():
+        raise UserError(f"{way} needs a directory; got an empty value")
     stray = [f"--{f.replace('_', '-')}" for f in ("checkpoint", "step", "dtype", "out", "tokenizer", "maxtext_config")
              if f not in CONVERT_FLAGS[name] and getattr(args, f) is not None]
     if stray:

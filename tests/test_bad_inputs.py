@@ -318,6 +318,7 @@ FLAG_CASES = [  # (id, argv with {u}, fragments): numeric flags are checked by t
      ["--compute -1 must be a number > 0"]),
     ("fit-negative-bootstrap", ["fit", "{u}/table_ok.csv", "--law", "kaplan_n", "--bootstrap", "-1"],
      ["--bootstrap -1 must be an integer >= 0"]),
+    ("convert-to-an-empty-path", ["convert", "--to-hf", "", "--checkpoint", "{u}"], ["--to-hf needs a directory"]),
     ("fit-table-is-a-directory", ["fit", "{u}", "--law", "kaplan_n"], ["is a directory", "pass a CSV file"]),
     ("fit-table-without-rows", ["fit", "{u}/table_header_only.csv", "--law", "kaplan_n"], ["has no data rows"]),
     ("fit-table-without-the-columns", ["fit", "{u}/table_other_columns.csv", "--law", "kaplan_n"],

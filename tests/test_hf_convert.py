@@ -151,6 +151,37 @@ def test_vocab_resize_keeps_existing_rows_and_appends_means():
     np.testing.assert_array_equal(out["unembedding"], out["embedding"].T)
 
 
+def test_vocab_resize_takes_its_mean_in_float32_and_replaces_padding_rows():
+    """bfloat16 tables (model.param_dtype=bfloat16): the mean of 32,000 rows of 0.05 is 0.05, not the ~0.001
+    where a bfloat16 running sum stalls. A checkpoint padded past its tokenizer (rows 5, 6 here: zeros no token
+    uses) gives those rows the mean of the real ones too, and they stay out of it."""
+    import ml_dtypes
+
+    emb = np.full((32000, 4), 0.05, np.float32).astype(ml_dtypes.bfloat16)
+    out = hc.resize_vocab({"embedding": emb}, 32003)["embedding"]
+    np.testing.assert_allclose(out[32000:].astype(np.float32), 0.05, rtol=1e-2)
+    padded = np.concatenate([np.arange(15, dtype=np.float32).reshape(5, 3), np.zeros((2, 3), np.float32)])
+    out = hc.resize_vocab({"embedding": padded, "unembedding": padded.T.copy()}, 9, real_rows=5)
+    np.testing.assert_array_equal(out["embedding"][:5], padded[:5])
+    np.testing.assert_array_equal(out["embedding"][5:], np.repeat(padded[:5].mean(0, keepdims=True), 4, 0))
+    np.testing.assert_array_equal(out["unembedding"], out["embedding"].T)
+
+
+def test_an_export_into_the_empty_current_directory_fills_it(tmp_path, monkeypatch):
+    from scaling_jax.interop.runs import write_new_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert write_new_dir(".", "--to-hf", lambda d: open(os.path.join(d, "config.json"), "w").close())
+    assert os.listdir(tmp_path) == ["config.json"]
+
+
+def test_a_damaged_shard_index_is_a_checkpoint_error(tmp_path):
+    for text in ('{"weight_map": {"model.embed_tokens.weight": "model.safe', '{"metadata": {}}'):
+        (tmp_path / hc.INDEX_FILE).write_text(text)
+        with pytest.raises(CheckpointError, match="is not a valid shard index"):
+            hc.load_hf_tensors(str(tmp_path))
+
+
 # ----------------------------------------------------------------------------- what is refused
 
 

@@ -194,6 +194,14 @@ def test_overrides_split_into_ours_and_maxtexts():
         split_overrides(["modle.layers=2"])
 
 
+def test_a_scan_axis_that_is_not_a_number_is_a_config_error():
+    from scaling_jax.interop.maxtext_runs import _scan_axis
+
+    assert _scan_axis({}) == 1 and _scan_axis({"param_scan_axis": 0}) == 0
+    with pytest.raises(ConfigError, match="param_scan_axis='abc' is not an integer"):
+        _scan_axis({"param_scan_axis": "abc"})
+
+
 def test_training_and_nnx_checkpoint_layouts_give_the_same_weights(tmp_path):
     """A trainer's checkpoint (weights beside ``step`` and ``opt_state``: only the weights are restored) and the
     NNX layout of ``generate_param_only_checkpoint`` (every array under ``value``) read as the fixture does."""

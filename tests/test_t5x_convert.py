@@ -64,6 +64,27 @@ def _model(config, params, scan: bool = True) -> Decoder:
 # ----------------------------------------------------------------------------- logits against T5X
 
 
+def test_a_checkpoint_written_to_a_bucket_imports_from_its_local_copy(tmp_path, imported):
+    """T5X writes tensorstore specs {driver: gcs, bucket, path: relative} when it saves to gs://; a local copy
+    keeps them. Its arrays are the files beside the copy (as T5X's own restore reads them): same parameters."""
+    from flax import serialization
+
+    copy = tmp_path / "model_dir"
+    shutil.copytree(MODEL_DIR, copy)
+    ckpt = copy / "checkpoint_0" / "checkpoint"
+
+    def as_written_to_a_bucket(tree):
+        if isinstance(tree, dict) and isinstance(tree.get("kvstore"), dict):
+            return {**tree, "kvstore": {"driver": "gcs", "bucket": "t5x-bucket", "path": tree["kvstore"]["path"]}}
+        return {k: as_written_to_a_bucket(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+    ckpt.write_bytes(serialization.msgpack_serialize(as_written_to_a_bucket(
+        serialization.msgpack_restore(ckpt.read_bytes()))))
+    import_t5x(str(copy), str(tmp_path / "run"), TINY)
+    params = read_run_params(str(tmp_path / "run"))[2]
+    jax.tree.map(np.testing.assert_array_equal, params, imported[2])
+
+
 def test_imported_decoder_gives_t5x_logits_for_causal_packed_and_prefix_rows(imported):
     _, config, params = imported
     m = config.model

@@ -63,7 +63,7 @@ def import_hf(hf_dir: str, run_dir: str, overrides: list[str] | None = None, tok
     def make_params(config: Config) -> dict:
         params = params_from_hf(load_hf_tensors(hf_dir), _hf_shape(config.model, hf), config.model.param_dtype,
                                 where=hf_dir)
-        return resize_vocab(params, config.model.vocab_size)
+        return resize_vocab(params, config.model.vocab_size, runs.tokenizer_rows(source_tok))
 
     settings = {f"model.{k}": v for k, v in fields.items()} | user
     return runs.import_run(run_dir, runs.Source("hf", "hf-llama", hf_dir), source_tok, settings, make_params)

@@ -221,23 +221,31 @@ def decoder_params(params: Mapping, m: ModelConfig) -> dict:
     return to_layout(out, scan_layers=block_key(trunk) == LAYERS)
 
 
-def resize_vocab(params: dict, vocab_size: int) -> dict:
-    """Append embedding (and unembedding) rows up to ``vocab_size``, each the mean of the existing rows.
+def resize_vocab(params: dict, vocab_size: int, real_rows: int | None = None) -> dict:
+    """Embedding (and unembedding) rows up to ``vocab_size`` where every id from ``real_rows`` on (default: the
+    checkpoint's row count) is the mean of the rows below it.
 
-    An imported tokenizer may need ids above the HF vocabulary (our pad / UL2 mode tokens / sentinels).
-    Mean initialisation is what transformers' ``resize_token_embeddings`` does by default: new ids
-    start as an "average" token instead of random noise with outsized logits.
-    """
+    An imported tokenizer may need ids above the source's vocabulary (our pad / UL2 mode tokens / sentinels).
+    Mean initialisation is what transformers' ``resize_token_embeddings`` does by default: new ids start as
+    an "average" token instead of random noise with outsized logits. ``real_rows``: the tokenizer's own size
+    when the checkpoint pads its vocabulary (rows no token uses, zeros or untrained): those rows take the
+    mean too, and stay out of it. The mean is taken in float32 whatever the parameters' dtype (a bfloat16
+    running sum stalls)."""
     emb = params["embedding"]
-    extra = vocab_size - emb.shape[0]
-    if extra <= 0:
+    rows = emb.shape[0]
+    real = rows if real_rows is None else min(real_rows, rows)
+    if vocab_size <= real or (vocab_size <= rows and real == rows):
         return params
+
+    def grown(table: np.ndarray, axis: int) -> np.ndarray:
+        kept = np.take(table, np.arange(real), axis=axis)
+        mean = kept.astype(np.float32).mean(axis, keepdims=True).astype(table.dtype)
+        return np.concatenate([kept, np.repeat(mean, vocab_size - real, axis)], axis=axis)
+
     out = dict(params)
-    out["embedding"] = np.concatenate([emb, np.repeat(emb.mean(0, keepdims=True), extra, 0).astype(emb.dtype)])
+    out["embedding"] = grown(emb, 0)
     if "unembedding" in params:
-        un = params["unembedding"]
-        out["unembedding"] = np.concatenate([un, np.repeat(un.mean(1, keepdims=True), extra, 1).astype(un.dtype)],
-                                            axis=1)
+        out["unembedding"] = grown(params["unembedding"], 1)
     return out
 
 
@@ -261,8 +269,12 @@ def load_hf_tensors(hf_dir: str) -> dict[str, np.ndarray]:
 
     index = os.path.join(hf_dir, INDEX_FILE)
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):  # a truncated download, a hand-edited file
+            raise CheckpointError(f"'{index}' is not a valid shard index (JSON with a weight_map); re-download "
+                                  "it") from None
     else:
         files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
     if not files:

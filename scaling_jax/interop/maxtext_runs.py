@@ -72,6 +72,16 @@ def checkpoint_scan_layers(keys: dict, items: str) -> bool:
     return DEFAULTS["scan_layers"] if saved is None else saved
 
 
+def _scan_axis(keys: dict) -> int:
+    """MaxText's ``param_scan_axis`` (where a scanned checkpoint stacks its layers), 1 unless set."""
+    value = keys.get("param_scan_axis", 1)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"param_scan_axis={value!r} is not an integer; give the axis the checkpoint stacks its "
+                          "layers on (MaxText's default is 1)") from None
+
+
 def _export_record(ckpt_dir: str, items: str) -> dict:
     """Our own export's record, if the checkpoint is one (it names the tokenizer a byte-level run used)."""
     for directory in (ckpt_dir, os.path.dirname(items), os.path.dirname(os.path.dirname(items))):
@@ -109,7 +119,7 @@ def import_maxtext(ckpt_dir: str, run_dir: str, overrides: list[str] | None = No
     ours, theirs = split_overrides(overrides or [])
     keys = read_maxtext_keys(config_files, theirs)
     fields = model_fields_from_maxtext(keys, "MaxText config")
-    scan_layers, scan_axis = checkpoint_scan_layers(keys, items), int(keys.get("param_scan_axis", 1))
+    scan_layers, scan_axis = checkpoint_scan_layers(keys, items), _scan_axis(keys)
     user = parse_overrides(ours)
     runs.check_model_overrides(user, fields, FIXED_FIELDS, "the MaxText config",
                                "set the MaxText key instead (e.g. base_emb_dim=...), or drop the override")
@@ -122,7 +132,7 @@ def import_maxtext(ckpt_dir: str, run_dir: str, overrides: list[str] | None = No
         shape = dataclasses.replace(config.model, vocab_size=checkpoint_vocab)
         params = params_from_maxtext(read_maxtext_weights(items), shape, scan_layers, scan_axis,
                                      config.model.param_dtype, where=items)
-        return resize_vocab(params, config.model.vocab_size)
+        return resize_vocab(params, config.model.vocab_size, runs.tokenizer_rows(source_tok))
 
     settings = {f"model.{k}": v for k, v in fields.items()} | user
     source = runs.Source("maxtext", "maxtext-llama", ckpt_dir)

@@ -69,6 +69,12 @@ def tokenizer_choice(tokenizer: str | None, user: dict) -> str | None:
     return tokenizer or user.pop("data.tokenizer", None)
 
 
+def tokenizer_rows(tokenizer: Tokenizer) -> int | None:
+    """The ids a source tokenizer file defines (``base_size``; our reserved ids lie above), None for the byte
+    tokenizer: embedding rows from there on are padding or ours, and start as the mean (``resize_vocab``)."""
+    return getattr(tokenizer, "base_size", None)
+
+
 def grown_vocab_size(checkpoint_rows: int, tokenizer: Tokenizer, user: dict) -> int:
     """The run's vocabulary: ``model.vocab_size=`` (taken out of ``user``) or the larger of the checkpoint's rows
     and the tokenizer's ids (our pad / mode / sentinel ids may lie above the source's); it can grow, never shrink."""
@@ -133,6 +139,7 @@ def read_run_params(run_dir: str, step: int | None = None) -> tuple[Config, int,
 
 
 def check_new_dir(out_dir: str, flag: str) -> None:
+    out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise CheckpointError(f"{flag} '{out_dir}' exists and is not an empty directory; choose a new one")
 
@@ -140,6 +147,7 @@ def check_new_dir(out_dir: str, flag: str) -> None:
 def write_new_dir(out_dir: str, flag: str, write: Callable[[str], None]) -> str:
     """Run ``write(tmp)`` into a directory beside ``out_dir`` and rename it into place: the output appears
     complete or not at all, and never replaces anything but an empty directory."""
+    out_dir = os.path.abspath(out_dir)  # "." names the current directory, which rmdir cannot take
     check_new_dir(out_dir, flag)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)

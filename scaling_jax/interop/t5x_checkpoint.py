@@ -79,6 +79,9 @@ def _absolute_spec(spec: Mapping, ckpt_dir: str, name: str) -> dict:
     spec = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in spec.items()}
     kvstore = spec.get("kvstore")
     driver = kvstore.get("driver") if isinstance(kvstore, dict) else None
+    if driver == "gcs":  # written to a bucket, read from a local copy: the path is relative to the checkpoint,
+        kvstore = spec["kvstore"] = {"driver": "file", "path": kvstore.get("path", "")}  # as T5X's own restore
+        driver = "file"
     if driver not in (None, "file", "gfile"):
         raise CheckpointError(f"target/{name} is stored with tensorstore driver '{driver}'; copy the checkpoint to "
                               "a local directory (e.g. gcloud storage cp -r) and import from there")

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import TINY
+from jax.sharding import PartitionSpec
 from jax.sharding import PartitionSpec as P
 
 from scaling_jax.config import load_config
@@ -82,6 +83,33 @@ def test_rule_resolution_skips_used_axes_and_non_divisible_dims():
     assert logical_to_spec(("embed", "mlp"), DEFAULT_RULES, mesh, (3, 64)) == P(None, "tensor")
     custom = rules_from_config([["embed", None], ["mlp", ["fsdp", "tensor"]]])
     assert logical_to_spec(("embed", "mlp"), custom, mesh, (64, 64)) == P(None, ("fsdp", "tensor"))
+
+
+def test_a_null_rule_replicates_as_in_flax_and_t5x():
+    """A leading ``[embed, null]`` overrides a later ``[embed, fsdp]``: checked against flax's own
+    ``logical_to_mesh_axes`` (the T5X resolution) on rule tables that mix null, used and list rules (where no
+    two dimensions contend for one mesh axis: there flax gives it to the earlier rule, ours to the earlier
+    dimension)."""
+    from flax.linen import partitioning as flax_partitioning
+
+    mesh = build_mesh(type("M", (), {"data": 2, "fsdp": 2, "tensor": 2, "rules": []})(), jax.devices())
+    tables = ([["embed", None], ["embed", "fsdp"], ["mlp", "tensor"]],
+              [["mlp", None], ["mlp", "tensor"], ["embed", "fsdp"], ["embed", None]],
+              [["batch", ["data", "fsdp"]], ["embed", "fsdp"], ["embed", "tensor"], ["length", None]])
+    for table in tables:
+        rules = rules_from_config(table)
+        for axes in (("embed", "mlp"), ("mlp", "embed"), ("batch", "length", "embed")):
+            ours = logical_to_spec(axes, rules, mesh, (8,) * len(axes))
+            theirs = flax_partitioning.logical_to_mesh_axes(axes, rules)
+            assert ours == PartitionSpec(*theirs), (table, axes)
+
+
+@pytest.mark.parametrize("rule, fragment", [(["mlp", "tesnor"], "mesh axis 'tesnor'"),
+                                            (["mpl", "tensor"], "logical axis 'mpl'"),
+                                            (["batch", ["data", "fdsp"]], "mesh axis 'fdsp'")])
+def test_a_rule_that_could_never_match_is_a_config_error(rule, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        rules_from_config([rule])
 
 
 def test_impossible_mesh_is_a_clear_error():

@@ -3,7 +3,9 @@
 One rule table maps T5X-style logical names (``batch, length, embed, mlp, heads, kv, vocab``)
 to the mesh axes ``data, fsdp, tensor``. Resolution follows T5X: for each dimension, the
 rules for its logical name are tried in order and a mesh axis already taken by an earlier
-dimension of the same array is skipped. That is what lets one table give FSDP for weights
+dimension of the same array is skipped; a ``null`` rule matches (the dimension is replicated,
+later rules for the name are not tried). One difference: when two dimensions' rules ask for the same
+mesh axis, the earlier dimension takes it here, the earlier rule in T5X / flax. That is what lets one table give FSDP for weights
 (``embed -> fsdp``) while activations, whose ``batch`` already took ``fsdp``, keep ``embed``
 whole. A mesh axis that does not divide the dimension is dropped (the dimension is
 replicated over it) so tiny test models run on any mesh.
@@ -17,6 +19,9 @@ from collections.abc import Iterator, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from scaling_jax.errors import ConfigError
+from scaling_jax.parallel.mesh import MESH_AXES
 
 MeshAxes = str | Sequence[str] | None
 Rules = Sequence[tuple[str, MeshAxes]]
@@ -37,9 +42,19 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
 
 
 def rules_from_config(rules: list) -> Rules:
-    """``mesh.rules`` from YAML (lists) as rule tuples; empty means the default table."""
+    """``mesh.rules`` from YAML (lists) as rule tuples; empty means the default table. A logical name the model
+    does not use or a mesh axis the mesh does not have (a typo would silently never match) is a ConfigError."""
     if not rules:
         return DEFAULT_RULES
+    logical_names = [name for name, _ in DEFAULT_RULES]
+    for name, axes in rules:
+        if name not in logical_names:
+            raise ConfigError(f"mesh.rules names logical axis {name!r}, which the model does not use; use one of "
+                              f"{', '.join(logical_names)}")
+        unknown = [a for a in ([axes] if isinstance(axes, str) else axes or []) if a not in MESH_AXES]
+        if unknown:
+            raise ConfigError(f"mesh.rules maps {name!r} to mesh axis {unknown[0]!r}; use {', '.join(MESH_AXES)}, a "
+                              "list of them or null")
     return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
 
 
@@ -50,8 +65,10 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh, shape:
     for name, dim in zip(axes, shape, strict=True):
         chosen: list[str] = []
         for logical, mesh_axes in rules:
-            if logical != name or mesh_axes is None:
+            if logical != name:
                 continue
+            if mesh_axes is None:  # T5X: a null rule is a match that replicates the dimension
+                break
             candidates = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
             free = [a for a in candidates if a not in used and a in mesh.shape]
             while free and dim % math.prod(mesh.shape[a] for a in free):
@@ -68,7 +85,9 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh, shape:
 def requested_split(name: str, rules: Rules, mesh: Mesh) -> int:
     """How many ways the rules ask to split logical axis ``name`` (before any divisibility fallback)."""
     for logical, mesh_axes in rules:
-        if logical == name and mesh_axes is not None:
+        if logical == name:
+            if mesh_axes is None:
+                return 1
             candidates = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
             return math.prod(mesh.shape[a] for a in candidates if a in mesh.shape)
     return 1

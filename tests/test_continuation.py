@@ -187,8 +187,12 @@ def test_optimizer_continue_keeps_moments_and_reset_drops_them(parent):
     parent_adam = _adam(_parent_state(parent_config).opt_state)
     mu = jax.device_get(parent_adam.mu)
     assert any(np.abs(x).max() > 0 for x in jax.tree.leaves(mu))
-    for policy in ("continue", "reset"):
-        config, _ = child_config(parent_dir, UL2R, [*CHILD, "budget.steps=2", f"stage.optimizer_state={policy}",
+    # "continue-unclipped": the stage turns gradient clipping off, so its optimizer tree lacks the parent's
+    # clipping state around the same Adam moments
+    for policy in ("continue", "reset", "continue-unclipped"):
+        clip = ["optimizer.clip_norm=0"] if policy == "continue-unclipped" else []
+        config, _ = child_config(parent_dir, UL2R, [*CHILD, "budget.steps=2", *clip,
+                                                    f"stage.optimizer_state={policy.split('-')[0]}",
                                                     "train.run_dir=unused"])
         state = start_from_parent(build_session(config)).state
         adam = _adam(state.opt_state)
@@ -196,7 +200,7 @@ def test_optimizer_continue_keeps_moments_and_reset_drops_them(parent):
             state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
             if isinstance(s, optax.ScaleByScheduleState)]
         assert [int(c) for c in schedule_counts] == [0]  # the new schedule starts at its beginning
-        if policy == "continue":
+        if policy.startswith("continue"):
             assert int(adam.count) == PARENT_STEPS
             jax.tree.map(np.testing.assert_array_equal, jax.device_get(adam.mu), mu)
             jax.tree.map(np.testing.assert_array_equal, jax.device_get(adam.nu), jax.device_get(parent_adam.nu))
@@ -220,6 +224,13 @@ def test_budget_fraction_and_lr_from_parent(parent):
         child_config(parent_dir, UL2R, ["budget.steps=1", "model.layers=3", "train.run_dir=unused"])
     with pytest.raises(CheckpointError, match="never modified"):
         child_config(parent_dir, UL2R, ["budget.steps=1", f"train.run_dir={parent_dir}"])
+    # the position scheme is part of what the weights mean (a relative-bias table would be made up or dropped)
+    with pytest.raises(CheckpointError, match="model.position='rope' but the stage asks for 't5_relative'"):
+        child_config(parent_dir, UL2R, ["budget.steps=1", "model.position=t5_relative", "model.attention=xla",
+                                        "train.run_dir=unused"])
+    # an optimizer.lr given on the command line is kept: the stage's lr_from_parent does not replace it
+    config, notes = child_config(parent_dir, UL2R, ["budget.steps=1", "optimizer.lr=1e-5", "train.run_dir=unused"])
+    assert config.optimizer.lr == 1e-5 and any("as given (stage.lr_from_parent not applied)" in n for n in notes)
 
 
 def test_a_stage_never_writes_into_its_parent_through_a_link_or_into_another_parents_stage(parent, ul2r_child,

@@ -121,3 +121,21 @@ def test_noise_scale_refuses_a_loss_mixed_from_several_heads(tiny_config):
     with pytest.raises(ConfigError, match="objective=mtp with objective.heads=2"):
         tiny_config("objective=mtp", "model.layers=3", "train.noise_scale=true")
     assert tiny_config("objective=mtp", "model.layers=3", "objective.heads=1", "train.noise_scale=true")
+
+
+def test_half_batches_that_cannot_split_over_the_batch_devices_are_refused(tiny_config):
+    """8 rows on 8 batch devices: a 4-row half would be replicated, each device computing all of it."""
+    import jax
+
+    from scaling_jax.parallel.mesh import build_mesh
+    from scaling_jax.parallel.sharding import DEFAULT_RULES
+    from scaling_jax.train.compute import check_batch_fits_mesh
+
+    config = tiny_config("data.batch_size=8", "train.noise_scale=true", "mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1")
+    mesh = build_mesh(config.mesh, jax.devices()[:8])
+    with pytest.raises(ConfigError, match="make data.batch_size a multiple of 16"):
+        check_batch_fits_mesh(config, mesh, DEFAULT_RULES)
+    check_batch_fits_mesh(tiny_config("data.batch_size=16", "train.noise_scale=true", "mesh.data=1", "mesh.fsdp=8",
+                                      "mesh.tensor=1"), mesh, DEFAULT_RULES)
+    check_batch_fits_mesh(tiny_config("data.batch_size=8", "mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1"), mesh,
+                          DEFAULT_RULES)

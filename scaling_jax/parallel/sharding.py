@@ -4,11 +4,11 @@ One rule table maps T5X-style logical names (``batch, length, embed, mlp, heads,
 to the mesh axes ``data, fsdp, tensor``. Resolution follows T5X: for each dimension, the
 rules for its logical name are tried in order and a mesh axis already taken by an earlier
 dimension of the same array is skipped; a ``null`` rule matches (the dimension is replicated,
-later rules for the name are not tried). One difference: when two dimensions' rules ask for the same
-mesh axis, the earlier dimension takes it here, the earlier rule in T5X / flax. That is what lets one table give FSDP for weights
+later rules for the name are not tried). That is what lets one table give FSDP for weights
 (``embed -> fsdp``) while activations, whose ``batch`` already took ``fsdp``, keep ``embed``
-whole. A mesh axis that does not divide the dimension is dropped (the dimension is
-replicated over it) so tiny test models run on any mesh.
+whole. One difference: when two dimensions' rules ask for the same mesh axis, the earlier
+dimension takes it here, the earlier rule in T5X / flax. A mesh axis that does not divide the
+dimension is dropped (the dimension is replicated over it) so tiny test models run on any mesh.
 """
 
 from __future__ import annotations

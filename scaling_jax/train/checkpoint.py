@@ -56,8 +56,14 @@ def _as_tree(state: TrainState) -> dict:
 
 def model_signature(model_cfg: dict) -> dict:
     """The model fields a checkpoint's parameters depend on (their shapes and dtypes, and the tree's layout:
-    checkpoints saved before ``scan_layers`` existed hold a ``blocks/0/...`` list)."""
-    return {**{k: model_cfg[k] for k in MODEL_SIGNATURE_FIELDS}, "scan_layers": model_cfg.get("scan_layers", False)}
+    checkpoints saved before ``scan_layers`` existed hold a ``blocks/0/...`` list), and what its weights mean:
+    the position scheme (a model trained with rotary positions, or with a learned relative-bias table of a given
+    bucketing, computes something else under another; configs from before ``position`` are rope)."""
+    signature = {**{k: model_cfg[k] for k in MODEL_SIGNATURE_FIELDS},
+                 "scan_layers": model_cfg.get("scan_layers", False), "position": model_cfg.get("position", "rope")}
+    if signature["position"] == "t5_relative":
+        signature |= {k: model_cfg[k] for k in ("relative_buckets", "relative_max_distance")}
+    return signature
 
 
 # ----------------------------------------------------------------------------- integrity

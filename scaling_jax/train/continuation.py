@@ -46,7 +46,7 @@ from scaling_jax.run_dir import CONFIG_FILE, CheckpointMeta, is_run_dir
 from scaling_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, model_signature
 from scaling_jax.train.session import Session
 from scaling_jax.train.start import StageStart, StartSpec
-from scaling_jax.train.state import TrainState, make_schedule, state_layout
+from scaling_jax.train.state import TrainState, make_optimizer, make_schedule, state_layout
 
 INHERITED_NOT = ("stage.", "budget.", "train.run_dir")  # a child never inherits these from its parent
 
@@ -144,9 +144,13 @@ def totals(meta: CheckpointMeta) -> dict:
     return {"step": int(meta.total_step), "tokens": int(meta.tokens), "flops": float(meta.flops)}
 
 
+def _parent_config(parent_config: dict) -> Config:
+    return load_config(None, flatten(parent_config, skip=INHERITED_NOT))
+
+
 def final_lr(parent_config: dict, step: int) -> float:
     """The learning rate the parent's schedule gives at ``step`` (its next update) — its final LR when done."""
-    cfg = load_config(None, flatten(parent_config, skip=INHERITED_NOT))
+    cfg = _parent_config(parent_config)
     return float(make_schedule(cfg.optimizer, cfg.train.steps)(step))
 
 
@@ -274,7 +278,9 @@ def child_config(source: str, stage_path: str, overrides: list[str] | dict | Non
     if config.stage.extend_vocab and grows:
         notes.append(f"vocabulary {config.model.vocab_size} -> {tokenizer.vocab_size} rows (new rows = embedding mean)")
         items["model.vocab_size"] = tokenizer.vocab_size
-    if config.stage.lr_from_parent:
+    if config.stage.lr_from_parent and "optimizer.lr" in user:  # the command line's value is the user's choice
+        notes.append(f"optimizer.lr={user['optimizer.lr']} as given (stage.lr_from_parent not applied)")
+    elif config.stage.lr_from_parent:
         items["optimizer.lr"] = final_lr(meta.config, step)
         notes.append(f"optimizer.lr={items['optimizer.lr']:.4g}, the parent's final learning rate")
     config = load_config(None, items)
@@ -323,16 +329,17 @@ def grow_tree(tree: Any, like: Any, fill: str) -> Any:
 def graft_adam(fresh: Any, parent: Any, like: dict) -> Any:
     """``fresh`` optimizer state with the parent's Adam count and moments (grown to ``like``) put in.
 
-    Everything else (the schedule's step count, masks) stays fresh, so the child's new schedule
-    starts at its beginning while the moments carry over.
+    Everything else (the schedule's step count, masks, clipping) stays fresh, so the child's new schedule
+    starts at its beginning while the moments carry over; the two trees may differ around the Adam state
+    (a stage that turns gradient clipping on or off).
     """
-    if isinstance(fresh, optax.ScaleByAdamState):
-        return fresh._replace(count=parent.count, mu=grow_tree(parent.mu, like, "zeros"),
-                              nu=grow_tree(parent.nu, like, "zeros"))
-    if isinstance(fresh, tuple):
-        parts = [graft_adam(f, p, like) for f, p in zip(fresh, parent, strict=True)]
-        return type(fresh)(*parts) if hasattr(fresh, "_fields") else tuple(parts)
-    return fresh
+    is_adam = lambda node: isinstance(node, optax.ScaleByAdamState)
+    adam = [node for node in jax.tree.leaves(parent, is_leaf=is_adam) if is_adam(node)]
+    if len(adam) != 1:
+        raise CheckpointError(f"the parent's optimizer state holds {len(adam)} Adam states, not one; continue it "
+                              "with stage.optimizer_state=reset")
+    grafted = adam[0]._replace(mu=grow_tree(adam[0].mu, like, "zeros"), nu=grow_tree(adam[0].nu, like, "zeros"))
+    return jax.tree.map(lambda node: grafted if is_adam(node) else node, fresh, is_leaf=is_adam)
 
 
 def start_from_parent(session: Session, spec: StartSpec | None = None) -> StageStart:
@@ -343,7 +350,11 @@ def start_from_parent(session: Session, spec: StartSpec | None = None) -> StageS
     run_dir, step = split_checkpoint_path(spec.parent)
     meta = parent_meta(run_dir, step)
     parent_model = dataclasses.replace(config.model, vocab_size=meta.config["model"]["vocab_size"])
-    layout = state_layout(parent_model, session.tx, config.train.seed, objective.build_model, session.mesh,
+    # the parent's optimizer tree is the parent's (e.g. gradient clipping adds a state); only Adam's moments and
+    # count are carried over (graft_adam), so the stage may change the rest of the optimizer
+    parent_cfg = _parent_config(meta.config)
+    parent_tx, _ = make_optimizer(parent_cfg.optimizer, parent_cfg.train.steps)
+    layout = state_layout(parent_model, parent_tx, config.train.seed, objective.build_model, session.mesh,
                           session.rules)
     checkpointer = Checkpointer(run_dir, keep=1, async_save=False)
     try:

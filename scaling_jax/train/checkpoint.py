@@ -33,6 +33,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from scaling_jax import log, paths
+from scaling_jax.config import ModelConfig
 from scaling_jax.errors import CheckpointError
 from scaling_jax.run_dir import CHECKPOINT_DIR, DAMAGED_DIR
 from scaling_jax.train.lock import holds_run_lock
@@ -62,7 +63,8 @@ def model_signature(model_cfg: dict) -> dict:
     signature = {**{k: model_cfg[k] for k in MODEL_SIGNATURE_FIELDS},
                  "scan_layers": model_cfg.get("scan_layers", False), "position": model_cfg.get("position", "rope")}
     if signature["position"] == "t5_relative":
-        signature |= {k: model_cfg[k] for k in ("relative_buckets", "relative_max_distance")}
+        signature |= {k: model_cfg.get(k, getattr(ModelConfig, k)) for k in ("relative_buckets",
+                                                                              "relative_max_distance")}
     return signature
 
 

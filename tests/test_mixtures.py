@@ -176,6 +176,8 @@ def test_fsspec_url_sources_read_like_local_files(tmp_path):
                     Document("c.parquet#0", texts[3]), Document("sub/b.txt", texts[2])]
     globbed = load_documents(cfg(source="memory://bucket/data/**/*.txt", val_fraction=0.0), "train")
     assert globbed == [Document("sub/b.txt", texts[2])]
+    # a bare ** also lists the directories: each file is still read once, as the directory form reads it
+    assert load_documents(cfg(source="memory://bucket/data/**", val_fraction=0.0), "train") == docs
     with pytest.raises(DataError, match="matches no files"):
         load_documents(cfg(source="memory://bucket/nothing/*.jsonl"), "train")
 

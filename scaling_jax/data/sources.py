@@ -157,7 +157,8 @@ def _url_files(source: str) -> list[tuple[str, str]]:
         root, found = posixpath.dirname(path), [path]
     else:
         root = _glob_root(fs._strip_protocol(source))
-        found = [f for match in fs.glob(path) for f in (fs.find(match) if fs.isdir(match) else [match])]
+        # a ``**`` glob lists directories as well as their files: each file once
+        found = sorted({f for match in fs.glob(path) for f in (fs.find(match) if fs.isdir(match) else [match])})
     found = [f for f in found if not any(p.startswith(".") for p in posixpath.relpath(f, root).split("/"))]
     if not found:
         raise DataError(f"data.source='{source}' matches no files; point it at a file, a directory or a glob")

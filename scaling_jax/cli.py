@@ -289,6 +289,9 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     data = _data_config(args)
     if args.corpus:
         data.source = args.corpus
+    elif data.mixture:  # load_documents reads data.source, which a mixture leaves at its default
+        raise UserError("tokenizer train reads one corpus, and the config's data is a data.mixture; pass --corpus "
+                        "(a file, directory or glob holding text from the mixture's sources)")
     docs = load_documents(data, "train")  # the validation split stays unseen by the tokenizer too
     tok = train_tokenizer((d.text for d in docs), args.output, args.vocab_size, args.kind, args.library)
     sample = docs[0].text[:2000]

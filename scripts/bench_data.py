@@ -89,7 +89,7 @@ def main() -> None:
     params = param_counts(config.model).total
     print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind}; rows {args.batch} x {args.seq_len}; "
           f"threads {config.data.num_threads}, prefetch {config.data.prefetch}")
-    print(f"prepare          : {train_split['documents']:,} train documents, {tokens:,} tokens "
+    print(f"prepare          : {train_split['documents']:,} train documents, {tokens:,} train + validation tokens "
           f"({tokenizer.kind} tokenizer) in {prep_s:.1f} s = {tokens / prep_s:,.0f} tokens/s (one-off)")
     print(f"shards -> batches: {data_rate:12,.0f} tokens/s (ArrayRecord read, pack, shuffle, batch, causal "
           f"transform; {batches} batches)")

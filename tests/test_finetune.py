@@ -129,6 +129,12 @@ def test_user_jsonl_round_trips_and_bad_lines_name_file_and_line(tmp_path):
     path.write_text(json.dumps({"inputs": "q"}) + "\n")
     with pytest.raises(DataError, match=r"qa.jsonl:1 .*'targets'"):
         read_jsonl(str(path))
+    # a null rationale is no rationale (the cot template then refuses it), not the text "None"
+    path.write_text(json.dumps({"inputs": "q", "targets": "a", "rationale": None}) + "\n")
+    assert read_jsonl(str(path)) == [Example("q", "a")]
+    path.write_text(json.dumps({"inputs": "q", "targets": "a", "rationale": 3}) + "\n")
+    with pytest.raises(DataError, match=r"qa.jsonl:1 field 'rationale' must be a string"):
+        read_jsonl(str(path))
     with pytest.raises(ConfigError, match=r"data.instructions\[0\].rate"):
         mixture_from_config([{"source": str(path), "rate": 0}])
     with pytest.raises(ConfigError, match="unknown generated task"):

@@ -241,6 +241,22 @@ def test_prepare_refuses_to_overwrite_and_leaves_nothing_on_failure(prepared, tm
     assert sorted(os.listdir(theirs)) == ["MY_NOTES.txt", "manifest.json"]
 
 
+def test_overwrite_through_a_link_replaces_the_directory_it_names(prepared, tmp_path):
+    """The link stays and reads the new data; nothing is left beside it; the data set is as readable as the
+    user's umask makes new directories (mkdtemp alone would make it private)."""
+    cfg, tok, _, _ = prepared
+    real, link = tmp_path / "real", tmp_path / "link"
+    prep.prepare(cfg, tok, str(real), log=None)
+    link.symlink_to(real)
+    fewer = dataclasses.replace(cfg, max_docs=3)
+    manifest = prep.prepare(fewer, tok, str(link), overwrite=True, log=None)
+    assert link.is_symlink() and prep.read_manifest(str(link)) == manifest
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temporary or old copy left
+    mask = os.umask(0)
+    os.umask(mask)
+    assert oct(real.stat().st_mode & 0o777) == oct(0o777 & ~mask)
+
+
 def test_cli_prepares_with_a_trained_tokenizer(tmp_path, capsys):
     cfg = corpus_dir(tmp_path)
     texts = [d.text for d in load_documents(cfg, "train")]

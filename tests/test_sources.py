@@ -255,6 +255,23 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     assert "bad.jsonl:2" in message and "not valid JSON" in message
 
 
+def test_a_lone_surrogate_escape_is_a_malformed_line(tmp_path):
+    """``"\\ud83d"`` (half an emoji, common in scraped text) is valid JSON but no text a tokenizer can take."""
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "half an emoji \\ud83d"}\n')
+    message = load_error(cfg(source=str(path)))
+    assert "cut.jsonl:2" in message and "lone surrogate" in message
+    assert [d.text for d in load_documents(cfg(source=str(path), malformed_lines="skip"), "train")] == ["fine"]
+
+
+def test_an_hf_source_that_cannot_be_read_is_one_line(tmp_path):
+    pytest.importorskip("datasets")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.jsonl").write_text('{"text": "ok"}\n{oops\n')
+    assert "cannot be loaded" in load_error(cfg(source=f"hf:{tmp_path / 'broken'}", source_split="train",
+                                                 val_fraction=0.0))
+
+
 def test_jsonl_line_that_is_not_an_object(tmp_path):
     path = tmp_path / "list.jsonl"
     path.write_text('["text", "a list"]\n')

@@ -164,10 +164,21 @@ def test_training_refuses_impossible_requests(tmp_path, corpus):
         train_tokenizer(corpus, str(tmp_path / "t.json"), 200, "bpe")
     with pytest.raises(ConfigError, match="unigram"):
         train_tokenizer(corpus, str(tmp_path / "t.json"), 1024, "unigram", "tokenizers")
+    # data.tokenizer=PATH reads by suffix: a name the reader would take for the other format is refused
+    with pytest.raises(ConfigError, match="writes a .model"):
+        train_tokenizer(corpus, str(tmp_path / "t.json"), 1024, "unigram")
+    with pytest.raises(ConfigError, match="writes a .json"):
+        train_tokenizer(corpus, str(tmp_path / "t.model"), 1024, "bpe")
     with pytest.raises(DataError) as e:
         train_tokenizer(["tiny corpus"], str(tmp_path / "t.model"), 4000, "unigram")
     assert "--vocab-size" in one_line(e)
     assert not os.listdir(tmp_path)  # nothing half-written
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_cli_trains_on_a_jsonl_source(tmp_path, capsys, corpus):
@@ -178,6 +189,12 @@ def test_cli_trains_on_a_jsonl_source(tmp_path, capsys, corpus):
                  "--kind", "bpe", "data.text_field=body", "data.val_fraction=0"])
     assert code == 0 and out.is_file()
     assert f"data.tokenizer={out}" in capsys.readouterr().out
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # readable by the team, as a plain file is
+    mixture = tmp_path / "mix.yaml"  # a mixture's sources are not data.source: the user names the corpus
+    mixture.write_text(f"data:\n  mixture:\n    - {{source: {data}, weight: 1.0}}\n")
+    assert main(["tokenizer", "train", "--config", str(mixture), "--output", str(tmp_path / "m.json"),
+                 "--vocab-size", "512"]) == 2
+    assert "pass --corpus" in capsys.readouterr().err and not (tmp_path / "m.json").exists()
     assert build_tokenizer(str(out)).decode(build_tokenizer(str(out)).encode(TRICKY)) == TRICKY
 
 

@@ -103,7 +103,10 @@ def read_jsonl(path: str) -> list[Example]:
             fields = ("inputs", "targets")
             if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in fields):
                 raise DataError(f"{path}:{lineno} must be an object with string fields 'inputs' and 'targets'")
-            out.append(Example(obj["inputs"], obj["targets"], str(obj.get("rationale", ""))))
+            rationale = obj.get("rationale")
+            if rationale is not None and not isinstance(rationale, str):
+                raise DataError(f"{path}:{lineno} field 'rationale' must be a string (or absent)")
+            out.append(Example(obj["inputs"], obj["targets"], rationale or ""))
     if not out:
         raise DataError(f"instruction file '{path}' holds no examples")
     return out

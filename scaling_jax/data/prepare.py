@@ -345,22 +345,30 @@ def prepare(cfg: DataConfig, tokenizer: Tokenizer, output: str, chunk_tokens: in
     ``parallel_map`` (e.g. the Ray executor's ``map``) writes the parts as independent tasks, which must see
     ``output``'s parent directory; without it they are written in order here. ``log`` gets a progress line
     every 10 s of a part written here (None: silent)."""
-    output = os.path.expanduser(output)
+    output = os.path.realpath(os.path.expanduser(output))  # through a link: the directory it names is replaced
     _check_request(cfg, output, overwrite, chunk_tokens, chunks_per_shard, part_bytes)
     if parallel_map is not None:
         check_parallel(cfg)
     plan = plan_parts(cfg, part_bytes)
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(output.rstrip('/'))}-")  # never a user's
+    name = os.path.basename(output.rstrip("/"))
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{name}-")  # never a user's
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would hide a shared data set from its team
     try:
         manifest = _write(cfg, tokenizer, tmp, plan, chunk_tokens, chunks_per_shard, part_bytes, parallel_map, log)
+        old = None
+        if os.path.exists(output):  # moved aside, removed once the new one is in place
+            old = tempfile.mkdtemp(dir=parent, prefix=f".old-{name}-")
+            os.replace(output, old)
+        os.replace(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed prepare leaves nothing that looks usable
         raise
-    if os.path.exists(output):
-        shutil.rmtree(output)
-    os.replace(tmp, output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return manifest
 
 

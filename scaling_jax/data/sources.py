@@ -278,6 +278,11 @@ def _jsonl_text(path: str, lineno: int, line: str, field: str) -> str:
     if not isinstance(value, str):
         raise DataError(f"{where} field '{field}' is a JSON {type(value).__name__}, not a string; "
                         f"set data.text_field=<key holding the text>")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a "\ud83d" escape without its pair (an emoji cut in two): not text
+        raise DataError(f"{where} field '{field}' holds a lone surrogate escape (half of a character); fix the "
+                        "line or set data.malformed_lines=skip to skip such lines") from None
     return value
 
 
@@ -414,19 +419,40 @@ def _hf_documents(cfg: DataConfig) -> Iterator[Document]:
                 ds = ds.to_iterable_dataset()
         else:
             ds = datasets.load_dataset(target, cfg.hf_name or None, split=cfg.source_split, streaming=cfg.streaming)
-    except (FileNotFoundError, ValueError, KeyError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise DataError(f"data.source='{cfg.source}' cannot be loaded ({str(e).splitlines()[0][:200]}); "
-                        "check the path or name, data.hf_name and data.source_split") from None
+    except (OSError, ValueError, KeyError, datasets.exceptions.DatasetNotFoundError,
+            datasets.exceptions.DatasetGenerationError) as e:  # OSError: no network, a missing file
+        raise DataError(f"data.source='{cfg.source}' cannot be loaded ({_first_line(e)}); check the path or name "
+                        "(and the network for a hub data set), data.hf_name and data.source_split") from None
     columns = ds.column_names
     if columns is not None and cfg.text_field not in columns:
         raise DataError(f"data.source='{cfg.source}' has no column '{cfg.text_field}' (columns: "
                         f"{', '.join(columns)}); set data.text_field=<column holding the text>")
-    for row, example in enumerate(ds):
+    for row, example in _rows_of(ds, cfg.source):
         value = example.get(cfg.text_field)
         if value is not None and not isinstance(value, str):
             raise DataError(f"data.source='{cfg.source}' row {row} column '{cfg.text_field}' is "
                             f"{type(value).__name__}, not a string; set data.text_field=<text column>")
         yield Document(f"{cfg.source_split}#{row}", value or "")
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def _rows_of(ds, source: str) -> Iterator[tuple[int, dict]]:
+    """``enumerate(ds)``, with a streaming data set's read errors (arrow, datasets, network) as one DataError."""
+    rows = iter(ds)
+    row = 0
+    while True:
+        try:
+            example = next(rows)
+        except StopIteration:
+            return
+        except (OSError, ValueError, KeyError, RuntimeError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"data.source='{source}' row {row} cannot be read ({type(e).__name__}: "
+                            f"{_first_line(e)}); fix or drop the file it comes from") from None
+        yield row, example
+        row += 1
 
 
 def source_documents(cfg: DataConfig) -> Iterator[Document]:

@@ -272,6 +272,12 @@ def _lines(texts: Iterable[str], max_bytes: int = 4096) -> Iterable[str]:
                 yield line[start : start + max_bytes // 4]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def train_tokenizer(texts: Iterable[str], output: str, vocab_size: int, kind: str = "bpe",
                     library: str = "", max_sentences: int = 2_000_000) -> Tokenizer:
     """Train a ``bpe`` or ``unigram`` tokenizer on ``texts`` and write it to ``output``.
@@ -292,6 +298,10 @@ def train_tokenizer(texts: Iterable[str], output: str, vocab_size: int, kind: st
     if vocab_size < specials + 256 + 16:
         raise ConfigError(f"--vocab-size {vocab_size} is too small: {specials} ids are reserved and the 256 "
                           f"bytes need their own; use at least {specials + 272}")
+    if output.endswith(".json") != (library == "tokenizers"):  # data.tokenizer=PATH picks the reader by suffix
+        suffix = ".json (a Hugging Face tokenizer.json)" if library == "tokenizers" else ".model (SentencePiece)"
+        raise ConfigError(f"--output '{output}': --library {library} writes a {suffix} file; name it so, or "
+                          "data.tokenizer=PATH would not read it back")
     if os.path.exists(output):
         raise DataError(f"--output '{output}' already exists; name a new file (runs may use the old tokenizer, so "
                         "it is never replaced)")
@@ -300,6 +310,7 @@ def train_tokenizer(texts: Iterable[str], output: str, vocab_size: int, kind: st
     # a private temporary name: no half-written tokenizer on failure, and no user file named OUTPUT.tmp touched
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix=os.path.basename(output))
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make a team's tokenizer private to its trainer
     try:
         if library == "tokenizers":
             _train_hf(texts, tmp, vocab_size)

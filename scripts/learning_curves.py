@@ -77,13 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", type=float, default=0.25, help="share of each run's steps a prediction sees")
     parser.add_argument("--s-min", action="store_true", help="fit on S_min (eq. 5.4) instead of steps")
     parser.add_argument("--boot", type=int, default=200, help="bootstrap refits per interval")
+    parser.add_argument("--objective", help="the objective whose runs to fit (needed when the sweep has several)")
     args = parser.parse_args(argv)
     try:
         if not 0 < args.prefix < 1:
             raise UserError(f"--prefix {args.prefix} must be in (0, 1)")
         if not os.path.isdir(args.sweep_dir):
             raise DataError(f"sweep directory '{args.sweep_dir}' does not exist")
-        curves = lc.load_curves(args.sweep_dir)
+        curves = lc.load_curves(args.sweep_dir, args.objective)
         predictions = lc.predict_from_prefix(curves, args.prefix, args.s_min, args.boot)
         try:
             fit = lc.fit_curves(curves, args.s_min, args.boot)

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from scaling_jax.errors import DataError
 from scaling_jax.scaling import learning_curves as lc
 from scaling_jax.train import projection
 from scaling_jax.train.metrics import ProgressBar
@@ -204,6 +205,17 @@ def test_script_refuses_bad_input_with_one_error_line(tmp_path, capsys, make):
     assert script.main([make(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
+
+
+def test_a_sweep_of_several_objectives_is_fitted_one_objective_at_a_time(tmp_path):
+    """UL2's training loss is its denoising loss: one law over causal and UL2 curves would mix two quantities."""
+    sweep = write_sweep(tmp_path, steps=100)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["runs"][0]["objective"] = "ul2"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="holds runs of objectives ul2, causal"):
+        lc.load_curves(sweep)
+    assert [c.n for c in lc.load_curves(sweep, "causal")] == list(SIZES[1:3])
 
 
 def test_curves_read_from_a_sweep_directory(tmp_path):

@@ -213,3 +213,40 @@ def test_fits_take_every_seed_as_a_point_so_the_seed_scatter_widens_their_interv
     assert _width(on_means["loss_vs_n"]) < 1e-9 and _width(on_means["loss_vs_compute"]) < 1e-9
     for i in range(2):  # L(N), L(C): no scatter, no width; then wider with every step up in scatter
         assert widths[0.0][i] < 1e-9 < 1e-3 < widths[0.01][i] < widths[0.03][i]
+
+
+def test_an_unseeded_run_beside_seeded_ones_is_not_counted_as_a_seed(seeded_sweep):
+    """Rerunning a sweep with seeds keeps the old unseeded run; it shares seed 0's default seeds, so pooling it
+    would count one training twice and narrow the interval."""
+    sweep = seeded_sweep
+    manifest = json.load(open(os.path.join(sweep, "manifest.json")))
+    info = fake_run(os.path.join(sweep, "causal-a-k20"), "causal", SIZES["a"], seed=0)
+    manifest["runs"].append({"run_id": "causal-a-k20", "objective": "causal", "size": "a", "budget": "k20",
+                             "status": "done", "steps": 40, **info})
+    json.dump(manifest, open(os.path.join(sweep, "manifest.json"), "w"))
+    points = {r.point for r in plots.load_runs([sweep]) if r.run_id.startswith("causal-a-k20")}
+    assert points == {"causal-a-k20", "causal-a-k20 (unseeded)"}
+    seeded = [p for p in plots.seed_points(plots.load_runs([sweep])) if p.label == "causal-a-k20"]
+    assert seeded[0].seeds == SEEDS
+
+
+def test_a_copied_sweep_reports_its_own_runs_and_a_stage_its_total_compute(fake_sweep, tmp_path):
+    """The manifest's recorded run paths point into the original sweep: a copy (or a report run from another
+    directory) reads the runs beside its own manifest. A stage run is charged every stage's FLOPs, as its curve."""
+    import shutil
+
+    copy = str(tmp_path / "archive")
+    shutil.copytree(fake_sweep, copy)
+    run_id = "causal-a-k20"
+    summary_path = os.path.join(fake_sweep, run_id, "summary.json")
+    summary = json.load(open(summary_path))
+    json.dump({**summary, "val_loss": 9.999}, open(summary_path, "w"))
+    ours = next(r for r in plots.load_runs([copy]) if r.run_id == run_id)
+    assert ours.val_loss == pytest.approx(summary["val_loss"]) and ours.val_loss != 9.999
+    stage = str(tmp_path / "stage")
+    fake_run(stage, "ul2", SIZES["a"])
+    summary = json.load(open(os.path.join(stage, "summary.json")))
+    json.dump({**summary, "total_flops": 3 * summary["flops"], "total_tokens": 3 * summary["tokens"]},
+              open(os.path.join(stage, "summary.json"), "w"))
+    record = plots.load_runs([stage])[0]
+    assert record.flops == 3 * summary["flops"] and record.tokens == 3 * summary["tokens"]

@@ -129,7 +129,10 @@ def test_sweep_files_are_checked_with_one_line_errors(tmp_path):
              ({"sizes": [7]}, "series string"),
              ({"objective": ["causal"]}, "unknown key 'objective'"),
              ({"objectives": {"../escape": {"objective.name": "causal"}}}, "objective label '../escape'"),
-             ({"sizes": [{"name": "/abs", "layers": 1}]}, "size label '/abs'")]
+             ({"sizes": [{"name": "/abs", "layers": 1}]}, "size label '/abs'"),
+             ({"budgets": [{"tokens": 640}, {"tokens": 640.0}]}, "appears twice"),
+             ({"sizes": [{"name": "xs", "layers": 1}, {"name": "xs", "layers": 2}]}, "size 'xs' appears twice"),
+             ({"sizes": ["passuntil:1", "passuntil:1..2"]}, "size 'passuntil1' appears twice")]
     for change, message in cases:
         spec = {"objectives": ["causal"], "sizes": ["passuntil:1"], "budgets": [{"tokens": 100}], **change}
         path = tmp_path / "bad.yaml"
@@ -137,6 +140,10 @@ def test_sweep_files_are_checked_with_one_line_errors(tmp_path):
         with pytest.raises(ConfigError, match=message):
             sweep.load_sweep(str(path))
     good = sweep.load_sweep(write_spec(tmp_path, [{"tokens": 1280}]))
+    relative = {"objectives": ["causal"], "sizes": ["passuntil:1"], "budgets": [{"tokens": 100}], "out_dir": "rel/sw"}
+    (tmp_path / "rel.yaml").write_text(yaml.safe_dump(relative))
+    # runs are recorded where they are, whatever directory the sweep (or a Ray worker) runs in
+    assert sweep.load_sweep(str(tmp_path / "rel.yaml")).out_dir == os.path.abspath("rel/sw")
     with pytest.raises(ConfigError, match="--sizes 'xl' is not in sweep"):
         sweep.plan(good, sizes=["xl"])
 

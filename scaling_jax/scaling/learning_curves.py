@@ -100,9 +100,16 @@ def curve_of(record: RunRecord) -> Curve | None:
                  int(lr_step[peak]) if len(lr) else 0, float(lr[-1] / lr[peak]) if len(lr) and lr[peak] > 0 else 1.0)
 
 
-def load_curves(sweep_dir: str) -> list[Curve]:
-    """The curves of a sweep's finished runs, in manifest order (a DataError if there are none)."""
+def load_curves(sweep_dir: str, objective: str | None = None) -> list[Curve]:
+    """The curves of a sweep's finished runs of one objective, in manifest order (a DataError if there are none).
+    Training losses of different objectives (UL2's denoising loss, causal next-token loss) are not one law, so a
+    sweep of several objectives needs ``objective``."""
     records = [r for r in load_runs([sweep_dir]) if r.status == "done" and r.n > 0]
+    objectives = list(dict.fromkeys(r.objective for r in records))
+    if objective is None and len(objectives) > 1:
+        raise DataError(f"'{sweep_dir}' holds runs of objectives {', '.join(objectives)}, whose training losses "
+                        "follow different laws; pass --objective with one of them")
+    records = [r for r in records if objective is None or r.objective == objective]
     curves = [c for c in map(curve_of, records) if c is not None]
     if not curves:
         raise DataError(f"no finished runs with a training-loss curve in '{sweep_dir}'; finish some runs of the "

@@ -112,9 +112,10 @@ def _load_run_dir(run_dir: str, run_id: str, objective: str, size: str, status: 
     summary = _read_json(summary_path) if storage.isfile(summary_path) else {}
     curve = run_curve(rows)
     last = curve[-1] if curve else {}
+    # a stage's compute is counted over every stage, as its curve is (``total_*``; older summaries: its own)
     return RunRecord(run_id, objective, size, float(summary.get("non_embedding_params", 0)),
-                     float(summary.get("tokens", last.get("tokens", 0))),
-                     float(summary.get("flops", last.get("flops", 0))),
+                     float(summary.get("total_tokens", summary.get("tokens", last.get("tokens", 0)))),
+                     float(summary.get("total_flops", summary.get("flops", last.get("flops", 0)))),
                      summary.get("wall_time"), summary.get("val_loss", last.get("val_loss")),
                      summary.get("val_bpb", last.get("val_bpb")), status, curve, rows)
 
@@ -133,10 +134,17 @@ def load_runs(paths: list[str]) -> list[RunRecord]:
     for path in paths:
         if storage.isfile(storage.join(path, MANIFEST)):
             for e in _manifest_runs(storage.join(path, MANIFEST)):
-                rec = _load_run_dir(e["run_dir"], e["run_id"], e["objective"], e["size"], e["status"])
+                # the run beside the manifest (a copied or moved sweep, a report run from elsewhere); the recorded
+                # path only for runs kept outside it
+                here = storage.join(path, e["run_id"])
+                run_dir = here if storage.isdir(here) else e["run_dir"]
+                rec = _load_run_dir(run_dir, e["run_id"], e["objective"], e["size"], e["status"])
                 rec.n, rec.tokens, rec.flops = float(e["n"]), float(e["tokens"]), float(e["flops"])
                 rec.seed, rec.source = e.get("seed"), path
-                rec.point = e["run_id"] if rec.seed is None else e["run_id"].removesuffix(f"-s{rec.seed}")
+                # an unseeded run is its own point (it would otherwise pool with the seeded runs of its grid point,
+                # often as a duplicate of seed 0, which shares its default seeds)
+                rec.point = f"{e['run_id']} (unseeded)" if rec.seed is None else e["run_id"].removesuffix(
+                    f"-s{rec.seed}")
                 if e["status"] != "done":  # an unfinished run's last eval is not its final loss
                     rec.val_loss = rec.val_bpb = None
                 records.append(rec)
@@ -566,8 +574,9 @@ def write_report(paths: list[str], out_dir: str, target_flops: float | None = No
              *_runs_table(records), "", *_seeds_section(records), "## Curves", ""]
     lines += [f"![{name}]({name})" for name in images] + [""]
     lines += _fits_section(fits)
-    if max_flops:  # the largest compute every objective reached: a reading inside each fit's data, not beyond
-        shared = min(max(r.flops for r in finished if r.objective == o) for o in fits)
+    fitted = [o for o, f in fits.items() if "loss_vs_compute" in f]  # the objectives the comparison reads
+    if max_flops and fitted:  # the largest compute every compared objective reached: inside each fit's data
+        shared = min(max(r.flops for r in finished if r.objective == o) for o in fitted)
         lines += _equal_compute_section(fits, shared)
     lines += _noise_section(records)
     report = os.path.join(out_dir, "report.md")

@@ -53,7 +53,7 @@ MANIFEST = "manifest.json"
 COSMETIC = {"train.progress", "train.tensorboard", "train.plot", "train.async_checkpointing",
             "train.keep_checkpoints", "train.peak_flops_per_device", "train.eval_every", "train.checkpoint_every",
             "train.check_memory", "train.shared_filesystem", "train.profile_steps", "train.profile_skip",
-            "train.project_loss", "train.compilation_cache", "model.remat",
+            "train.project_loss", "train.compilation_cache", "train.run_dir", "model.remat",
             "model.attention", "model.cudnn_max_segments"}  # how a run is done, not what it computes
 BUDGET_KINDS = ("tokens_per_param", "tokens", "flops")
 SPEC_KEYS = ("name", "base", "overrides", "out_dir", "objectives", "sizes", "budgets", "seeds", "warmup_fraction",
@@ -109,10 +109,11 @@ def expand_sizes(entries: list, path: str) -> dict[str, dict[str, Any]]:
             else:
                 members = [entry]
             for series in members:
-                sizes[series.replace(":", "")] = {"series": series}
+                _add_size(sizes, series.replace(":", ""), {"series": series}, path)
         elif isinstance(entry, dict) and "name" in entry:
             fields = {k: v for k, v in entry.items() if k != "name"}
-            sizes[str(entry["name"])] = {"series": "custom", **fields} if "series" not in fields else fields
+            _add_size(sizes, str(entry["name"]), {"series": "custom", **fields} if "series" not in fields else fields,
+                      path)
         else:
             raise _fail(path, f"size {entry!r} must be a series string (passuntil:1..3, kaplan:4x256) or a "
                               "mapping of model fields with a name")
@@ -148,6 +149,12 @@ def _objectives(raw: Any, path: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _add_size(sizes: dict, name: str, fields: dict, path: str) -> None:
+    if name in sizes:  # one run directory per name: a second model under it would be dropped or mixed in
+        raise _fail(path, f"size {name!r} appears twice; give each size its own name")
+    sizes[name] = fields
+
+
 def _budgets(raw: Any, path: str) -> list[tuple[str, float]]:
     if not isinstance(raw, list) or not raw:
         raise _fail(path, "budgets must be a non-empty list such as [{tokens_per_param: 20}]")
@@ -162,6 +169,9 @@ def _budgets(raw: Any, path: str) -> list[tuple[str, float]]:
             value = math.nan
         if not (value > 0 and math.isfinite(value)):
             raise _fail(path, f"budget {kind}={entry[kind]!r} must be > 0 (a finite number)")
+        if budget_label(kind, value) in (budget_label(k, v) for k, v in out):
+            raise _fail(path, f"budget {kind}={entry[kind]!r} appears twice (as {budget_label(kind, value)}); list "
+                              "each budget once")
         out.append((kind, value))
     return out
 
@@ -235,7 +245,8 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> SweepSpec:
     common = dict(raw.get("overrides") or {})
     common.update(parse_overrides(overrides or []))
     spec = SweepSpec(name=name, path=path, base=base, overrides=common,
-                     out_dir=str(raw.get("out_dir") or os.path.join("runs", "sweeps", name)),
+                     # absolute: the manifest's run paths must not depend on where sweep (or a Ray worker) runs
+                     out_dir=paths.absolute(str(raw.get("out_dir") or os.path.join("runs", "sweeps", name))),
                      objectives=_objectives(raw["objectives"], path), sizes=expand_sizes(raw["sizes"] or [], path),
                      budgets=_budgets(raw["budgets"], path), seeds=_seeds(raw.get("seeds"), path),
                      ray=ray_options(raw.get("ray"), path), **numbers)

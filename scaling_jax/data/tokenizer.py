@@ -298,13 +298,13 @@ def train_tokenizer(texts: Iterable[str], output: str, vocab_size: int, kind: st
     if vocab_size < specials + 256 + 16:
         raise ConfigError(f"--vocab-size {vocab_size} is too small: {specials} ids are reserved and the 256 "
                           f"bytes need their own; use at least {specials + 272}")
+    if os.path.exists(output):
+        raise DataError(f"--output '{output}' already exists; name a new file (runs may use the old tokenizer, so "
+                        "it is never replaced)")
     if output.endswith(".json") != (library == "tokenizers"):  # data.tokenizer=PATH picks the reader by suffix
         suffix = ".json (a Hugging Face tokenizer.json)" if library == "tokenizers" else ".model (SentencePiece)"
         raise ConfigError(f"--output '{output}': --library {library} writes a {suffix} file; name it so, or "
                           "data.tokenizer=PATH would not read it back")
-    if os.path.exists(output):
-        raise DataError(f"--output '{output}' already exists; name a new file (runs may use the old tokenizer, so "
-                        "it is never replaced)")
     out_dir = os.path.dirname(os.path.abspath(output))
     os.makedirs(out_dir, exist_ok=True)
     # a private temporary name: no half-written tokenizer on failure, and no user file named OUTPUT.tmp touched

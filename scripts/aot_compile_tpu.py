@@ -36,6 +36,7 @@ for _key, _value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "loca
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -99,14 +100,26 @@ def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
     return m.group(1), tuple(int(x) for x in m.group(2).split("x"))
 
 
+def parse_chips_per_host(text: str) -> tuple[int, int, int]:
+    """``'2x2x1'`` -> ``(2, 2, 1)``; ``'2x2'`` means ``2x2x1`` (a host's chips are one layer)."""
+    m = re.fullmatch(r"(\d+)x(\d+)(?:x(\d+))?", text)
+    if not m:
+        raise UserError(f"--chips-per-host '{text}' is not AxB or AxBxC (e.g. 2x2 or 2x2x1)")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 1)
+
+
 def topology_devices(name: str, chips_per_host: tuple[int, ...] | None = None, num_slices: int = 1) -> list:
     """The chips of a slice as JAX devices that can be compiled for (not run on)."""
     from jax.experimental import topologies
 
     gen, dims = parse_topology(name)
     bounds = chips_per_host or tuple(min(2, d) for d in dims[:2]) + (1,)  # Cloud TPU hosts hold 2x2 chips
-    return topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name=CHIP_CONFIG[gen],
-                                        chips_per_host_bounds=bounds, num_slices=num_slices).devices
+    try:
+        return topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name=CHIP_CONFIG[gen],
+                                            chips_per_host_bounds=bounds, num_slices=num_slices).devices
+    except jax.errors.JaxRuntimeError as e:  # a shape libtpu cannot lay out (e.g. v5e:3x3 on 2x2 hosts)
+        raise ConfigError(f"--topology {name} (hosts of {'x'.join(map(str, bounds))} chips): libtpu refuses it "
+                          f"({str(e).strip().splitlines()[0][:200]}); use a Cloud TPU slice shape") from None
 
 
 def build_train_step(config: Config, devices: list):
@@ -135,6 +148,10 @@ def slices_for(config: Config, num_slices: int) -> str:
         config.mesh.dcn_data = num_slices
         return (f"--num-slices {num_slices}: the config spans no slices over DCN, so mesh.dcn_data={num_slices} "
                 "(data parallelism across slices; set mesh.dcn_data / mesh.dcn_fsdp to choose)")
+    spans = math.prod(dcn_shape(config.mesh))
+    if spans != num_slices:  # else one slice's hosts would be compiled as if they were slices
+        raise UserError(f"mesh.dcn_data x mesh.dcn_fsdp = {spans} slices but --num-slices {num_slices}; pass "
+                        f"--num-slices {spans} (or set the DCN axes to the slices you compile for)")
     return ""
 
 
@@ -237,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         note = slices_for(config, args.num_slices)
         if note:
             print(note, flush=True)
-        bounds = tuple(int(x) for x in args.chips_per_host.split("x")) if args.chips_per_host else None
+        bounds = parse_chips_per_host(args.chips_per_host) if args.chips_per_host else None
         for name in args.topology:
             parse_topology(name)
         reports = []

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -34,6 +35,7 @@ import time
 
 from scaling_jax.config import Config, load_config
 from scaling_jax.errors import UserError
+from scaling_jax.parallel.mesh import ici_shape
 
 GIB = 2**30
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
@@ -50,10 +52,11 @@ ENV = {"JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU
 
 def maxtext_topology(topology: str) -> tuple[str, int]:
     """``v5e:4x4`` -> (``v5e-16``, 16 chips): MaxText names a topology by its TensorCore count."""
-    gen, dims = topology.split(":")
-    chips = 1
-    for d in dims.split("x"):
-        chips *= int(d)
+    m = re.fullmatch(r"(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})", topology)
+    if not m:
+        raise UserError(f"--topology '{topology}' is not GEN:AxB[xC] with GEN one of v4, v5e, v5p, v6e (e.g. v5e:4x4; "
+                        "MaxText's own names such as v5e-16 are derived from it)")
+    gen, chips = m.group(1), math.prod(int(x) for x in m.group(2).split("x"))
     return f"{gen}-{chips * CORES_PER_CHIP[gen]}", chips
 
 
@@ -67,16 +70,24 @@ def maxtext_args(config: Config, topology: str, out_dir: str) -> list[str]:
         raise UserError(f"model.remat={m.remat} has no MaxText counterpart; use one of {', '.join(REMAT)}")
     if m.attention not in ATTENTION:
         raise UserError(f"model.attention={m.attention} has no MaxText TPU counterpart; use xla or splash")
-    tensor = mesh.tensor or 1
+    # what the MaxText flags below cannot say: refused, so the two sides never compile different programs
+    unmapped = {"model.position": (m.position, "rope"), "model.logits_scale": (m.logits_scale, "none"),
+                "objective": (config.objective.name, "causal"), "mesh.dcn_data": (mesh.dcn_data, 1),
+                "mesh.dcn_fsdp": (mesh.dcn_fsdp, 1)}
+    for key, (value, plain) in unmapped.items():
+        if value != plain:
+            raise UserError(f"{key}={value} has no counterpart in the MaxText flags this bench passes; compare "
+                            f"with {key}={plain}")
+    data, fsdp, tensor = ici_shape(mesh, chips)
     return [f"base_emb_dim={m.d_model}", f"base_num_query_heads={m.heads}",
             f"base_num_kv_heads={m.kv_heads or m.heads}", f"base_mlp_dim={m.d_ff}",
             f"base_num_decoder_layers={m.layers}", f"head_dim={m.head_dim}", f"vocab_size={m.vocab_size}",
             f"logits_via_embedding={str(m.tie_embeddings).lower()}", f"mlp_activations={MLP[m.mlp]}",
             f"normalization_layer_epsilon={m.norm_eps}", f"rope_max_timescale={int(m.rope_theta)}",
             f"max_target_length={d.seq_len}", f"per_device_batch_size={d.batch_size // chips}",
-            "dtype=bfloat16", "weight_dtype=float32", *f"remat_policy={REMAT[m.remat]}".split(),
+            f"dtype={m.dtype}", f"weight_dtype={m.param_dtype}", *f"remat_policy={REMAT[m.remat]}".split(),
             f"attention={ATTENTION[m.attention]}", f"scan_layers={str(m.scan_layers).lower()}",
-            f"ici_fsdp_parallelism={chips // tensor}", f"ici_tensor_parallelism={tensor}", "ici_data_parallelism=1",
+            f"ici_fsdp_parallelism={fsdp}", f"ici_tensor_parallelism={tensor}", f"ici_data_parallelism={data}",
             f"compile_topology={name}", "compile_topology_num_slices=1", "dataset_type=synthetic",
             "enable_checkpointing=false", "skip_jax_distributed_system=true", "jax_cache_dir=",
             f"base_output_directory={out_dir}", "run_name=bench_vs_maxtext", "decoder_block=llama2"]

@@ -11,6 +11,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -62,16 +63,30 @@ def test_dry_run_prints_the_gcloud_life_cycle_and_runs_nothing(capsys):
     assert scp[5:7] == ["configs/tpu/v5p-128.yaml", "lm:scaling_jax/run-config.yaml"] and scp[-1] == "--worker=all"
     remote = ssh[ssh.index("--command") + 1]
     assert "--worker=all" in ssh and "nohup" in remote and "train.pid" in remote
+    # no second trainer beside a running one; the log is appended to, so a crashed run's reason stays
+    assert "kill -0 $(cat train.pid)" in remote and ">> train.log" in remote
     # the remote shell gets the overrides and env values back intact, spaces included
-    inner = shlex.split(remote[remote.index("(") + 1:remote.index(">")])
+    start = remote.index("; (") + 3
+    inner = shlex.split(remote[start:remote.index(">>", start)])
     assert inner == ["LIBTPU_INIT_ARGS=--xla_a=1 --xla_b=2", "nohup", "python3", "-m", "scaling_jax.cli", "train",
                      "run-config.yaml", "train.run_dir=gs://b/run 1"]
     (logs,) = _commands(capsys, "logs", "--worker", "3")
     assert "--worker=3" in logs and logs[-1] == "tail -n +1 -F scaling_jax/train.log"
     (stop,) = _commands(capsys, "stop")
     assert "kill -TERM" in stop[-1] and "--worker=all" in stop
+    assert "while kill -0" in stop[-1]  # returns once the trainer has saved and exited
+    scp, ssh = _commands(capsys, "run", "configs/tpu/v5p-128.yaml", "--foreground")
+    assert "set -o pipefail" in ssh[-1] and "tee -a train.log" in ssh[-1]
     assert _commands(capsys, "delete") == [["gcloud", "compute", "tpus", "tpu-vm", "delete", "lm", *where, "--quiet"]]
     assert _commands(capsys, "--queued", "delete")[0][3:5] == ["queued-resources", "delete"]
+
+
+def test_a_dry_run_install_leaves_a_file_it_did_not_make(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    theirs = tmp_path / "scaling_jax-lm.tar.gz"
+    theirs.write_text("keep")
+    _commands(capsys, "install")
+    assert theirs.read_text() == "keep"
 
 
 def test_install_ships_the_work_tree_without_ignored_files(tmp_path):
@@ -90,8 +105,8 @@ def test_launcher_rejects_missing_settings_and_unknown_accelerators(capsys, monk
     with pytest.raises(SystemExit) as e:
         tpu.main(["--dry-run", "create"])
     assert e.value.code == 2 and "--project, --zone, --name" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="v5litepod-16"):
-        tpu.main([*WHERE[:6], "--accelerator", "v5e-16", "--dry-run", "create"])
+    assert tpu.main([*WHERE[:6], "--accelerator", "v5e-16", "--dry-run", "create"]) == 2
+    assert "error: --accelerator 'v5e-16'" in capsys.readouterr().err
     monkeypatch.setenv("SCALING_JAX_TPU_ACCELERATOR", "v6e-64")
     assert tpu.main(["--project", "p", "--zone", "z", "--name", "n", "--dry-run", "create"]) == 0
     assert "v2-alpha-tpuv6e" in capsys.readouterr().out
@@ -164,6 +179,28 @@ def test_side_by_side_alternates_which_compiles_first_and_reports_medians(monkey
     assert bench.main(["c.yaml", "--topology", "v5e:4x4", "--repeats", "0"]) == 2
 
 
+def test_maxtext_gets_our_mesh_and_dtypes_or_the_bench_refuses():
+    """The MaxText flags say our resolved (data, fsdp, tensor) mesh and dtypes; what they cannot say is refused,
+    so the ratio never compares two different programs."""
+    from scaling_jax.errors import UserError
+
+    bench = _load("scripts/bench_vs_maxtext.py", "bench_vs_maxtext")
+    flags = lambda *o: dict(a.split("=", 1) for a in bench.maxtext_args(  # noqa: E731
+        load_config(os.path.join(ROOT, "configs", "tpu", "v5e-16.yaml"), list(o)), "v5e:4x4", "/tmp/x") if "=" in a)
+    mesh = flags("mesh.data=2", "mesh.fsdp=8", "mesh.tensor=1", "model.dtype=float32")
+    assert (mesh["ici_data_parallelism"], mesh["ici_fsdp_parallelism"], mesh["ici_tensor_parallelism"]) == \
+        ("2", "8", "1")
+    assert mesh["dtype"] == "float32" and mesh["weight_dtype"] == "float32"
+    tensor = flags("mesh.data=1", "mesh.fsdp=1", "mesh.tensor=-1")
+    assert (tensor["ici_fsdp_parallelism"], tensor["ici_tensor_parallelism"]) == ("1", "16")
+    for override, key in (("model.position=t5_relative", "model.position"), ("objective=ul2", "objective"),
+                          ("mesh.dcn_data=2", "mesh.dcn_data")):
+        with pytest.raises(UserError, match=f"{key}=.* has no counterpart"):
+            flags(override, "model.attention=xla") if "position" in override else flags(override)
+    with pytest.raises(UserError, match="--topology 'v5e-16' is not GEN:AxB"):
+        bench.maxtext_topology("v5e-16")
+
+
 # ------------------------------------------------------------------------------------------ multislice
 
 
@@ -208,6 +245,30 @@ def test_multislice_mesh_puts_slices_outermost_on_the_axes_that_cross_dcn():
         build_mesh(load_config(None, ["mesh.dcn_data=2", "mesh.data=4"]).mesh, [_Chip(i, i // 8) for i in range(16)])
     assert [d.id for d in build_mesh(load_config(None, ["mesh.fsdp=4"]).mesh, jax.devices()).devices.flat] == \
         [d.id for d in jax.devices()]  # one slice: jax.make_mesh as before
+
+
+@dataclasses.dataclass(frozen=True)
+class _TopologyChip:
+    """A chip of an AOT TPU topology of one slice: held by several hosts, no ``slice_index``."""
+
+    id: int
+    process_index: int
+    platform: str = "tpu"
+
+
+def test_one_tpu_slice_on_several_hosts_is_one_slice_and_num_slices_must_match_the_dcn_axes():
+    from scaling_jax.errors import UserError
+    from scaling_jax.parallel.mesh import slice_groups
+
+    chips = [_TopologyChip(i, i // 4) for i in range(16)]  # v5e:4x4: 4 hosts of 2x2 chips
+    assert [len(g) for g in slice_groups(chips)[1]] == [16]
+    config = load_config(None, ["mesh.dcn_data=4"])
+    with pytest.raises(UserError, match="= 4 slices but --num-slices 1; pass --num-slices 4"):
+        aot.slices_for(config, 1)
+    assert aot.slices_for(config, 4) == ""
+    assert aot.parse_chips_per_host("2x2") == (2, 2, 1) and aot.parse_chips_per_host("2x2x1") == (2, 2, 1)
+    with pytest.raises(UserError, match="--chips-per-host '2,2,1' is not AxB or AxBxC"):
+        aot.parse_chips_per_host("2,2,1")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (pip install 'jax[tpu]')")

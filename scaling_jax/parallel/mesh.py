@@ -69,10 +69,11 @@ def slice_groups(devices: Sequence) -> tuple[str, list[list]]:
     where it tells slices apart; otherwise each process is a slice (``process_is_granule``)."""
     indices = {getattr(d, "slice_index", 0) for d in devices}
     tpu = getattr(devices[0], "platform", "") == "tpu"
-    attr = "slice_index" if hasattr(devices[0], "slice_index") and (tpu or len(indices) > 1) else "process_index"
+    # TPU chips of one slice (an AOT topology's carry no slice_index) are one slice however many hosts hold them
+    attr = "slice_index" if tpu or (hasattr(devices[0], "slice_index") and len(indices) > 1) else "process_index"
     groups: dict[int, list] = {}
     for d in devices:
-        groups.setdefault(getattr(d, attr), []).append(d)
+        groups.setdefault(getattr(d, attr, 0), []).append(d)
     return attr, [groups[k] for k in sorted(groups)]
 
 

@@ -67,10 +67,14 @@ class Gcloud:
                     "--worker=all")
 
 
+class BadInput(Exception):
+    """What the user asked for cannot be done: one ``error:`` line, exit 2."""
+
+
 def runtime_version(accelerator: str) -> str:
     m = ACCELERATOR.fullmatch(accelerator)
     if not m:
-        raise SystemExit(f"error: --accelerator '{accelerator}' is not GEN-SIZE with GEN one of v4, v5litepod, v5p, "
+        raise BadInput(f"--accelerator '{accelerator}' is not GEN-SIZE with GEN one of v4, v5litepod, v5p, "
                          "v6e (e.g. v5litepod-16, v5p-128, v6e-64)")
     return RUNTIME[m.group(1)]
 
@@ -94,7 +98,7 @@ def create(g: Gcloud, a: argparse.Namespace) -> None:
         if state == "ACTIVE":
             return
         if state in ("FAILED", "SUSPENDED"):
-            raise SystemExit(f"error: queued resource {a.name} is {state}; see `gcloud compute tpus queued-resources "
+            raise BadInput(f"queued resource {a.name} is {state}; see `gcloud compute tpus queued-resources "
                              f"describe {a.name}`")
         time.sleep(a.poll_s)
 
@@ -128,7 +132,7 @@ def install(g: Gcloud, a: argparse.Namespace) -> None:
     try:
         g.scp(archive, "scaling_jax.tar.gz")
     finally:
-        if os.path.exists(archive):
+        if not a.dry_run and os.path.exists(archive):  # a dry run made none: a file there is someone else's
             os.remove(archive)
     g.ssh(f"rm -rf {REMOTE_DIR}/scaling_jax && tar xzf scaling_jax.tar.gz && rm scaling_jax.tar.gz && "
           f"python3 -m pip install -q -e './{REMOTE_DIR}[{a.extras}]'")
@@ -137,15 +141,18 @@ def install(g: Gcloud, a: argparse.Namespace) -> None:
 def run(g: Gcloud, a: argparse.Namespace) -> None:
     """Copy the config to every worker, then start training on all of them at once."""
     if not a.dry_run and not os.path.isfile(a.config):
-        raise SystemExit(f"error: config file '{a.config}' does not exist")
+        raise BadInput(f"config file '{a.config}' does not exist")
     remote_config = f"{REMOTE_DIR}/run-config.yaml"
     g.scp(a.config, remote_config)
     train = shlex.join(["python3", "-m", "scaling_jax.cli", "train", "run-config.yaml", *a.overrides])
     job = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in (kv.split("=", 1) for kv in a.env)), "nohup", train])
-    if a.foreground:
-        g.ssh(f"cd {REMOTE_DIR} && {job.replace('nohup ', '')} 2>&1 | tee train.log")
+    # one trainer per worker: a run still going (or still saving after `stop`) is not joined by a second one
+    running = ("if test -f train.pid && kill -0 $(cat train.pid) 2>/dev/null; then echo \"a trainer is still "
+               "running (pid $(cat train.pid)); stop it first\" >&2; exit 1; fi")
+    if a.foreground:  # pipefail: the trainer's exit status, not tee's
+        g.ssh(f"cd {REMOTE_DIR} && {running}; set -o pipefail; {job.replace('nohup ', '')} 2>&1 | tee -a train.log")
         return
-    g.ssh(f"cd {REMOTE_DIR} && ({job} > train.log 2>&1 & echo $! > train.pid)")
+    g.ssh(f"cd {REMOTE_DIR} && {running}; ({job} >> train.log 2>&1 & echo $! > train.pid)")  # earlier logs kept
     print(f"started on all workers; follow with: {os.path.basename(sys.argv[0])} ... logs", flush=True)
 
 
@@ -154,8 +161,10 @@ def logs(g: Gcloud, a: argparse.Namespace) -> None:
 
 
 def stop(g: Gcloud, a: argparse.Namespace) -> None:
-    """SIGTERM is what preemption sends: the trainer saves a checkpoint and exits cleanly."""
-    g.ssh(f"test -f {PID} && kill -TERM $(cat {PID}) || true")
+    """SIGTERM is what preemption sends: the trainer saves a checkpoint and exits cleanly; this returns once it
+    has (so a `run` right after starts no second trainer beside it)."""
+    g.ssh(f"if test -f {PID}; then p=$(cat {PID}); kill -TERM $p 2>/dev/null; "
+          f"while kill -0 $p 2>/dev/null; do sleep 1; done; fi; true")
 
 
 def status(g: Gcloud, a: argparse.Namespace) -> None:
@@ -219,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--env '{kv}' is not KEY=VALUE")
     try:
         args.func(Gcloud(args), args)
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except subprocess.CalledProcessError as e:
         print(f"error: {shlex.join(e.cmd)} exited with {e.returncode}", file=sys.stderr)
         return 1

@@ -204,8 +204,12 @@ def main(argv: list[str] | None = None) -> int:
           f"remat {m.remat}, attention {m.attention}, batch {config.data.batch_size} x {config.data.seq_len}",
           flush=True)
     print(f"MaxText: {' '.join(mt_args)}", flush=True)
-    ours_runs, their_runs = side_by_side(args.config, args.overrides, args.topology, args.maxtext_python, mt_args,
-                                         args.repeats)
+    try:
+        ours_runs, their_runs = side_by_side(args.config, args.overrides, args.topology, args.maxtext_python, mt_args,
+                                             args.repeats)
+    except RuntimeError as e:  # a side that failed or did not fit: its message, then the tail of its output
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     ours, theirs = median_run(ours_runs), median_run(their_runs)
     if args.repeats > 1:
         ratios = [a["compile_s"] / b["compile_s"] for a, b in zip(ours_runs, their_runs, strict=True)]

@@ -250,3 +250,4 @@ def test_a_copied_sweep_reports_its_own_runs_and_a_stage_its_total_compute(fake_
               open(os.path.join(stage, "summary.json"), "w"))
     record = plots.load_runs([stage])[0]
     assert record.flops == 3 * summary["flops"] and record.tokens == 3 * summary["tokens"]
+    assert len(plots.load_runs([copy, copy + "/", stage])) == len(plots.load_runs([copy])) + 1  # each path once

@@ -100,6 +100,19 @@ def test_sweep_skips_finished_runs_and_resumes_an_interrupted_one(tmp_path, monk
     assert calls == []
 
 
+def test_a_run_that_raises_is_not_left_running_in_the_manifest(tmp_path):
+    """Locally a run's error ends the sweep; its manifest entry says what a rerun will find (pending)."""
+    spec = sweep.load_sweep(write_spec(tmp_path, [{"tokens": 1280}]))
+
+    def failing(config):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sweep.run_sweep(spec, train_fn=failing, say=lambda m: None)
+    manifest = json.load(open(tmp_path / "sweep" / sweep.MANIFEST))
+    assert [e["status"] for e in manifest["runs"]] == ["pending", "pending"]
+
+
 def _model(cfg: dict):
     from scaling_jax.config import ModelConfig
 

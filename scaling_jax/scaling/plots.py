@@ -129,9 +129,10 @@ def check_report_paths(paths: list[str]) -> None:
 
 
 def load_runs(paths: list[str]) -> list[RunRecord]:
-    """Runs of every sweep directory (manifest order) and every single run directory given."""
+    """Runs of every sweep directory (manifest order) and every single run directory given (each once, however
+    it is spelled: ``dir`` and ``dir/``)."""
     records = []
-    for path in paths:
+    for path in dict.fromkeys(storage.absolute(p) for p in paths):
         if storage.isfile(storage.join(path, MANIFEST)):
             for e in _manifest_runs(storage.join(path, MANIFEST)):
                 # the run beside the manifest (a copied or moved sweep, a report run from elsewhere); the recorded

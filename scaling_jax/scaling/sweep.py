@@ -468,7 +468,14 @@ def run_sweep(spec: SweepSpec, objectives: list[str] | None = None, sizes: list[
         say(f"{run.run_id}: val loss {entries[run.run_id].get('val_loss', math.nan):.4f} in "
             f"{entries[run.run_id]['wall_time']:.0f} s")
 
-    executor.run(todo, train_fn, started, finished, say)
+    try:
+        executor.run(todo, train_fn, started, finished, say)
+    except BaseException:  # locally a run's error ends the sweep: no run is left marked "running"
+        for run in todo:
+            if entries[run.run_id]["status"] == "running":
+                entries[run.run_id] = manifest_entry(run, run_status(run))
+        write_manifest(spec, entries)
+        raise
     return list(entries.values())
 
 

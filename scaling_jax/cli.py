@@ -335,13 +335,14 @@ def _data_prepare(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from scaling_jax.eval.generators import split_task_specs
     from scaling_jax.eval.harness import PassUntilOptions, check_run_dir, run_eval
 
     if args.overrides:
         raise UserError(f"eval takes no config overrides (got {' '.join(args.overrides)}); "
                         "the run's own config.yaml is used")
     checkpoints = [c for item in args.checkpoint for c in item.split(",") if c]
-    tasks = [t for t in args.tasks.split(",") if t]
+    tasks = split_task_specs(args.tasks)
     if not checkpoints:
         raise UserError("eval needs --checkpoint RUN_DIR naming at least one run")
     if not tasks:

@@ -194,3 +194,31 @@ def test_eval_cli_scores_a_trained_checkpoint_on_generated_and_file_tasks(tiny_t
                                                                                               "arithmetic_digits1.json"))
     assert "arithmetic_digits1" in capsys.readouterr().out
     assert main(["eval", "--checkpoint", str(tmp_path), "--tasks", "navigate"]) == 2
+
+
+def test_generator_specs_with_several_settings_survive_the_task_list_and_odd_values_are_one_line():
+    from scaling_jax.eval.generators import generate_task, split_task_specs
+
+    assert split_task_specs("arithmetic:digits=3,op=*,navigate:moves=8,max_steps=5,t.json,date_arith") == [
+        "arithmetic:digits=3,op=*", "navigate:moves=8,max_steps=5", "t.json", "date_arith"]
+    with pytest.raises(DataError, match="op"):
+        generate_task("arithmetic:op=%", n=2)  # not YAML: the generator names the bad value
+    for spec in ("navigate:moves=3", "navigate:moves=5,max_steps=1"):  # no returning walk exists: refused, no hang
+        with pytest.raises(DataError, match="moves >= 4"):
+            generate_task(spec, n=2)
+    assert len(generate_task("navigate:moves=4,max_steps=1", n=4)["examples"]) == 4
+
+
+def test_date_arith_distractors_do_not_give_the_answer_away_by_date_order():
+    """Half the questions ask for a later date: the answer must not always be the latest option."""
+    from scaling_jax.eval.generators import generate_task
+
+    task = generate_task("date_arith", n=200, seed=0)
+    latest = []
+    for example in task["examples"]:
+        if "later" not in example["input"]:
+            continue
+        dates = {d: datetime.datetime.strptime(d, generators.DATE_FORMAT) for d in example["target_scores"]}
+        answer = next(d for d, s in example["target_scores"].items() if s == 1)
+        latest.append(max(dates, key=dates.get) == answer)
+    assert len(latest) > 50 and 0.1 < sum(latest) / len(latest) < 0.9

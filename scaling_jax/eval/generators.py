@@ -17,6 +17,7 @@ import ast
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -42,19 +43,25 @@ def _displacement(moves: list[tuple[str, int]]) -> tuple[int, int]:
 
 
 def _returning_moves(rng: np.random.Generator, count: int, max_steps: int) -> list[tuple[str, int]]:
-    """``count`` moves that end at the start: count-2 random ones, closed by one x and one y move."""
-    while True:
+    """``count`` moves that end at the start: count-2 random ones, closed by one x and one y move (``navigate``
+    admits only settings where such walks exist; the cap guards against a rare run of misses)."""
+    for _ in range(100_000):
         moves = _moves(rng, count - 2, max_steps)
         dx, dy = _displacement(moves)
         if dx and dy and abs(dx) <= max_steps and abs(dy) <= max_steps:
             moves += [("left" if dx > 0 else "right", abs(dx)), ("backward" if dy > 0 else "forward", abs(dy))]
             return [moves[i] for i in rng.permutation(len(moves))]
+    raise DataError(f"navigate: no returning walk of {count} moves of at most {max_steps} steps found; use more "
+                    "moves or a larger max_steps")
 
 
 def navigate(n: int = 100, seed: int = 0, moves: int = 5, max_steps: int = 5) -> dict:
     """Half the examples return to the start; difficulty: number of moves and their largest step."""
-    if moves < 3 or max_steps < 1:
-        raise DataError(f"navigate: need moves >= 3 and max_steps >= 1, got moves={moves}, max_steps={max_steps}")
+    # a returning walk closes with one x and one y move, so the random part (moves - 2) must be able to leave both
+    # axes off zero: at least 2 moves, and with unit steps an even count (|dx| + |dy| = 2 has its parity)
+    if moves < 4 or max_steps < 1 or (max_steps == 1 and moves % 2):
+        raise DataError(f"navigate: need moves >= 4 (even when max_steps=1) and max_steps >= 1, got moves={moves}, "
+                        f"max_steps={max_steps}")
     rng = np.random.default_rng(seed)
     examples = []
     for i in range(n):
@@ -98,7 +105,10 @@ def date_arith(n: int = 100, seed: int = 0, max_days: int = 30, unit: str = "day
         wrong |= {answer.replace(year=answer.year + d) for d in (-1, 1) if not (answer.month == 2 and answer.day == 29)}
         wrong |= {today - delta if later else today + delta}
         wrong.discard(answer)
-        options = [answer] + [wrong_d for wrong_d in sorted(wrong)][: choices - 1]
+        # distractors drawn at random: the earliest ones would make "pick the latest date" right on every
+        # "later" question
+        wrong_dates = sorted(wrong)
+        options = [answer] + [wrong_dates[i] for i in rng.permutation(len(wrong_dates))[: choices - 1]]
         word = unit if k > 1 else unit[:-1]
         examples.append({
             "input": f"Today is {today.strftime(DATE_FORMAT)}. What is the date {k} {word} "
@@ -284,8 +294,17 @@ def parse_spec(spec: str) -> tuple[str, dict]:
         key, sep, value = item.partition("=")
         if not sep:
             raise DataError(f"task '{spec}': write difficulty settings as key=value, e.g. arithmetic:digits=3")
-        kwargs[key.strip()] = yaml.safe_load(value) if value not in ("+", "-", "*") else value
+        try:
+            kwargs[key.strip()] = yaml.safe_load(value) if value not in ("+", "-", "*") else value
+        except yaml.YAMLError:  # (e.g. op=%): the generator's own check names the bad value
+            kwargs[key.strip()] = value
     return name, kwargs
+
+
+def split_task_specs(text: str) -> list[str]:
+    """``--tasks`` as a list: a comma followed by ``key=`` continues a generator's settings
+    (``arithmetic:digits=3,op=*,navigate`` is two tasks); any other comma starts the next task."""
+    return [t for t in re.split(r",(?![A-Za-z_]\w*=)", text) if t]
 
 
 def generate_task(spec: str, n: int = 100, seed: int = 0) -> dict:

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Iterator
 
-from scaling_jax.errors import UserError
+from scaling_jax.errors import UserError, first_line
 from scaling_jax.parallel.cpu_threads import ensure_threads_for_collectives
 from scaling_jax.run_dir import CONFIG_FILE, EVAL_DIR, REPORT_DIR
 
@@ -648,10 +648,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug or not from_remote_storage(e):
             raise
-        detail = (str(e).strip().splitlines() or [""])[0][:200]
-        print(f"error: remote storage could not be reached or refused the request ({type(e).__name__}: {detail}); "
-              "check the network and the credentials (gcloud auth application-default login), or give a local path",
-              file=sys.stderr)
+        print(f"error: remote storage could not be reached or refused the request ({type(e).__name__}: "
+              f"{first_line(e)}); check the network and the credentials (gcloud auth application-default login), "
+              "or give a local path", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted without saving; a rerun resumes from the newest checkpoint", file=sys.stderr)

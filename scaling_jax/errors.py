@@ -18,5 +18,10 @@ class DataError(UserError):
     """A data source is missing, empty or malformed."""
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when it has none), for a one-line error."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 class CheckpointError(UserError):
     """A run directory or checkpoint cannot be used as asked."""

@@ -46,6 +46,13 @@ def _fs(path: str):
         raise CheckpointError(f"cannot open '{path}' ({e}); {hint}") from None
 
 
+def umask() -> int:
+    """The process's file-creation mask (reading it means setting it: it is put back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def absolute(path: str) -> str:
     """``os.path.abspath`` for local paths; URLs are already absolute (abspath would mangle ``gs://``)."""
     return str(path).rstrip("/") if is_remote(path) else os.path.abspath(path)

@@ -30,7 +30,7 @@ from scaling_jax.config import Config, load_config
 from scaling_jax.data.synthetic import example_batch
 from scaling_jax.model.attention_kernels import resolve, segment_runs
 from scaling_jax.model.family import flops_per_token, param_counts
-from scaling_jax.objectives.base import build_objective
+from scaling_jax.objectives.base import Objective, build_objective
 from scaling_jax.train.compute import build_compute
 from scaling_jax.train.metrics import peak_flops_per_device
 from scaling_jax.train.step import to_global
@@ -46,19 +46,18 @@ def compiled_peak_bytes(mem) -> float:
             + mem.temp_size_in_bytes)
 
 
-def synthetic_batch(config: Config, whole_rows: bool) -> dict:
+def synthetic_batch(config: Config, objective: Objective, whole_rows: bool) -> dict:
     """One prepared batch of synthetic rows: packed documents, or one document per row."""
     d, m = config.data, config.model
     rows = example_batch(d.batch_size, d.seq_len, m.vocab_size)
     if whole_rows:
         rows["segment_ids"] = np.ones_like(rows["segment_ids"])
-    return build_objective(config.objective, None).prepare(rows)
+    return objective.prepare(rows)
 
 
-def measure(config: Config, batch: dict, steps: int) -> dict:
+def measure(config: Config, objective: Objective, batch: dict, steps: int) -> dict:
     """Compile, warm up and time the trainer's step for ``config`` on one synthetic batch."""
     d, m = config.data, config.model
-    objective = build_objective(config.objective, None)
     start = time.perf_counter()
     compute = build_compute(config, objective, batch)
     step = compute.lower(batch).compile()
@@ -114,14 +113,15 @@ def main() -> None:
         m = config.model
         runs = m.cudnn_max_segments
         kernel = resolve(attention, device.platform, m.dtype, m.head_dim, device)
-        batch = synthetic_batch(config, whole_rows=args.doc_len == 0)
+        objective = build_objective(config.objective, None)
+        batch = synthetic_batch(config, objective, whole_rows=args.doc_len == 0)
         packed = kernel == "cudnn" and runs > 0 and bool(segment_runs(batch["segment_ids"], runs)[2])
         row = {"attention": attention, "kernel": kernel, "remat": remat, "batch": int(batch_size),
                "seq_len": config.data.seq_len, "documents": "one per row" if args.doc_len == 0 else "packed",
                "max_segments": runs, "packed_layout": packed, "params": param_counts(m).total, "devices": n,
                "device_kind": device.device_kind, "jax": jax.__version__}
         try:
-            row.update(measure(config, batch, args.steps))
+            row.update(measure(config, objective, batch, args.steps))
         except Exception as e:  # noqa: BLE001 - an out-of-memory variant is a result, not a crash
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         rows.append(row)

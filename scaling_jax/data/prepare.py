@@ -41,6 +41,7 @@ from scaling_jax.config import DataConfig
 from scaling_jax.data import sources
 from scaling_jax.data.tokenizer import Tokenizer, build_tokenizer
 from scaling_jax.errors import DataError
+from scaling_jax.paths import umask
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
@@ -354,9 +355,7 @@ def prepare(cfg: DataConfig, tokenizer: Tokenizer, output: str, chunk_tokens: in
     os.makedirs(parent, exist_ok=True)
     name = os.path.basename(output.rstrip("/"))
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{name}-")  # never a user's
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would hide a shared data set from its team
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would hide a shared data set from its team
     try:
         manifest = _write(cfg, tokenizer, tmp, plan, chunk_tokens, chunks_per_shard, part_bytes, parallel_map, log)
         old = None

@@ -47,7 +47,7 @@ import numpy as np
 
 from scaling_jax import log
 from scaling_jax.config import DataConfig
-from scaling_jax.errors import DataError
+from scaling_jax.errors import DataError, first_line
 
 SPLITS = ("train", "validation")
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -421,7 +421,7 @@ def _hf_documents(cfg: DataConfig) -> Iterator[Document]:
             ds = datasets.load_dataset(target, cfg.hf_name or None, split=cfg.source_split, streaming=cfg.streaming)
     except (OSError, ValueError, KeyError, datasets.exceptions.DatasetNotFoundError,
             datasets.exceptions.DatasetGenerationError) as e:  # OSError: no network, a missing file
-        raise DataError(f"data.source='{cfg.source}' cannot be loaded ({_first_line(e)}); check the path or name "
+        raise DataError(f"data.source='{cfg.source}' cannot be loaded ({first_line(e)}); check the path or name "
                         "(and the network for a hub data set), data.hf_name and data.source_split") from None
     columns = ds.column_names
     if columns is not None and cfg.text_field not in columns:
@@ -435,10 +435,6 @@ def _hf_documents(cfg: DataConfig) -> Iterator[Document]:
         yield Document(f"{cfg.source_split}#{row}", value or "")
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-
-
 def _rows_of(ds, source: str) -> Iterator[tuple[int, dict]]:
     """``enumerate(ds)``, with a streaming data set's read errors (arrow, datasets, network) as one DataError."""
     rows = iter(ds)
@@ -450,7 +446,7 @@ def _rows_of(ds, source: str) -> Iterator[tuple[int, dict]]:
             return
         except (OSError, ValueError, KeyError, RuntimeError) as e:  # pyarrow's ArrowInvalid is a ValueError
             raise DataError(f"data.source='{source}' row {row} cannot be read ({type(e).__name__}: "
-                            f"{_first_line(e)}); fix or drop the file it comes from") from None
+                            f"{first_line(e)}); fix or drop the file it comes from") from None
         yield row, example
         row += 1
 

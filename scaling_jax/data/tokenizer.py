@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
+from scaling_jax import paths
 from scaling_jax.config import BYTE_VOCAB, Config, ModelConfig, byte_vocab, check_vocab_holds
 from scaling_jax.data.vocab import (  # noqa: F401  (the layout's names are also read from here)
     MODE_TOKENS,
@@ -272,12 +273,6 @@ def _lines(texts: Iterable[str], max_bytes: int = 4096) -> Iterable[str]:
                 yield line[start : start + max_bytes // 4]
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def train_tokenizer(texts: Iterable[str], output: str, vocab_size: int, kind: str = "bpe",
                     library: str = "", max_sentences: int = 2_000_000) -> Tokenizer:
     """Train a ``bpe`` or ``unigram`` tokenizer on ``texts`` and write it to ``output``.
@@ -310,7 +305,7 @@ def train_tokenizer(texts: Iterable[str], output: str, vocab_size: int, kind: st
     # a private temporary name: no half-written tokenizer on failure, and no user file named OUTPUT.tmp touched
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix=os.path.basename(output))
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make a team's tokenizer private to its trainer
+    os.chmod(tmp, 0o666 & ~paths.umask())  # mkstemp's 0600 would make a team's tokenizer private to its trainer
     try:
         if library == "tokenizers":
             _train_hf(texts, tmp, vocab_size)

@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 
 from scaling_jax import log, paths
 from scaling_jax.config import ModelConfig
-from scaling_jax.errors import CheckpointError
+from scaling_jax.errors import CheckpointError, first_line
 from scaling_jax.run_dir import CHECKPOINT_DIR, DAMAGED_DIR
 from scaling_jax.train.lock import holds_run_lock
 from scaling_jax.train.state import TrainState
@@ -141,9 +141,6 @@ def _is_damage(e: BaseException) -> bool:
         return True
     return any(marker in str(e) for marker in _DAMAGE_MARKERS)
 
-
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0][:limit]
 
 
 def _write_failure(e: BaseException) -> str | None:
@@ -348,10 +345,10 @@ class Checkpointer:
             if _is_damage(e):
                 older = self._newest_intact(below=step)
                 if older is None:
-                    raise CheckpointError(f"checkpoint {self.directory}/{step} is unreadable ({_first_line(e)}) "
+                    raise CheckpointError(f"checkpoint {self.directory}/{step} is unreadable ({first_line(e)}) "
                                           "and no older one exists; restore it from a backup or use a new "
                                           "train.run_dir") from None
-                self._set_aside(step, _first_line(e))
+                self._set_aside(step, first_line(e))
                 return self.restore(older, abstract, shardings, data_iter)
             if isinstance(e, (ValueError, KeyError, TypeError)):
                 raise CheckpointError(f"checkpoint {self.directory}/{step} does not match this model ({e}); "
@@ -383,7 +380,7 @@ class Checkpointer:
                 path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
         except Exception as e:  # tensorstore's read errors are plain Exceptions
             if _is_damage(e):
-                raise CheckpointError(f"checkpoint {self.directory}/{step} is unreadable ({_first_line(e)}); pass "
+                raise CheckpointError(f"checkpoint {self.directory}/{step} is unreadable ({first_line(e)}); pass "
                                       "another step, or the run directory for its newest intact checkpoint") from None
             if isinstance(e, (ValueError, KeyError, TypeError)):
                 raise CheckpointError(f"checkpoint {self.directory}/{step} does not match this model ({e}); "

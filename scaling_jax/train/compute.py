@@ -32,12 +32,11 @@ def check_batch_fits_mesh(config: Config, mesh: Mesh, rules: Rules) -> None:
         if value % split:
             raise ConfigError(f"{field}={value} must be divisible by {split}, the mesh axes that shard '{logical}' "
                               f"(mesh {dict(mesh.shape)}); change {field} or the mesh")
-    split = requested_split("batch", rules, mesh)
-    if config.train.noise_scale and (d.batch_size // 2) % split:
-        # each half-batch must split like the batch, else every device would compute a whole half
-        raise ConfigError(f"train.noise_scale measures on two halves of data.batch_size={d.batch_size}, which must "
-                          f"each split over the {split} devices that shard 'batch'; make data.batch_size a multiple "
-                          f"of {2 * split}")
+        if logical == "batch" and config.train.noise_scale and (value // 2) % split:
+            # each half-batch must split like the batch, else every device would compute a whole half
+            raise ConfigError(f"train.noise_scale measures on two halves of data.batch_size={value}, which must "
+                              f"each split over the {split} devices that shard 'batch'; make data.batch_size a "
+                              f"multiple of {2 * split}")
 
 
 def abstract_args(state, state_sharding, batch: dict[str, np.ndarray], batch_sharding: dict) -> tuple:

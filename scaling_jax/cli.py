@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 from scaling_jax.errors import UserError, first_line
 from scaling_jax.parallel.cpu_threads import ensure_threads_for_collectives
+from scaling_jax.parallel.device_memory import claim_device_memory
 from scaling_jax.run_dir import CONFIG_FILE, EVAL_DIR, REPORT_DIR
 
 
@@ -629,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.overrides = list(getattr(args, "overrides", [])) + extra  # key=value after an --option
     ensure_threads_for_collectives()  # before any command touches a device
+    if args.func in (_train, _resume, _continue, _sweep):
+        claim_device_memory()  # a trainer owns its accelerator: 95% of it for the step, not jax's default 75%
     logging.getLogger("gcsfs").setLevel(logging.CRITICAL)  # its retry tracebacks: the error line below says it
     try:
         with no_notebook_probe():

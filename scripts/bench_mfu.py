@@ -31,6 +31,7 @@ from scaling_jax.data.synthetic import example_batch
 from scaling_jax.model.attention_kernels import resolve, segment_runs
 from scaling_jax.model.family import flops_per_token, param_counts
 from scaling_jax.objectives.base import Objective, build_objective
+from scaling_jax.parallel.device_memory import claim_device_memory
 from scaling_jax.train.compute import build_compute
 from scaling_jax.train.metrics import peak_flops_per_device
 from scaling_jax.train.step import to_global
@@ -99,6 +100,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--json", default=None, help="append one JSON line per measured variant")
     args = parser.parse_args()
+    claim_device_memory()  # 95% of the GPU, as training takes it (before jax starts its client)
     n = jax.device_count()
     device = jax.devices()[0]
     rows = []

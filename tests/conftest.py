@@ -79,6 +79,16 @@ def pytest_configure(config):
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
+def pytest_collection_finish(session):
+    # What a test process holds once jax, the package and every test module are imported (~1M objects) lives until
+    # it ends; each of Python's full collections walked all of it again. Frozen, they are left out, and young
+    # collections run 10x less often: in test_decode + test_scan_layers + test_run_dir, one process, the
+    # collector's time went from 5.8 s (15 full collections) to 1.8 s (6) out of ~65 s.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
 def pytest_unconfigure(config):
     # As a process ends, pytest's check for unraisable exceptions runs five full garbage collections, ~0.8 s each
     # over a test worker's ~1M objects: 4 s of every run's tail. One collection here still lets the session's

@@ -99,6 +99,38 @@ def test_step_time_leaves_out_the_time_hooks_take(tmp_path):
     assert max(later) < 0.35 and min(later) > 0, later  # a hook's 0.5 s would show
 
 
+def test_each_step_time_is_its_device_time_when_dispatch_runs_ahead(tmp_path):
+    """As on a GPU: the host queues a step and goes on; the device's work (here a 0.2 s callback after each step)
+    is waited for only when the step's metrics are fetched. Every logged time past the two warm-up steps is that
+    step's 0.2 s (timing loop rounds gave the first queued step ~0 s and the last one two steps' wait)."""
+    import time
+
+    import jax
+
+    config = load_config(None, [*TINY, "train.steps=6", "train.eval_every=0", "train.checkpoint_every=0",
+                                f"train.run_dir={tmp_path / 'run'}"])
+    trainer = Trainer(config)
+    compute = trainer.session.compute
+    real_step = compute.step_fn
+
+    def device_work(x):
+        time.sleep(0.2)
+        return x
+
+    after_step = jax.jit(lambda x: jax.pure_callback(device_work, jax.ShapeDtypeStruct(x.shape, x.dtype), x))
+
+    def queued_step(state, batch):
+        state, metrics = real_step(state, batch)
+        return state, {**metrics, "loss": after_step(metrics["loss"])}
+
+    compute.step_fn = queued_step
+    trainer.run()
+    rows = [r for r in read_metrics(str(tmp_path / "run" / METRICS_FILE)) if "step_time" in r]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    later = [r["step_time"] for r in rows[2:]]
+    assert all(0.15 < t < 0.35 for t in later), later
+
+
 def test_the_start_spec_is_the_stage_section_and_decides_between_fresh_and_parent_weights():
     fresh = load_config(None, TINY)
     assert StartSpec.from_config(fresh) == StartSpec() and StartSpec().kind == "scratch"

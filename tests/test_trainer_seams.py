@@ -129,6 +129,7 @@ def test_each_step_time_is_its_device_time_when_dispatch_runs_ahead(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 7))
     later = [r["step_time"] for r in rows[2:]]
     assert all(0.15 < t < 0.35 for t in later), later
+    assert rows[1]["step_time"] > 0.15  # the second step too (it recompiles on CPU, so no upper bound)
 
 
 def test_the_start_spec_is_the_stage_section_and_decides_between_fresh_and_parent_weights():

@@ -436,7 +436,9 @@ def _fit(args: argparse.Namespace) -> int:
         raise UserError(f"table '{args.table}' has a non-numeric, missing or extra cell; make every row's cells "
                         "numbers under the header") from None
     fit = laws.fit_table(table, args.law, n_boot=args.bootstrap)
-    intervals = f"95% bootstrap intervals, {len(fit.samples)} refits" if len(fit.samples) else "no bootstrap intervals"
+    exact = args.bootstrap and len(rows) <= len(fit.params)  # every resample is fitted exactly: no error to see
+    intervals = (f"95% bootstrap intervals, {len(fit.samples)} refits" if len(fit.samples) else
+                 "no bootstrap intervals" + (": no more rows than parameters, so the fit is exact" if exact else ""))
     print(f"{args.law} on {len(rows)} rows ({intervals}):")
     for name, value in fit.params.items():
         low, high = fit.ci[name]

@@ -259,3 +259,50 @@ def test_compute_frontier_of_seeded_points_keeps_every_seed_of_a_frontier_point(
     assert len(laws.pareto_frontier(c, loss)) < len(rows)
     fit = laws.fit_compute_law(c, loss, n_boot=0, groups=groups)
     assert fit.info["frontier_points"] == len(brute) and fit.info["frontier_rows"] == len(brute) * seeds
+
+
+def test_tables_that_cannot_separate_n_from_d_or_do_not_fall_are_refused():
+    """A fixed token count or a fixed D/N leaves one Chinchilla exponent free (the fit printed 'tight' intervals
+    around a = 489.9 and 5.4 tokens/parameter for data drawn at 92.6); equal losses fit x_c = inf."""
+    n = np.geomspace(1e7, 1e10, 8)
+    for d in (np.full(8, 1e11), 20 * n):
+        with pytest.raises(DataError, match="N, D and tokens per parameter D/N each vary"):
+            laws.fit_chinchilla(n, d, laws.chinchilla(n, d, **EPOCH), n_boot=0)
+    flat = np.full(8, 2.5)
+    for fit in (lambda: laws.fit_power_law(n, flat), lambda: laws.fit_power_offset(n, flat),
+                lambda: laws.fit_kaplan_nd(n, n[::-1] * 100, flat), lambda: laws.fit_chinchilla(n, n[::-1], flat)):
+        with pytest.raises(DataError, match="every loss in the table is the same value"):
+            fit()
+
+
+def test_chinchilla_exponents_stay_nonnegative_and_an_undetermined_split_is_refused():
+    """Losses that depend on D only: the fitted α was -1e-5 and the allocation a complex-number traceback."""
+    n, d = np.meshgrid(np.geomspace(1e7, 1e10, 5), np.geomspace(1e9, 1e12, 5))
+    n, d = n.ravel(), d.ravel()
+    loss = noisy(1.7 + 410.7 / d**0.28, 0.003, seed=3)
+    fit = laws.fit_chinchilla(n, d, loss, n_boot=0)
+    assert fit.params["alpha"] >= 0 and fit.params["beta"] == pytest.approx(0.28, abs=0.05)
+    with pytest.raises(DataError, match="do not determine how to split compute"):
+        laws.chinchilla_optimal({**fit.params, "alpha": min(fit.params["alpha"], 1e-4)}, 1e21)
+
+
+def test_five_rows_give_chinchilla_no_bootstrap_interval():
+    n, d, loss = (c[:: 6][:5] for c in chinchilla_table())
+    assert len(laws.fit_chinchilla(n, d, loss, n_boot=20).samples) == 0  # every resample is an exact fit
+
+
+def test_learning_curve_intervals_are_widened_by_students_t_over_few_runs():
+    from scipy import stats
+
+    from scaling_jax.scaling.learning_curves import PARAMS, CurveFit
+
+    rng = np.random.default_rng(0)
+    params = {"n_c": 6.5e13, "alpha_n": 0.076, "s_c": 2.1e3, "alpha_s": 0.76}
+    samples = np.array([[params[k] * np.exp(0.1 * rng.normal()) for k in PARAMS] for _ in range(400)])
+    plain, six = CurveFit(params, samples), CurveFit(params, samples, runs=6)
+    factor = stats.t.ppf(0.975, 5) / stats.norm.ppf(0.975)
+    for k in PARAMS:
+        (lo, hi), (lo6, hi6) = plain.ci[k], six.ci[k]
+        to = np.log if k in ("n_c", "s_c") else float
+        assert to(params[k]) - to(lo6) == pytest.approx(factor * (to(params[k]) - to(lo)))
+        assert to(hi6) - to(params[k]) == pytest.approx(factor * (to(hi) - to(params[k])))

@@ -166,3 +166,22 @@ def test_arithmetic_carries_sets_the_difficulty_and_leaves_the_default_draws_unc
     assert first == f"What is {int(rng.integers(10, 100))} plus {int(rng.integers(10, 100))}?"
     with pytest.raises(DataError):
         arithmetic(digits=2, op="*", carries=1)
+
+
+def test_counts_outside_their_range_are_refused():
+    for successes, trials, passes in ((-1, 10, 2), (0, 0, 2), (11, 10, 2), (1, 10, 0)):
+        with pytest.raises(ValueError, match="PassUntil counts need"):
+            pu.estimate_from_counts(successes, trials, passes)
+
+
+def test_task_law_leaves_out_sizes_at_pu_0_or_1_and_two_bare_points_have_no_interval():
+    """log(-log PU) has no value at PU 0: clipped to 1e-300, such a point set the slope (-1.09 against -0.18)."""
+    n = np.array([1e6, 1e7, 1e8, 1e9])
+    with_zero = pu.fit_task_law(n, [0.0, 1e-3, 1e-2, 1.0])
+    without = pu.fit_task_law(n[1:3], [1e-3, 1e-2])
+    assert with_zero.left_out == 2 and with_zero.a == pytest.approx(without.a)
+    assert without.a == pytest.approx((pu.log_neg_log(1e-2) - pu.log_neg_log(1e-3)) / np.log(10))
+    _, low, high = without.predict(1e10)
+    assert np.isnan(low) and np.isnan(high)  # a line through two points says nothing of its own error
+    with pytest.raises(ValueError, match="two model sizes with 0 < PU < 1"):
+        pu.fit_task_law(n[:2], [0.0, 0.5])

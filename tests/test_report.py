@@ -251,3 +251,17 @@ def test_a_copied_sweep_reports_its_own_runs_and_a_stage_its_total_compute(fake_
     record = plots.load_runs([stage])[0]
     assert record.flops == 3 * summary["flops"] and record.tokens == 3 * summary["tokens"]
     assert len(plots.load_runs([copy, copy + "/", stage])) == len(plots.load_runs([copy])) + 1  # each path once
+
+
+def test_a_diverged_run_is_named_and_left_out_instead_of_failing_the_report(fake_sweep, tmp_path):
+    """A finished run whose final validation loss is NaN stopped the whole report ('seed_stats needs at least one
+    finite value') without saying which run."""
+    summary_path = os.path.join(fake_sweep, "causal-b-k20", "summary.json")
+    with open(summary_path) as f:
+        summary = json.load(f)
+    with open(summary_path, "w") as f:
+        json.dump({**summary, "val_loss": float("nan")}, f)
+    report = plots.write_report([fake_sweep], str(tmp_path / "report"), n_boot=10)
+    text = open(report).read()
+    assert "Left out of every fit and seed statistic: causal-b-k20" in text
+    assert "## Fits" in text or "loss_vs_compute" in text

@@ -201,7 +201,10 @@ def fit_series(results: list[dict], task: str, predict_n: float | None = None, h
         return {}
     n = np.array([r["n_params"] for r in fit_rows], np.float64)
     pus = [r["tasks"][task]["passuntil"] for r in fit_rows]
-    law = pu_lib.fit_task_law(n, [p["pu"] for p in pus], [p["se"] for p in pus])
+    try:
+        law = pu_lib.fit_task_law(n, [p["pu"] for p in pus], [p["se"] for p in pus])
+    except ValueError:  # fewer than two sizes with 0 < PU < 1 (every instance passes, or none can)
+        return {}
     target_n = float(predict_n or rows[-1]["n_params"])
     matrix = np.array([[i["p"] for i in p["instances"]] for p in pus])
     pred, low, high = law.predict(target_n)

@@ -64,6 +64,9 @@ class InstancePU:
 
 def estimate_from_counts(successes: int, trials: int, passes: int, confidence: float = 0.95) -> InstancePU:
     """Point estimate and exact interval from ``sample_until``'s counts (see the module docstring)."""
+    if not (trials >= 1 and 0 <= successes <= trials and passes >= 1):
+        raise ValueError(f"PassUntil counts need trials >= 1, 0 <= successes <= trials and passes >= 1; got "
+                         f"successes={successes}, trials={trials}, passes={passes}")
     alpha = 1.0 - confidence
     if successes >= passes:  # stopped by the r-th pass on trial `trials`
         r = passes
@@ -143,8 +146,9 @@ class LawFit:
 
     a: float
     b: float
-    cov: np.ndarray  # 2x2 covariance of (a, b)
+    cov: np.ndarray  # 2x2 covariance of (a, b); NaN where the points cannot say (two sizes, no standard errors)
     dof: int  # residual degrees of freedom (points - 2)
+    left_out: int = 0  # sizes whose PU is exactly 0 or 1, where log(-log PU) does not exist
 
     def predict(self, n: float, confidence: float = 0.95) -> tuple[float, float, float]:
         """``(PU, low, high)`` at ``n`` parameters; the interval comes from the coefficients' uncertainty."""
@@ -158,7 +162,7 @@ class LawFit:
 
     def as_dict(self) -> dict:
         return {"a": self.a, "b": self.b, "a_se": float(np.sqrt(self.cov[0, 0])),
-                "b_se": float(np.sqrt(self.cov[1, 1])), "dof": self.dof}
+                "b_se": float(np.sqrt(self.cov[1, 1])), "dof": self.dof, "left_out": self.left_out}
 
 
 def fit_task_law(n_params: Sequence[float], pu: Sequence[float], pu_se: Sequence[float] | None = None) -> LawFit:
@@ -166,17 +170,22 @@ def fit_task_law(n_params: Sequence[float], pu: Sequence[float], pu_se: Sequence
 
     With standard errors of PU, each point is weighted by its delta-method variance in the
     transformed space (sd_y = se / (PU |log PU|)) and the covariance is scaled up by the reduced
-    chi-square when the points scatter more than their errors say; without, ordinary least squares.
+    chi-square when the points scatter more than their errors say; without, ordinary least squares. Sizes whose
+    PU is exactly 0 or 1 are left out (``left_out``): log(-log PU) has no value there, and clipping it to a finite
+    one (1e-300) set the slope (-1.09 with such a point among three, -0.18 without).
     """
-    x = np.log(np.asarray(n_params, np.float64))
     pu_arr = np.asarray(pu, np.float64)
+    inside = (pu_arr > 0) & (pu_arr < 1)
+    x = np.log(np.asarray(n_params, np.float64))[inside]
+    pu_arr = pu_arr[inside]
     y = log_neg_log(pu_arr)
-    if len(x) < 2:
-        raise ValueError("fitting the task law needs at least two model sizes")
+    if len(x) < 2 or np.ptp(x) == 0:
+        raise ValueError(f"fitting the task law needs at least two model sizes with 0 < PU < 1; got {len(x)} "
+                         f"({int((~inside).sum())} left out at PU 0 or 1)")
     design = np.stack([x, np.ones_like(x)], axis=1)
     if pu_se is not None:
-        p = np.clip(pu_arr, TINY, 1 - 1e-15)
-        sd = np.asarray(pu_se, np.float64) / (p * np.abs(np.log(p)))
+        p = pu_arr
+        sd = np.asarray(pu_se, np.float64)[inside] / (p * np.abs(np.log(p)))
         usable = np.isfinite(sd) & (sd > 0)  # a PU with no spread gets the least weight of the others
         sd = np.where(usable, sd, sd[usable].max() if usable.any() else 1.0)
         w = 1.0 / sd ** 2
@@ -187,11 +196,11 @@ def fit_task_law(n_params: Sequence[float], pu: Sequence[float], pu_se: Sequence
     resid = y - design @ coef
     dof = len(x) - 2
     cov = np.linalg.inv(xtwx)
-    if pu_se is None:
-        cov = cov * (float(resid @ resid) / dof if dof > 0 else 0.0)
+    if pu_se is None:  # two points and no errors: a line through both says nothing about its own uncertainty
+        cov = cov * (float(resid @ resid) / dof if dof > 0 else np.nan)
     elif dof > 0:
         cov = cov * max(1.0, float((w * resid ** 2).sum()) / dof)
-    return LawFit(float(coef[0]), float(coef[1]), cov, dof)
+    return LawFit(float(coef[0]), float(coef[1]), cov, dof, int((~inside).sum()))
 
 
 @dataclass
@@ -210,7 +219,10 @@ def fit_instance_laws(n_params: Sequence[float], pu: np.ndarray) -> InstanceFit:
     one left with fewer than two usable sizes takes the task-level slope through its mean point."""
     x = np.log(np.asarray(n_params, np.float64))
     pu = np.asarray(pu, np.float64)
-    shared = fit_task_law(n_params, pu.mean(axis=1)).a
+    try:
+        shared = fit_task_law(n_params, pu.mean(axis=1)).a
+    except ValueError:  # the task's PU is 0 or 1 at all but one size: no shared trend to lend
+        shared = 0.0
     slopes, intercepts = np.empty(pu.shape[1]), np.empty(pu.shape[1])
     for i in range(pu.shape[1]):
         ok = pu[:, i] < 1 - 1e-12

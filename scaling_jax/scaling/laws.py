@@ -133,6 +133,19 @@ def columns(*cols, names: Sequence[str], min_rows: int) -> list[np.ndarray]:
     return arrays
 
 
+def require_varying_loss(loss: np.ndarray) -> None:
+    """Every law here explains how loss falls: equal losses fit any scale with exponent ~0 (an x_c of inf)."""
+    if np.ptp(np.log(loss)) == 0:
+        raise DataError("every loss in the table is the same value, so no law can be fitted; check the loss column")
+
+
+def nd_vary_independently(n: np.ndarray, d: np.ndarray, min_log_spread: float = 0.1) -> bool:
+    """Whether approach 3 can separate the N and D terms: N, D and D/N must each vary (a fixed token count or
+    a fixed ratio D/N leaves one exponent free, and the fit returns confident nonsense)."""
+    n, d = np.asarray(n, float), np.asarray(d, float)
+    return min(np.ptp(np.log(n)), np.ptp(np.log(d)), np.ptp(np.log(d / n))) > min_log_spread
+
+
 def bootstrap(refit: Callable[[np.ndarray], np.ndarray | None], n_rows: int, n_boot: int,
               seed: int = 0) -> np.ndarray:
     """Refit on ``n_boot`` resamples of row indices; failed or non-finite refits are dropped."""
@@ -143,6 +156,20 @@ def bootstrap(refit: Callable[[np.ndarray], np.ndarray | None], n_rows: int, n_b
         if params is not None and np.all(np.isfinite(params)):
             out.append(np.asarray(params, float))
     return np.array(out) if out else np.empty((0, 0))
+
+
+def t_widening(dof: int, level: float) -> float:
+    """Student's t over the normal quantile at ``level`` for ``dof`` degrees of freedom (1 below one): how much
+    wider an interval resting on a few independent units must be than a normal-theory or percentile one."""
+    if dof < 1:
+        return 1.0
+    q = 0.5 + level / 2
+    return float(special.stdtrit(dof, q) / special.ndtri(q))
+
+
+def widened(point: float, low: float, high: float, factor: float) -> tuple[float, float]:
+    """``[low, high]`` stretched about ``point`` by ``factor`` on each side (the point stays inside)."""
+    return point - factor * max(point - low, 0.0), point + factor * max(high - point, 0.0)
 
 
 def log_linear(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
@@ -159,8 +186,9 @@ def _estimate(cols: tuple, names: tuple[str, ...], min_rows: int, estimate: Call
     """Checked columns -> the point estimate (``message`` as a DataError if there is none) and bootstrap refits
     ``refit(point, *resampled_columns)``."""
     arrays = columns(*cols, names=names, min_rows=min_rows)
+    require_varying_loss(arrays[-1])
     point = estimate(*arrays)
-    if point is None:
+    if point is None or not np.all(np.isfinite(point)):
         raise DataError(message)
     if len(arrays[0]) <= len(point):  # every resample is fitted exactly: the refits say nothing about the error
         n_boot = 0
@@ -172,7 +200,7 @@ def _estimate(cols: tuple, names: tuple[str, ...], min_rows: int, estimate: Call
 
 def _power_params(x: np.ndarray, y: np.ndarray) -> np.ndarray | None:
     line = log_linear(x, y)
-    if line is None or line[0] == 0:
+    if line is None or not abs(line[0]) > 1e-9:  # no slope (a float zero is rarely exactly 0): no law
         return None
     alpha = -line[0]
     with np.errstate(over="ignore"):  # a degenerate resample can overflow; bootstrap drops non-finite refits
@@ -339,6 +367,7 @@ def seed_stats(values, level: float = 0.95) -> SeedStats:
 # ---------------------------------------------------------------------------------------------- Chinchilla (3)
 
 _CH_ORDER = ("e", "a", "b", "alpha", "beta")  # optimisation vector: log E, log A, log B, α, β
+MIN_EXPONENT = 1e-3  # below it N_opt runs to a parameter or to infinity: the data do not constrain the split
 
 
 def huber_objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
@@ -361,8 +390,12 @@ def huber_objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log
     return float(value), grad
 
 
+# α, β >= 0: a negative exponent says loss grows with N or D, and chinchilla_optimal has no minimiser for it
+_CH_BOUNDS = [(None, None)] * 3 + [(0.0, None)] * 2
+
+
 def _lbfgs(theta0: np.ndarray, args: tuple) -> optimize.OptimizeResult:
-    return optimize.minimize(huber_objective, theta0, args=args, jac=True, method="L-BFGS-B",
+    return optimize.minimize(huber_objective, theta0, args=args, jac=True, method="L-BFGS-B", bounds=_CH_BOUNDS,
                              options={"maxiter": 1000, "ftol": 1e-13, "gtol": 1e-9})
 
 
@@ -403,6 +436,13 @@ def fit_chinchilla(n, d, loss, delta: float = CHINCHILLA_DELTA, grid: dict | Non
     best distinct optimum of the full fit, which is what makes 100 refits affordable.
     """
     n, d, loss = columns(n, d, loss, names=("N", "D", "loss"), min_rows=5)
+    require_varying_loss(loss)
+    if not nd_vary_independently(n, d):
+        raise DataError("approach 3 needs runs whose N, D and tokens per parameter D/N each vary (a fixed token "
+                        "count or a fixed D/N leaves an exponent undetermined); add runs off that line, or fit "
+                        "kaplan_n / kaplan_d")
+    if len(n) <= len(_CH_ORDER):  # five rows fit five parameters exactly: resamples say nothing about the error
+        n_boot = 0
     args = (np.log(n), np.log(d), np.log(loss), delta)
     starts = grid_points(grid or CHINCHILLA_GRID)
     if top_k is not None and top_k < len(starts):
@@ -448,6 +488,10 @@ def chinchilla_optimal(params: dict[str, float], compute, flops_per_param_token:
     """Closed-form minimiser of E + A/N^α + B/D^β subject to C = k·N·D (Hoffmann et al. eq. 4):
     N_opt = G (C/k)^(β/(α+β)), D_opt = G^-1 (C/k)^(α/(α+β)), G = (αA / (βB))^(1/(α+β))."""
     a, b, alpha, beta = params["a"], params["b"], params["alpha"], params["beta"]
+    if not (min(alpha, beta) >= MIN_EXPONENT and math.isfinite(alpha + beta)):
+        raise DataError(f"the fitted exponents (alpha={alpha:.3g}, beta={beta:.3g}) do not determine how to split "
+                        f"compute between N and D (each must be >= {MIN_EXPONENT}): the losses barely depend on one "
+                        "of them; add runs that vary it")
     c = np.asarray(compute, float)
     g = (alpha * a / (beta * b)) ** (1.0 / (alpha + beta))
     scaled = c / flops_per_param_token
@@ -599,9 +643,8 @@ def profile_minimum(n, loss, window: int = 5, n_boot: int = 200, level: float = 
     rng = np.random.default_rng(seed)
     draws = np.log([_minimum_in_window(ln, fitted + rng.choice(residuals, size=k)) for _ in range(n_boot)])
     tail = (1.0 - level) / 2
-    widen = special.stdtrit(k - 3, 1.0 - tail) / special.ndtri(1.0 - tail)  # few points: t, not normal, quantiles
     best = math.log(found[0])
-    lo, hi = best + widen * (np.quantile(draws, [tail, 1.0 - tail]) - best)
+    lo, hi = widened(best, *np.quantile(draws, [tail, 1.0 - tail]), t_widening(k - 3, level))  # few points: t
     return found[0], float(np.exp(max(lo, ln.min()))), float(np.exp(min(hi, ln.max())))
 
 

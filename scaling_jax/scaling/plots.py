@@ -185,7 +185,8 @@ def _name(path: str) -> str:
 
 
 def _finished(records: list[RunRecord]) -> list[RunRecord]:
-    return [r for r in records if r.status == "done" and r.val_loss and r.n > 0 and r.flops > 0]
+    return [r for r in records if r.status == "done" and r.val_loss and math.isfinite(r.val_loss) and r.n > 0
+            and r.flops > 0]
 
 
 def point_key(r: RunRecord) -> str:
@@ -264,8 +265,7 @@ def fit_objective(runs: list[RunRecord], target_flops: float, n_boot: int = 200)
                                     "ci": [float(lo), float(hi)]}
     d = np.array([r.tokens for r in runs])
     # approach 3 needs D to vary independently of N (not a fixed token count, not a fixed ratio D/N)
-    if len(set(zip(n, d, strict=True))) >= 5 and min(np.ptp(np.log(n)), np.ptp(np.log(d)),
-                                                      np.ptp(np.log(d / n))) > 0.1:
+    if len(set(zip(n, d, strict=True))) >= 5 and laws.nd_vary_independently(n, d):
         fit = _try(laws.fit_chinchilla, n, d, loss, n_boot=min(n_boot, 50))
         if fit is not None:
             out["chinchilla"] = fit
@@ -408,7 +408,9 @@ def fit_figure(records: list[RunRecord], fits: dict[str, dict], x_key: str, fit_
         if fit_key == "loss_vs_compute" and "extrapolation" in f:
             e = f["extrapolation"]
             measured.append(e["loss"])
-            ax.errorbar([e["flops"]], [e["loss"]], yerr=[[e["loss"] - e["ci"][0]], [e["ci"][1] - e["loss"]]],
+            # a percentile interval need not hold the point estimate (a skewed bootstrap): no negative bar
+            below, above = max(e["loss"] - e["ci"][0], 0.0), max(e["ci"][1] - e["loss"], 0.0)
+            ax.errorbar([e["flops"]], [e["loss"]], yerr=[[below], [above]],
                         fmt="*", color=color, markersize=10, capsize=3)
     _log_log(ax)
     if measured:  # wild bootstrap refits far from the data must not squash the picture
@@ -572,7 +574,7 @@ def write_report(paths: list[str], out_dir: str, target_flops: float | None = No
     lines = [f"# Scaling report: {', '.join(_name(p) for p in paths)}", "",
              f"{len(records)} runs ({len(finished)} finished) from {', '.join(paths)}. Loss is next-token "
              "validation loss for every objective, so objectives share one axis.", "", "## Runs", "",
-             *_runs_table(records), "", *_seeds_section(records), "## Curves", ""]
+             *_runs_table(records), "", *_diverged_note(records), *_seeds_section(records), "## Curves", ""]
     lines += [f"![{name}]({name})" for name in images] + [""]
     lines += _fits_section(fits)
     fitted = [o for o, f in fits.items() if "loss_vs_compute" in f]  # the objectives the comparison reads
@@ -591,6 +593,13 @@ def write_report(paths: list[str], out_dir: str, target_flops: float | None = No
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(payload, f, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v))
     return report
+
+
+def _diverged_note(records: list[RunRecord]) -> list[str]:
+    """Finished runs whose final validation loss is not a number: named, since the fits leave them out."""
+    bad = [r.run_id for r in records if r.status == "done" and r.val_loss is not None and not math.isfinite(r.val_loss)]
+    return [f"Left out of every fit and seed statistic: {', '.join(bad)} (final validation loss not finite: the run "
+            "diverged).", ""] if bad else []
 
 
 def _iso_dict(iso: laws.IsoFlopFit) -> dict:

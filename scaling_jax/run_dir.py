@@ -100,7 +100,9 @@ def check_claimable(path: str, field: str = "train.run_dir") -> bool:
 class Claim(NamedTuple):
     fresh: bool  # the directory was missing or empty: a failed start may take back all of it
     created: bool  # it was missing: a failed start removes the directory itself too
-    outermost: str = ""  # the outermost directory the claim made (``runs/a`` for a missing ``runs/a/b``)
+    # the missing parents the claim made, innermost first (``runs/a`` for a missing ``runs/a/b``): a failed start
+    # removes each one only while it is empty, as another run may have been started inside it since
+    made_parents: tuple[str, ...] = ()
 
 
 def claim(path: str, field: str = "train.run_dir") -> Claim:
@@ -111,13 +113,14 @@ def claim(path: str, field: str = "train.run_dir") -> Claim:
     """
     fresh = check_claimable(path, field)
     created = not paths.exists(path)
-    outermost = path
+    made: list[str] = []
     if created and not paths.is_remote(path):
         parent = os.path.dirname(os.path.abspath(path))
         while not os.path.exists(parent):
-            outermost, parent = parent, os.path.dirname(parent)
+            made.append(parent)
+            parent = os.path.dirname(parent)
     paths.prepare_dir(path, field)
-    return Claim(fresh, created, outermost if created else "")
+    return Claim(fresh, created, tuple(made))
 
 
 def mark(path: str) -> None:
@@ -136,7 +139,12 @@ def discard_fresh(path: str, claimed: Claim) -> None:
             paths.remove(paths.join(path, name))
         return
     if claimed.created:
-        shutil.rmtree(claimed.outermost or path, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
+        for parent in claimed.made_parents:  # innermost first; one holding another run (or anything) stays
+            try:
+                os.rmdir(parent)
+            except OSError:
+                break
         return
     for name in os.listdir(path):
         target = os.path.join(path, name)

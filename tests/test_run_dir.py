@@ -231,3 +231,18 @@ def test_a_run_saved_before_scanned_layers_resumes_in_its_own_layout(tmp_path, c
     meta = run_dirs.CheckpointMeta.from_json({"config": {"model": {"layers": 2}}, "tokenizer": "t", "step": 1,
                                               "tokens": 1, "flops": 1.0})
     assert meta.config["model"]["scan_layers"] is False  # a checkpoint's meta from before the field
+
+
+def test_a_failed_fresh_start_takes_back_the_parents_it_made_only_while_they_are_empty(tmp_path):
+    """runs/exp/a claimed (making runs/exp), then runs/exp/b started beside it: a failed start of a deleted all of
+    runs/exp, b's checkpoints included. Now a goes, and each parent a made goes only if nothing else is in it."""
+    a, b = tmp_path / "runs" / "exp" / "a", tmp_path / "runs" / "exp" / "b"
+    claimed = run_dirs.claim(str(a))
+    assert claimed.made_parents == (str(tmp_path / "runs" / "exp"), str(tmp_path / "runs"))
+    (b / "checkpoints").mkdir(parents=True)
+    (b / "checkpoints" / "state").write_text("b's weights")
+    run_dirs.discard_fresh(str(a), claimed)
+    assert not a.exists() and (b / "checkpoints" / "state").read_text() == "b's weights"
+    alone = tmp_path / "other" / "deep" / "run"
+    run_dirs.discard_fresh(str(alone), run_dirs.claim(str(alone)))
+    assert not (tmp_path / "other").exists()  # nothing else there: every parent it made is taken back

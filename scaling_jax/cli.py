@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -620,6 +621,9 @@ def from_remote_storage(error: BaseException) -> bool:
     return type(error).__module__.split(".")[0] in REMOTE_STORAGE_PACKAGES
 
 
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota, file-size limit
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -651,7 +655,15 @@ def main(argv: list[str] | None = None) -> int:
               "directory is needed or the other way round)", file=sys.stderr)
         return 2
     except Exception as e:
-        if args.debug or not from_remote_storage(e):
+        if args.debug:
+            raise
+        if isinstance(e, OSError) and e.errno in OUT_OF_SPACE:
+            # most often the metrics log's append, written every step; a torn last row is repaired on resume
+            where = f" writing '{e.filename}'" if e.filename else ""
+            print(f"error: {e.strerror}{where}; free disk space (or raise the file-size limit) and run the command "
+                  "again: a run resumes from its newest checkpoint (scaling-jax resume RUN_DIR)", file=sys.stderr)
+            return 2
+        if not from_remote_storage(e):
             raise
         print(f"error: remote storage could not be reached or refused the request ({type(e).__name__}: "
               f"{first_line(e)}); check the network and the credentials (gcloud auth application-default login), "

@@ -138,3 +138,19 @@ def test_a_command_never_imports_ipython_yet_leaves_it_importable():
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == "False True None"
+
+
+def test_a_full_disk_is_one_error_line_that_says_how_to_go_on(monkeypatch, capsys):
+    """The metrics log is appended every step, so a filling disk stopped training with an OSError traceback."""
+    import errno
+
+    from scaling_jax import cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cli, "_info", full)
+    assert main(["info", "configs/quickstart.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: No space left on device; free disk space (or raise the file-size limit) and run the "
+                   "command again: a run resumes from its newest checkpoint (scaling-jax resume RUN_DIR)"]

@@ -15,6 +15,7 @@ import pytest
 
 from scaling_jax.train.metrics import (
     METRICS_FILE,
+    ROLLBACK_WINDOW,
     MetricsWriter,
     ProgressBar,
     peak_flops_per_device,
@@ -105,6 +106,25 @@ def test_truncate_after_keeps_only_earlier_steps_atomically(tmp_path, monkeypatc
     assert seen["dst_during"] == before  # old file untouched until the rename
     assert [(r["step"], r.get("loss")) for r in read_metrics(str(path))] == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.2)]
     assert os.listdir(tmp_path) == [METRICS_FILE]  # no temp file left behind
+
+
+def test_a_rollback_the_resumed_run_will_replay_is_dropped_and_the_dropped_updates_are_counted_on(tmp_path):
+    """Rolled back to step 3 (skipping batches 3-4), then killed before the next save: the resume restores step 3
+    at data batch 3, replays the window and logs the rollback again (it was in the log twice, and the summary's
+    skipped_updates restarted at 0 on every resume)."""
+    from scaling_jax.train.health import NonFinitePolicy
+
+    rows = [{"step": s, "loss": 1.0, "skipped": 0.0} for s in (1, 2, 3)] + [
+        {"step": 2, "loss": 1.0, "skipped": 1.0},  # a skipped update kept in the log
+        {"step": 3, "rollback_from_step": 5, ROLLBACK_WINDOW: [3, 4]}, {"step": 4, "loss": 1.0, "skipped": 0.0}]
+    _log(tmp_path, rows)
+    writer = MetricsWriter(str(tmp_path), tensorboard=False)
+    assert ROLLBACK_WINDOW in str(writer.truncate_after(3, data_index=5))  # restored past the window: kept
+    kept = writer.truncate_after(3, data_index=3)  # ...but here the window lies ahead again
+    assert [r["step"] for r in kept] == [1, 2, 3, 2] and ROLLBACK_WINDOW not in str(kept)
+    policy = NonFinitePolicy("rollback", ["w"], max_rollbacks=3)
+    policy.count_logged(rows[:5])
+    assert policy.skipped == 2
 
 
 def test_truncate_after_missing_file_is_fine(tmp_path):

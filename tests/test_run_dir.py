@@ -104,6 +104,52 @@ def test_a_run_resumed_with_a_larger_batch_counts_each_update_at_the_size_it_ran
     assert summary["flops"] == pytest.approx(1280 * per_token)
 
 
+def test_a_run_resumed_with_a_smaller_batch_reads_on_after_the_rows_it_trained_on(trained, tmp_path, capsys):
+    """Step 1 read rows 0-7 (batch 8, batch index 1). At batch 4 the next rows are batch 2, not batch 1 (rows 4-7
+    again, as the kept batch index gave); the resume names the changed setting."""
+    copy = _copy(trained, tmp_path / "smaller")
+    assert main(["resume", str(copy), "data.batch_size=4", "mesh.data=4", "mesh.tensor=2", "train.steps=2",
+                 "train.eval_every=0"]) == 0
+    said = capsys.readouterr().err
+    assert "data.batch_size 8 -> 4" in said and "stream changes" not in said
+    checkpointer = Checkpointer(str(copy), 3)
+    meta = run_dirs.CheckpointMeta.from_json(checkpointer.read_meta(checkpointer.latest_step()))
+    assert meta.data_index == 3  # batches 0-1 of 4 rows were step 1's rows 0-7; step 2 read batch 2
+
+
+def test_resume_refuses_a_changed_clipping_and_a_damaged_metrics_log_with_one_line(trained, tmp_path, capsys):
+    """Turning clipping off changes the optimizer state's tree: the error blamed the model in five lines. A
+    damaged line (not a torn last one) in metrics.jsonl was a ValueError traceback."""
+    copy = _copy(trained, tmp_path / "changed")
+    assert main(["resume", str(copy), "optimizer.clip_norm=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gradient clipping on but the config turns it off" in err[0]
+    metrics = copy / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(['{"step": 1, garbage', *lines[1:]]) + "\n")
+    assert len(lines) >= 2 and main(["resume", str(copy), "train.steps=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "metrics.jsonl:1: corrupt metrics line" in err[0] and "repair or delete" in err[0]
+
+
+def test_a_finished_run_resumed_for_more_steps_and_killed_is_not_left_looking_finished(trained, tmp_path):
+    """Its old summary said step 1, not preempted, while checkpoints went on: report and sweep read it as done."""
+    from scaling_jax.train.loop import Trainer
+
+    copy = _copy(trained, tmp_path / "longer")
+    trainer = Trainer(load_config(str(copy / "config.yaml"), ["train.steps=3", f"train.run_dir={copy}"]))
+
+    def killed(step):
+        raise KeyboardInterrupt
+
+    trainer.add_hook(killed, every=2, at_end=False)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    with open(copy / run_dirs.SUMMARY_FILE) as f:
+        summary = json.load(f)
+    assert summary["step"] == 1 and summary["preempted"] is True and "resumed" in summary["stopped_by"]
+
+
 def test_resuming_a_finished_run_keeps_its_validation_in_the_summary(trained, tmp_path):
     """No step is left, so nothing is evaluated: the summary still reports the run's last logged validation."""
     copy = _copy(trained, tmp_path / "done")

@@ -19,6 +19,7 @@ import optax
 
 from scaling_jax import log
 from scaling_jax.errors import UserError
+from scaling_jax.train.metrics import ROLLBACK_WINDOW
 
 SKIPPED = "skipped"  # metric: 1.0 when the step's update was dropped
 CULPRIT = "nonfinite_tensor"  # metric: index of the first non-finite tensor (-1: none); never logged
@@ -73,6 +74,10 @@ class NonFinitePolicy:
         self.policy, self.names, self.max_rollbacks = policy, names, max_rollbacks
         self.skipped = 0  # updates dropped in this process's lifetime
         self.rollbacks: dict[int, int] = {}  # checkpoint step -> rollbacks to it
+
+    def count_logged(self, rows: list[dict]) -> None:
+        """Start from the updates the kept log says were dropped (skipped steps, rollbacks) before this process."""
+        self.skipped = sum(1 for r in rows if r.get(SKIPPED) == 1.0 or ROLLBACK_WINDOW in r)
 
     def inspect(self, step: int, metrics: dict, batch_index: int) -> str | None:
         """Pops the culprit index off the step's host ``metrics``; returns None (fine), 'skip', 'rollback' or 'halt'

@@ -28,7 +28,7 @@ from scaling_jax.run_dir import CheckpointMeta
 from scaling_jax.train import metrics as metrics_lib
 from scaling_jax.train.checkpoint import CHECKPOINT_DIR, DIGEST_FILE, Checkpointer, model_signature
 from scaling_jax.train.compile_cache import CompilationCache
-from scaling_jax.train.continuation import start_from_parent
+from scaling_jax.train.continuation import STREAM_FREE_FIELDS, continued_stream_index, start_from_parent
 from scaling_jax.train.health import NonFinitePolicy, tensor_names
 from scaling_jax.train.hooks import Hook, ProfileTrace
 from scaling_jax.train.lock import acquire_run_lock, holds_run_lock, release_run_lock
@@ -52,9 +52,31 @@ def check_compatible(meta: CheckpointMeta, config: Config, tokenizer_fingerprint
             name = key if key.startswith("objective.") else f"model.{key}"
             raise CheckpointError(f"checkpoint in {where} has {name}={saved[key]!r} but the config says "
                                   f"{current[key]!r}; use the run's own config or a new train.run_dir")
+    clipped = meta.config.get("optimizer", {}).get("clip_norm", 0) > 0
+    if clipped != (config.optimizer.clip_norm > 0):  # clipping has its own optimizer state: another state tree
+        raise CheckpointError(f"checkpoint in {where} was trained with gradient clipping "
+                              f"{'on' if clipped else 'off'} but the config turns it {'off' if clipped else 'on'} "
+                              f"(optimizer.clip_norm={config.optimizer.clip_norm:g}); keep optimizer.clip_norm "
+                              f"{'> 0' if clipped else '= 0'}, or start a stage with `scaling-jax continue --from`")
     if meta.tokenizer != tokenizer_fingerprint:
         raise CheckpointError(f"checkpoint in {where} was trained with another tokenizer "
                               f"(data.tokenizer differs); use the run's tokenizer or a new train.run_dir")
+
+
+def resume_changes(saved: dict, config: Config) -> tuple[list[str], bool]:
+    """Settings a resume changes against the checkpoint's config (``section.key old -> new``; the train section's
+    length, logging and cadence are the resume's to choose) and whether the data rows' stream itself changes
+    (anything in data.* but the batch size and how it is read)."""
+    current, changes, stream = to_dict(config), [], False
+    for section, values in current.items():
+        if section == "train" or not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            old = saved.get(section, {}).get(key, value)
+            if old != value:
+                changes.append(f"{section}.{key} {old!r} -> {value!r}")
+                stream |= section == "data" and key not in STREAM_FREE_FIELDS
+    return changes, stream
 
 
 def check_shared_storage(t: TrainConfig, process_count: int) -> None:
@@ -146,8 +168,9 @@ class Trainer:
         self.peak = t.peak_flops_per_device or metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind)
         self.writer = metrics_lib.MetricsWriter(self.files.local, tensorboard=t.tensorboard, enabled=self.is_main)
         self.step = int(jax.device_get(self.state.step))
-        kept_rows = self.writer.truncate_after(self.step)
+        kept_rows = self.writer.truncate_after(self.step, self.position)
         self.nonfinite = NonFinitePolicy(t.nan_policy, tensor_names(session.abstract.params), t.max_rollbacks)
+        self.nonfinite.count_logged(kept_rows)  # a resumed run's summary counts the updates dropped before it
         self.saved = self.step if self.resumed else None  # newest step with a checkpoint
         self.unverified = self.saved if self.resumed and not self.checkpointer.has_digest(self.saved) else None
         if self.unverified is not None:
@@ -216,11 +239,19 @@ class Trainer:
             if begin.data_index:
                 self.data_iter.seek(begin.data_index)
         else:
-            check_compatible(CheckpointMeta.from_json(checkpointer.read_meta(latest)), config,
-                             session.tokenizer.fingerprint(),
-                             checkpointer.directory)
+            saved = CheckpointMeta.from_json(checkpointer.read_meta(latest))
+            check_compatible(saved, config, session.tokenizer.fingerprint(), checkpointer.directory)
+            changes, stream_changed = resume_changes(saved.config, config)
+            if changes and self.is_main:
+                log.warning(f"resuming step {latest} with settings that differ from the checkpoint's: "
+                            f"{'; '.join(changes)}" + ("; the data rows' stream changes, so its rows from here on "
+                                                       "are not the ones the run would have read" if stream_changed
+                                                       else ""))
             self.state, raw = checkpointer.restore(latest, session.abstract, session.state_sharding, self.data_iter)
             meta = CheckpointMeta.from_json(raw)
+            if not stream_changed:  # the position is a batch index: at another batch size, the same next row
+                self.data_iter.seek(continued_stream_index(meta.config["data"], to_dict(config)["data"],
+                                                           self.data_iter.index))
             self.wall_offset, self.offset, self.counted = float(meta.wall_time), meta.offset, _counted(meta)
             self.history, self.record = meta.lineage[:-1], meta.stage_record
         if self.is_main:
@@ -345,7 +376,7 @@ class Trainer:
             self.last_eval = last_validation(kept_rows)
         self.projection.forget_after(self.step)
         self.writer.write({"step": self.step, "rollback_from_step": bad_step,
-                           "skipped_data_batches": [resumed, bad_batch]})
+                           metrics_lib.ROLLBACK_WINDOW: [resumed, bad_batch]})
         self.say(f"warning: non-finite {self.nonfinite.last[2]} at step {bad_step}; rolled back to the step-"
                  f"{self.step} checkpoint and skipped data batches {resumed}..{bad_batch} (train.nan_policy=rollback)")
         self.last_fetched, self.hook_seconds = time.perf_counter(), 0.0  # the restore is not the next step's time
@@ -369,6 +400,7 @@ class Trainer:
         """The loop itself: steps, periodic eval and checkpoints, a checkpoint on a stop request."""
         t, s = self.t, self.session
         self.announce()
+        self.mark_unfinished()
         preemption = StopRequest().install()  # SIGTERM; on several processes JAX's preemption sync point
         watcher = watch_maintenance()  # Cloud TPU maintenance notice -> SIGTERM
         self.started = self.last_fetched = time.perf_counter()
@@ -442,6 +474,20 @@ class Trainer:
         finally:
             if self.is_main:
                 self.files.push()
+
+    def mark_unfinished(self) -> None:
+        """A summary from an earlier session says the run ended there: while steps remain it is marked preempted,
+        so a session killed before writing its own is not read as a finished run (report, sweep)."""
+        path = os.path.join(self.files.local, run_dir.SUMMARY_FILE)
+        if self.is_main and self.step < self.t.steps and os.path.exists(path):
+            try:
+                with open(path) as f:
+                    summary = json.load(f)
+            except ValueError:  # damaged: the session's own summary replaces it at the end
+                return
+            if isinstance(summary, dict) and not summary.get("preempted"):
+                write_json(path, {**summary, "preempted": True, "stopped_by": "did not finish: resumed for more "
+                                  f"steps ({self.t.steps})"})
 
     def finish(self, wall: float) -> dict:
         step, totals = self.step, self.at(self.step)

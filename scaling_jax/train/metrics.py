@@ -19,8 +19,10 @@ import numpy as np
 from tqdm import tqdm
 
 from scaling_jax import paths
+from scaling_jax.errors import CheckpointError
 from scaling_jax.run_dir import METRICS_FILE, PLOTS_DIR, TENSORBOARD_DIR
 
+ROLLBACK_WINDOW = "skipped_data_batches"  # a rollback row's [first, last] data batch it skipped
 PLAIN_PROGRESS_INTERVAL_S = 10.0  # non-TTY progress: one line at most this often, so CI logs stay readable
 
 # Published vendor dense bf16 peaks, FLOP/s per device. Ordered most specific first: matching is by substring,
@@ -186,9 +188,11 @@ class MetricsWriter:
                 if key != "step" and _is_number(value):
                     tb.add_scalar(key, value, step)
 
-    def truncate_after(self, step: int) -> list[dict]:
+    def truncate_after(self, step: int, data_index: int | None = None) -> list[dict]:
         """Exact resume from a checkpoint at ``step``: drop logged rows past it (and any torn line) so the
-        log matches what the resumed run will re-log. The rewrite is atomic; a missing file is fine.
+        log matches what the resumed run will re-log. A rollback's row sits at its checkpoint's step: it goes too
+        when the resumed data position (``data_index``) has not passed the batches it skipped, as the run will
+        read them, roll back and log it again. The rewrite is atomic; a missing file is fine.
         Returns the rows kept (none where this process does not write the log)."""
         if not self._enabled:
             return []
@@ -198,7 +202,10 @@ class MetricsWriter:
             rows = read_metrics(self.path)
         except FileNotFoundError:
             return []
-        kept = [r for r in rows if r["step"] <= step]
+        except ValueError as e:  # a damaged line other than a torn last one
+            raise CheckpointError(f"{str(e).splitlines()[0]}; repair or delete that line, then resume") from None
+        replayed = lambda r: data_index is not None and r.get(ROLLBACK_WINDOW, [0, -1])[1] >= data_index  # noqa: E731
+        kept = [r for r in rows if r["step"] <= step and not replayed(r)]
         _atomic_write_bytes(self.path, b"".join(_encode_row(r) for r in kept))
         return kept
 

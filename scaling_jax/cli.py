@@ -349,7 +349,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise UserError("eval needs --checkpoint RUN_DIR naming at least one run")
     if not tasks:
         raise UserError("eval needs --tasks naming at least one task file or generator (e.g. --tasks arithmetic)")
-    for name, low in (("shots", 0), ("seed", 0), ("num_examples", 1), ("max_examples", 0)):
+    for name, low in (("shots", 0), ("seed", 0), ("num_examples", 1), ("max_examples", 0), ("max_new_tokens", 1)):
         _flag(args, name, int, low)
     _flag(args, "predict_n", float, 0, above=True, hint="a parameter count N such as 1e9")
     given = [f"--{n.replace('_', '-')}" for n in ("passes", "max_samples", "predict_n") if getattr(args, n) is not None]
@@ -365,7 +365,8 @@ def _eval(args: argparse.Namespace) -> int:
         if max_samples is None and defaults.max_samples < passes:
             raise UserError(f"--passes {passes} exceeds the default --max-samples {defaults.max_samples}; "
                             f"pass --max-samples {passes} or more")
-        options = PassUntilOptions(passes=passes, max_samples=max_samples or defaults.max_samples)
+        options = PassUntilOptions(passes=passes, max_samples=max_samples or defaults.max_samples,
+                                   max_new_tokens=args.max_new_tokens)
     for ckpt in checkpoints:  # every input checked before anything is written or loaded
         check_run_dir(ckpt)
     out_dir = args.out or os.path.join(checkpoints[0], EVAL_DIR)
@@ -373,7 +374,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.out:
         _own_out(out_dir, "eval", ("results.json", "results.md", "plots", "tasks"))
     out = run_eval(checkpoints, tasks, args.shots, out_dir, args.seed, args.num_examples, args.max_examples,
-                   options, args.predict_n)
+                   options, args.predict_n, args.max_new_tokens)
     with open(out["markdown"]) as f:
         print(f.read(), end="")
     print(f"results: {out['out_dir']}/results.json, results.md" + (f", {len(out['plots'])} plot(s)" if out["plots"]
@@ -579,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-examples", default=0, help="score at most this many examples per task (0: all)")
     ev.add_argument("--predict-n", help="PassUntil series: predict PU at this N > 0 (default: the largest run's)")
     ev.add_argument("--seed", default=42, help="sampling, shot and choice-order seed (>= 0; 42 is BIG-bench's own)")
+    ev.add_argument("--max-new-tokens", default=48, help="generative tasks: answer budget in tokens, and BIG-bench's "
+                    "cut of the answer in characters (its max_length; BIG-bench's own CLI uses 30)")
     ev.add_argument("--out", help="output directory (default: FIRST_RUN_DIR/eval)")
     ev.set_defaults(func=_eval)
 

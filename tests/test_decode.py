@@ -260,6 +260,8 @@ def test_a_prompt_longer_than_max_len_keeps_its_bos_and_newest_tokens(tiny_confi
     sampling = SamplingConfig(max_new_tokens=8)
     assert lm.generate([context], sampling) == whole.generate_ids([ids[:1] + ids[-31:]], sampling).texts
     assert lm.fit_prompt(ids, 100) == ids[:1]  # a continuation longer than max_len: only the bos is left
+    long_answer = SamplingConfig(max_new_tokens=48)  # longer than the window: half of it stays the prompt's
+    assert lm.generate([context], long_answer) == whole.generate_ids([ids[:1] + ids[-19:]], long_answer).texts
 
 
 def test_a_sampled_prompt_gives_the_same_text_whatever_batch_it_is_in(tiny_config, tok):

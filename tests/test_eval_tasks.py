@@ -88,6 +88,8 @@ def test_prompts_follow_bigbench_formatting_and_every_example_is_scored_with_its
     (lambda d: d.update(metrics=["accuracy"]), "metrics"),
     (lambda d: d.update(preferred_score="rouge"), "preferred_score"),
     (lambda d: d.update(output_regex="(a)(b)"), "output_regex"),
+    # a preferred score its metrics never compute: its normalised score went missing without a word
+    (lambda d: d.update(preferred_score="bleu"), "preferred_score"),
 ])
 def test_malformed_task_files_name_the_file_and_field(tmp_path, mutate, field):
     with open(FIXTURE) as f:
@@ -98,6 +100,18 @@ def test_malformed_task_files_name_the_file_and_field(tmp_path, mutate, field):
     with pytest.raises(DataError) as err:
         load_task(str(path))
     assert str(path) in str(err.value) and field in str(err.value)
+
+
+@pytest.mark.parametrize("metric, example, field", [
+    ("macro_f1", {"input": "q", "target_scores": {"a": 0.5, "b": 0.5}}, "examples[0].target_scores"),
+    ("numeric_match_with_0_1_relative_error", {"input": "q", "target": ["1", "2"]}, "examples[0].target"),
+    ("log_likelihood", {"input": "q", "target": ""}, "examples[0].target"),
+])
+def test_targets_a_metric_cannot_score_are_refused_before_any_model_runs(metric, example, field):
+    """BIG-bench's metrics raise on these mid-task (after the model ran): here the task file is refused."""
+    with pytest.raises(DataError, match=re.escape(field)):
+        task_from_dict({"examples": [example, {"input": "r", "target": "3", "target_scores": {"3": 1, "4": 0}}],
+                        "metrics": [metric]}, "t.json")
 
 
 def test_unreadable_task_files_are_clear_errors(tmp_path):

@@ -159,6 +159,17 @@ def test_context_and_continuation_are_split_as_lm_eval_splits_them(run_dir, refe
     assert got[0][0] == pytest.approx(_summed(reference.loglikelihood(["Answer:"], [" Paris"]))[0], abs=1e-5)
 
 
+def test_a_generation_budget_that_leaves_no_room_for_the_prompt_is_refused(run_dir):
+    """max_gen_toks >= max_length kept one token of every prompt (two unrelated prompts gave the same text);
+    lm-eval's own HFLM asserts against it."""
+    from lm_eval.api.instance import Instance
+
+    model = adapter.ScalingJaxLM(run_dir=run_dir, batch_size=4, max_length=16)
+    request = Instance("generate_until", {}, ("Once upon", {"until": ["\n"], "max_gen_toks": 16}), 0)
+    with pytest.raises(UserError, match="max_gen_toks=16 new tokens but max_length is 16"):
+        model.generate_until([request], disable_tqdm=True)
+
+
 def test_bad_model_args_are_one_clear_error(tmp_path, run_dir):
     not_a_run = tmp_path / "not_a_run"
     not_a_run.mkdir()

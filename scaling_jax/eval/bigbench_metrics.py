@@ -35,6 +35,19 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeLsum")
 ROUGE_BOOTSTRAP_SEED = 0  # BIG-bench leaves numpy's global generator unseeded; we fix it so scores repeat
 
 
+def reported_scores(metrics: Sequence[str]) -> set[str]:
+    """The scores a task asking for ``metrics`` reports: rouge gives three, multiple_choice_grade brings the
+    calibration scores, log_likelihood its per-word and per-character means (with one target per example)."""
+    out: set[str] = set()
+    for name in metrics:
+        out |= set(ROUGE_TYPES) if name == "rouge" else {name}
+        if name == "multiple_choice_grade":
+            out |= set(CALIBRATION_METRICS)
+        if name == "log_likelihood":
+            out |= {"log_likelihood_per_word", "log_likelihood_per_char"}
+    return out
+
+
 # ----------------------------------------------------------------------------- generative
 
 

@@ -19,7 +19,7 @@ from scaling_jax import paths
 from scaling_jax.errors import CheckpointError
 from scaling_jax.eval import passuntil as pu_lib
 from scaling_jax.eval.scoring import LanguageModel, make_checker, passing_text, score_task, stop_sequences
-from scaling_jax.eval.tasks import Task, build_prompts, load_task, task_from_dict
+from scaling_jax.eval.tasks import BIGBENCH_SEED, Task, build_prompts, load_task, task_from_dict
 from scaling_jax.run_dir import CONFIG_FILE, EVAL_DIR
 
 
@@ -118,12 +118,15 @@ def resolve_tasks(specs: list[str], num_examples: int = 100, seed: int = 0, save
 # ----------------------------------------------------------------------------- PassUntil on a task
 
 
+MAX_NEW_TOKENS = 48  # answer budget (tokens) and cut (characters) of generative tasks; BIG-bench's CLI uses 30
+
+
 @dataclass(frozen=True)
 class PassUntilOptions:
     passes: int = 2  # r: samples are drawn until the r-th pass (r >= 2 gives an unbiased estimate)
     max_samples: int = 64  # cap per instance; beyond it the loss-based estimate is used
     batch: int = 32  # samples generated together
-    max_new_tokens: int = 48
+    max_new_tokens: int = MAX_NEW_TOKENS
     confidence: float = 0.95
 
 
@@ -170,11 +173,11 @@ def _loss_based_pus(task: Task, lm: LanguageModel, prompted: list) -> list[float
 
 
 def evaluate(run: LoadedRun, tasks: list[Task], shots: int = 0, seed: int = 0, max_examples: int = 0,
-             passuntil: PassUntilOptions | None = None, max_new_tokens: int = 48) -> dict:
+             passuntil: PassUntilOptions | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
     """Scores (and PassUntil) of one model on every task, as a JSON-ready dict."""
     out: dict = {"run_dir": run.run_dir, "step": run.step, "n_params": run.n_params,
                  "total_params": run.total_params, "flops": run.flops, "objective": run.objective, "shots": shots,
-                 "tasks": {}}
+                 "max_new_tokens": max_new_tokens, "tasks": {}}
     for task in tasks:
         score = score_task(task, run.lm, shots, seed, max_examples, max_new_tokens)
         entry = {"source": task.source, "examples": score.num_examples, "metrics": score.metrics,
@@ -290,14 +293,15 @@ def write_report(results: list[dict], out_dir: str, predict_n: float | None = No
 
 
 def run_eval(checkpoints: list[str], task_specs: list[str], shots: int = 0, out_dir: str | None = None,
-             seed: int = 0, num_examples: int = 100, max_examples: int = 0,
-             passuntil: PassUntilOptions | None = None, predict_n: float | None = None) -> dict:
-    """The ``scaling-jax eval`` command: every checkpoint on every task, then the report."""
+             seed: int = BIGBENCH_SEED, num_examples: int = 100, max_examples: int = 0,
+             passuntil: PassUntilOptions | None = None, predict_n: float | None = None,
+             max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
+    """The ``scaling-jax eval`` command: every checkpoint on every task, then the report. ``max_new_tokens`` is
+    BIG-bench's ``max_length``: the answer's token budget and its character cut (its own CLI's default is 30)."""
     out_dir = out_dir or os.path.join(checkpoints[0], EVAL_DIR)
     tasks = resolve_tasks(task_specs, num_examples, seed, out_dir)
     results = []
-    max_new = passuntil.max_new_tokens if passuntil else 48
     for ckpt in checkpoints:
-        results.append(evaluate(load_run(ckpt), tasks, shots, seed, max_examples, passuntil, max_new))
+        results.append(evaluate(load_run(ckpt), tasks, shots, seed, max_examples, passuntil, max_new_tokens))
     report = write_report(results, out_dir, predict_n)
     return {"results": results, **report, "out_dir": out_dir}

@@ -250,7 +250,12 @@ class _ScalingJaxLMMethods:
         with self._progress(len(requests), "scaling_jax generate_until", disable_tqdm) as bar:
             for members in groups.values():
                 sampling = self.sampling(requests[members[0]].args[1])
-                keep = max(1, self.max_length - sampling.max_new_tokens)  # context left for the prompt
+                keep = self.max_length - sampling.max_new_tokens  # context left for the prompt
+                if keep < 1:  # lm-eval's own models refuse this too; a prompt cut to one token answers nothing
+                    raise UserError(f"generation asks for max_gen_toks={sampling.max_new_tokens} new tokens but "
+                                    f"max_length is {self.max_length}, leaving no room for the prompt; set "
+                                    "max_gen_toks lower (the task's generation_kwargs or --model_args "
+                                    "max_gen_toks=...) or raise --model_args max_length")
                 prompts = {i: self.lm.encode_prompt(requests[i].args[0])[-keep:] for i in members}
                 members = sorted(members, key=lambda i: -len(prompts[i]))
                 for start in range(0, len(members), self.batch_size):

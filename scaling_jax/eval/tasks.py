@@ -159,7 +159,26 @@ def _preferred_score(data: dict, metrics: list[str], source: str) -> str:
     if not isinstance(preferred, str) or preferred not in set(bm.SCORE_RANGES) | set(EXTRA_METRICS):
         raise _fail(source, "preferred_score", f"{preferred!r} is not a score a task reports "
                     f"(one of {', '.join(sorted(bm.SCORE_RANGES))})")
+    reported = bm.reported_scores(metrics)
+    if preferred not in reported:  # its normalised score (and a composite's) would silently be missing
+        raise _fail(source, "preferred_score", f"{preferred!r} is not among the scores its metrics {metrics} report "
+                    f"({', '.join(sorted(reported))}); name one of those or add its metric")
     return preferred
+
+
+def _check_metric_targets(examples: list[Example], metrics: list[str], source: str) -> None:
+    """What a metric needs of every example, checked before a model runs (BIG-bench fails mid-task on these)."""
+    for i, e in enumerate(examples):
+        if "macro_f1" in metrics and e.target_scores is not None and (
+                list(e.target_scores.values()).count(1) != 1 or sum(e.target_scores.values()) != 1):
+            raise _fail(source, f"examples[{i}].target_scores", "must give exactly one choice score 1 and the others "
+                        "0 for macro_f1 (no partial credit)")
+        if "numeric_match_with_0_1_relative_error" in metrics and len(e.targets) != 1:
+            raise _fail(source, f"examples[{i}].target", "must be one value for "
+                        "numeric_match_with_0_1_relative_error")
+        if "log_likelihood" in metrics and e.target_scores is None and any(not t.strip() for t in e.targets):
+            raise _fail(source, f"examples[{i}].target", "is empty; log_likelihood's per-word and per-character "
+                        "means need text")
 
 
 def _format_fields(data: dict, source: str) -> dict:
@@ -219,6 +238,7 @@ def task_from_dict(data: Any, source: str = "<dict>", name: str | None = None,
     if unknown:
         raise _fail(source, "metrics", f"name {unknown}, not BIG-bench metrics (supported: {', '.join(KNOWN_METRICS)})")
     examples = [_example(e, i, source) for i, e in enumerate(_distinct(raw_examples))]
+    _check_metric_targets(examples, metrics, source)
     task = Task(name=name, examples=examples, metrics=metrics, description=str(data.get("description", "")),
                 source=source, preferred_score=_preferred_score(data, metrics, source), **_format_fields(data, source))
     if not task.generative and not task.multiple_choice and "log_likelihood" not in metrics:

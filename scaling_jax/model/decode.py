@@ -591,9 +591,11 @@ class CachedLM:
         """Texts continuing each prompt (a document start, as in training, precedes every prompt); prompt ``i``
         samples from ``sampling.seed`` folded with ``i``, whatever ``batch_size``."""
         out: list[str] = []
+        # room for the answer, but never more than half the window: a budget as long as the window (48 new tokens
+        # at seq_len 32) cut every prompt to its bos and the model answered nothing it was asked
+        room = sampling.max_new_tokens if self.max_len is None else min(sampling.max_new_tokens, self.max_len // 2)
         for i in range(0, len(prompts), batch_size):
-            chunk = [self.fit_prompt(self.encode_prompt(p), sampling.max_new_tokens)
-                     for p in prompts[i:i + batch_size]]
+            chunk = [self.fit_prompt(self.encode_prompt(p), room) for p in prompts[i:i + batch_size]]
             out += self.generate_ids(chunk, sampling, request_ids=range(i, i + len(chunk))).texts
         return out
 

@@ -220,7 +220,7 @@ def _flag(args: argparse.Namespace, name: str, kind: type = int, low: float | No
     return value
 
 
-def _writable_out(out: str, default_in: str | None = None) -> None:
+def _writable_out(out: str, default_in: str | None = None, flag: str = "--out") -> None:
     """Fail now, in one line, if the output directory cannot be made or written (not after the work is done).
 
     ``default_in``: the directory ``out`` defaults into (a run or sweep), named in the message."""
@@ -228,12 +228,13 @@ def _writable_out(out: str, default_in: str | None = None) -> None:
 
     from scaling_jax import paths
 
-    flag = "--out" if default_in is None else "the default output directory"
+    fix = f"pass {flag} naming a writable place"
+    flag = flag if default_in is None else "the default output directory"
     if paths.is_remote(out):
-        fix = "write locally and copy the files up" if default_in is None else "pass --out LOCAL_DIR"
-        raise UserError(f"{flag} '{out}' must be a local directory; {fix}")
+        where = "write locally and copy the files up" if default_in is None else "pass --out LOCAL_DIR"
+        raise UserError(f"{flag} '{out}' must be a local directory; {where}")
     if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"{flag} '{out}' is a file; pass --out DIR (a new or existing directory)")
+        raise UserError(f"{flag} '{out}' is a file; {fix} (a new or existing directory)")
     probe = os.path.abspath(out)
     while not os.path.exists(probe):  # the nearest existing ancestor is where a directory gets created
         probe = os.path.dirname(probe)
@@ -245,8 +246,7 @@ def _writable_out(out: str, default_in: str | None = None) -> None:
     except OSError as e:
         why = (e.strerror or str(e)).lower()
         where = f" inside '{default_in}'" if default_in else ""
-        raise UserError(f"cannot write {flag} '{out}'{where} ({why}); pass --out DIR naming a writable "
-                        "directory") from None
+        raise UserError(f"cannot write {flag} '{out}'{where} ({why}); {fix}") from None
 
 
 OUTPUT_MARKER = ".scaling_jax_output"  # in an --out directory: which command wrote its files
@@ -255,8 +255,11 @@ OUTPUT_MARKER = ".scaling_jax_output"  # in an --out directory: which command wr
 def _own_out(out: str, command: str, names: tuple[str, ...]) -> None:
     """An ``--out`` directory may already hold the files ``command`` writes only if ``command`` wrote them (a
     rerun): a user's own report.md or results.json is never written over."""
-    taken = [n for n in names if os.path.exists(os.path.join(out, n))]
+    taken = [n for n in names if os.path.lexists(os.path.join(out, n))]  # a dangling link is the user's too
     marker = os.path.join(out, OUTPUT_MARKER)
+    if os.path.islink(marker) or any(os.path.islink(os.path.join(out, n)) for n in taken):
+        raise UserError(f"--out '{out}' holds a symbolic link where scaling-jax {command} writes its files; choose "
+                        "another --out (a new or empty directory, or an earlier output of this command)")
     writers = set(open(marker).read().split()) if os.path.isfile(marker) else set()
     if taken and command not in writers:
         raise UserError(f"--out '{out}' already holds {taken[0]}, which scaling-jax {command} did not write; choose "
@@ -288,6 +291,10 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     if os.path.isdir(args.output):
         raise UserError(f"--output '{args.output}' is a directory; name the file to write, e.g. "
                         f"{os.path.join(args.output, 'tokenizer.json')}")
+    if os.path.lexists(args.output):  # a file, or a link (even one to nothing): runs may use what it names
+        raise UserError(f"--output '{args.output}' already exists; name a new file (runs may use the old "
+                        "tokenizer, so it is never replaced)")
+    _writable_out(os.path.dirname(os.path.abspath(args.output)), flag="--output")  # before the training
     data = _data_config(args)
     if args.corpus:
         data.source = args.corpus
@@ -318,6 +325,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
     _flag(args, "chunks_per_shard", int, 1)
     part_mib = _flag(args, "part_mib", float, 0, above=True, hint="input MiB per part, e.g. 64")
     prep.check_output(args.output, args.overwrite)  # before the tokenizer and any Ray cluster start
+    _writable_out(os.path.dirname(os.path.abspath(args.output)), flag="--output")
     data = _data_config(args)
     parallel_map = None
     if args.executor == "ray":

@@ -89,6 +89,13 @@ def check_claimable(path: str, field: str = "train.run_dir") -> bool:
                               f"(a multi-host run: {field}=gs://BUCKET/runs/NAME)")
     if not paths.is_remote(path) and os.path.exists(path) and not os.path.isdir(path):
         raise CheckpointError(f"{field} '{path}' is a file; point {field} at a directory")
+    if not paths.is_remote(path):  # inside another run, its resume would take this one for a damaged checkpoint
+        ancestor = os.path.dirname(os.path.abspath(path))
+        while ancestor != os.path.dirname(ancestor):
+            if os.path.isfile(os.path.join(ancestor, MARKER)):
+                raise CheckpointError(f"{field} '{path}' lies inside the run '{ancestor}', whose files are its "
+                                      f"own; choose a directory outside it, e.g. {field}=runs/NAME")
+            ancestor = os.path.dirname(ancestor)
     names = paths.listdir(path)
     if not names:
         return True

@@ -551,6 +551,33 @@ def test_report_and_eval_into_a_directory_of_user_files_only_add_their_own(train
         assert sorted(os.listdir(theirs)) == [name] and (theirs / name).read_text() == "mine"
 
 
+def test_links_under_out_a_run_inside_a_run_and_a_sweep_in_a_users_directory_are_refused(trained_run, tmp_path,
+                                                                                           capsys):
+    """Each wrote or moved something outside its output: report/eval through a dangling link named like their
+    output (creating the file it pointed at), tokenizer train over a dangling link, a run inside another run's
+    checkpoints (the other's resume moved it aside as a damaged checkpoint), a sweep among a user's files."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").symlink_to(tmp_path / "victim.md")
+    assert main(["report", trained_run, "--out", str(out)]) == 2
+    assert "symbolic link" in capsys.readouterr().err and not (tmp_path / "victim.md").exists()
+    (tmp_path / "tok.json").symlink_to(tmp_path / "nowhere" / "t.json")
+    assert main(["tokenizer", "train", "--corpus", trained_run, "--output", str(tmp_path / "tok.json"),
+                 "--vocab-size", "400"]) == 2
+    assert "already exists" in capsys.readouterr().err and (tmp_path / "tok.json").is_symlink()
+    inside = os.path.join(trained_run, "checkpoints", "9")
+    assert main(["train", "configs/quickstart.yaml", *TINY, f"train.run_dir={inside}"]) == 2
+    assert f"lies inside the run '{trained_run}'" in capsys.readouterr().err and not os.path.exists(inside)
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(json.dumps({"name": "s", "base": os.path.abspath("configs/quickstart.yaml"), "out_dir": str(users),
+                                "objectives": ["causal"], "sizes": ["passuntil:1"], "budgets": [{"tokens": 512}]}))
+    assert main(["sweep", str(spec)]) == 2
+    assert "holds notes.txt, which no sweep wrote" in capsys.readouterr().err and os.listdir(users) == ["notes.txt"]
+
+
 def _read_only_mount_works(path) -> bool:
     probe = f"mount --bind -o ro '{path}' '{path}' && ! touch '{path}/.probe' 2>/dev/null"
     return shutil.which("unshare") is not None and subprocess.run(

@@ -19,6 +19,7 @@ def test_a_trainer_takes_95_percent_unless_the_user_configured_the_allocator():
 
 @pytest.mark.parametrize(("command", "claims"), [("train", True), ("resume", True), ("sweep", True), ("info", False)])
 def test_only_the_training_commands_claim_the_device(monkeypatch, tmp_path, command, claims):
-    monkeypatch.delenv(MEM_FRACTION_ENV, raising=False)  # restored after the test
+    monkeypatch.setenv(MEM_FRACTION_ENV, "unset")  # recorded, so whatever main sets is undone after the test
+    monkeypatch.delenv(MEM_FRACTION_ENV)
     assert main([command, str(tmp_path / "missing")]) == 2  # refused after the claim, before any work
     assert (os.environ.get(MEM_FRACTION_ENV) == "0.95") is claims

@@ -168,6 +168,7 @@ def test_a_generation_budget_that_leaves_no_room_for_the_prompt_is_refused(run_d
     request = Instance("generate_until", {}, ("Once upon", {"until": ["\n"], "max_gen_toks": 16}), 0)
     with pytest.raises(UserError, match="max_gen_toks=16 new tokens but max_length is 16"):
         model.generate_until([request], disable_tqdm=True)
+    assert model.max_gen_toks == 8  # unset: half the window (lm-eval's 256 would leave none at seq_len 256)
 
 
 def test_bad_model_args_are_one_clear_error(tmp_path, run_dir):

@@ -122,6 +122,10 @@ def test_a_rollback_the_resumed_run_will_replay_is_dropped_and_the_dropped_updat
     assert ROLLBACK_WINDOW in str(writer.truncate_after(3, data_index=5))  # restored past the window: kept
     kept = writer.truncate_after(3, data_index=3)  # ...but here the window lies ahead again
     assert [r["step"] for r in kept] == [1, 2, 3, 2] and ROLLBACK_WINDOW not in str(kept)
+    _log(tmp_path / "bigger", [{"step": 3, "rollback_from_step": 5, ROLLBACK_WINDOW: [3, 4], "batch_size": 8}])
+    bigger = MetricsWriter(str(tmp_path / "bigger"), tensorboard=False)  # resumed at batch 32: compared in rows
+    assert len(bigger.truncate_after(3, data_index=2, batch_size=32)) == 1  # rows 0-63 are past batch 4 of 8
+    assert bigger.truncate_after(3, data_index=1, batch_size=32) == []  # rows 0-31 are not
     policy = NonFinitePolicy("rollback", ["w"], max_rollbacks=3)
     policy.count_logged(rows[:5])
     assert policy.skipped == 2

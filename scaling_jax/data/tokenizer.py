@@ -293,7 +293,7 @@ def train_tokenizer(texts: Iterable[str], output: str, vocab_size: int, kind: st
     if vocab_size < specials + 256 + 16:
         raise ConfigError(f"--vocab-size {vocab_size} is too small: {specials} ids are reserved and the 256 "
                           f"bytes need their own; use at least {specials + 272}")
-    if os.path.exists(output):
+    if os.path.lexists(output):
         raise DataError(f"--output '{output}' already exists; name a new file (runs may use the old tokenizer, so "
                         "it is never replaced)")
     if output.endswith(".json") != (library == "tokenizers"):  # data.tokenizer=PATH picks the reader by suffix

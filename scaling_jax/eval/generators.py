@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import datetime
+import inspect
 import json
 import os
 import re
@@ -312,6 +313,15 @@ def generate_task(spec: str, n: int = 100, seed: int = 0) -> dict:
     name, kwargs = parse_spec(spec)
     if name not in GENERATORS:
         raise DataError(f"task '{name}' is neither a file nor a generator; generators: {', '.join(GENERATORS)}")
+    defaults = inspect.signature(GENERATORS[name]).parameters
+    for key, value in kwargs.items():  # a setting of the wrong kind failed deep inside as a comparison error
+        default = defaults[key].default if key in defaults else None
+        want = float if isinstance(default, float) else type(default)
+        if isinstance(default, (int, float, str)) and not isinstance(default, bool) and not (
+                isinstance(value, want) and not isinstance(value, bool)
+                or want is float and isinstance(value, int) and not isinstance(value, bool)):
+            raise DataError(f"task '{spec}': {key}={value!r} must be {want.__name__} (default {default!r}); see "
+                            "scaling_jax/eval/generators.py for its difficulty settings")
     try:
         return GENERATORS[name](n=n, seed=seed, **kwargs)
     except TypeError as e:

@@ -24,7 +24,9 @@ The three request types run on the run's ``CachedLM`` (``harness.load_run``), ba
   requests are grouped by their generation settings.
 
 ``max_length`` defaults to the ``data.seq_len`` the run was trained on (the model has no hard limit, but
-positions beyond its training length were never trained).
+positions beyond its training length were never trained); ``max_gen_toks`` (a task's own wins) to lm-eval's 256
+or half of ``max_length``, whichever is smaller. A generation budget that leaves no room for the prompt is
+refused, as lm-eval's own models refuse it.
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ class _ScalingJaxLMMethods:
     """The body of ``ScalingJaxLM`` (which is this plus lm-eval's ``LM`` base, made on first access)."""
 
     def __init__(self, run_dir: str | None = None, step=None, batch_size=None, max_length=None,
-                 max_gen_toks=DEFAULT_MAX_GEN_TOKS, seed=0, **kwargs):
+                 max_gen_toks=None, seed=0, **kwargs):
         super().__init__()
         unknown = sorted(k for k in kwargs if k not in IGNORED_ARGS)
         if unknown:
@@ -149,7 +151,7 @@ class _ScalingJaxLMMethods:
 
         step = None if step is None else _int_arg("--model_args step", step, 0)
         max_length = None if max_length is None else _int_arg("--model_args max_length", max_length, 2)
-        self.max_gen_toks = _int_arg("--model_args max_gen_toks", max_gen_toks, 1)
+        given_gen_toks = None if max_gen_toks is None else _int_arg("--model_args max_gen_toks", max_gen_toks, 1)
         self.seed = _int_arg("--model_args seed", seed, 0)
         auto = batch_size is None or str(batch_size).startswith("auto")
         self.batch_size = DEFAULT_BATCH_SIZE if auto else _int_arg("--batch_size", batch_size, 1)
@@ -159,6 +161,9 @@ class _ScalingJaxLMMethods:
         self.lm = self.run.lm
         self.tokenizer = self.lm.tokenizer
         self.max_length = max_length or load_config(join(run_dir, CONFIG_FILE)).data.seq_len
+        # lm-eval's default (256) would fill a small model's whole window (seq_len 256) and every generation
+        # task would be refused: by default at most half the window answers, as CachedLM.generate leaves it
+        self.max_gen_toks = given_gen_toks or min(DEFAULT_MAX_GEN_TOKS, self.max_length // 2)
         logger.info("scaling_jax: %s step %d (%s non-embedding parameters), max_length %d, batch %d", self.run.run_dir,
                     self.run.step, f"{self.run.n_params:,}", self.max_length, self.batch_size)
         self._scorer = _Scorer(self.lm, self.batch_size)

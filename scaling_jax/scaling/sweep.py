@@ -42,10 +42,11 @@ from typing import Any
 import yaml
 
 from scaling_jax import paths
+from scaling_jax import run_dir as run_dirs
 from scaling_jax.config import COMPILATION_CACHE_IN_RUN, Config, load_config, read_yaml, to_dict
 from scaling_jax.data.tokenizer import resolved_config
 from scaling_jax.errors import ConfigError
-from scaling_jax.run_dir import COMPILATION_CACHE_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from scaling_jax.run_dir import COMPILATION_CACHE_DIR, CONFIG_FILE, METRICS_FILE, REPORT_DIR, SUMMARY_FILE
 from scaling_jax.scaling.executors import Executor, LocalExecutor, RayOptions, ray_options
 
 MANIFEST = "manifest.json"
@@ -387,6 +388,12 @@ def check_out_dir(spec: SweepSpec) -> None:
     another sweep's, a prepared data directory's or a user's file, which the sweep would replace)."""
     path = paths.join(spec.out_dir, MANIFEST)
     if not paths.exists(path):
+        names = paths.listdir(spec.out_dir) if paths.exists(spec.out_dir) else []
+        ours = {COMPILATION_CACHE_DIR, REPORT_DIR} | {paths.basename(r.config.train.run_dir) for r in plan(spec)}
+        foreign = [n for n in names if n not in ours and not run_dirs.is_run_dir(paths.join(spec.out_dir, n))]
+        if foreign:  # a user's directory: the sweep would write its manifest, runs and report among their files
+            raise ConfigError(f"out_dir '{spec.out_dir}' holds {foreign[0]}, which no sweep wrote, and no sweep "
+                              "manifest; point the sweep's out_dir at a new or empty directory")
         return
     old = _read_json(path)
     if not isinstance(old, dict) or not isinstance(old.get("runs"), list) or "sweep" not in old:

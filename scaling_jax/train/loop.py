@@ -28,7 +28,7 @@ from scaling_jax.run_dir import CheckpointMeta
 from scaling_jax.train import metrics as metrics_lib
 from scaling_jax.train.checkpoint import CHECKPOINT_DIR, DIGEST_FILE, Checkpointer, model_signature
 from scaling_jax.train.compile_cache import CompilationCache
-from scaling_jax.train.continuation import STREAM_FREE_FIELDS, continued_stream_index, start_from_parent
+from scaling_jax.train.continuation import STREAM_FREE_FIELDS, start_from_parent
 from scaling_jax.train.health import NonFinitePolicy, tensor_names
 from scaling_jax.train.hooks import Hook, ProfileTrace
 from scaling_jax.train.lock import acquire_run_lock, holds_run_lock, release_run_lock
@@ -168,7 +168,7 @@ class Trainer:
         self.peak = t.peak_flops_per_device or metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind)
         self.writer = metrics_lib.MetricsWriter(self.files.local, tensorboard=t.tensorboard, enabled=self.is_main)
         self.step = int(jax.device_get(self.state.step))
-        kept_rows = self.writer.truncate_after(self.step, self.position)
+        kept_rows = self.writer.truncate_after(self.step, self.position, d.batch_size)
         self.nonfinite = NonFinitePolicy(t.nan_policy, tensor_names(session.abstract.params), t.max_rollbacks)
         self.nonfinite.count_logged(kept_rows)  # a resumed run's summary counts the updates dropped before it
         self.saved = self.step if self.resumed else None  # newest step with a checkpoint
@@ -249,9 +249,10 @@ class Trainer:
                                                        else ""))
             self.state, raw = checkpointer.restore(latest, session.abstract, session.state_sharding, self.data_iter)
             meta = CheckpointMeta.from_json(raw)
-            if not stream_changed:  # the position is a batch index: at another batch size, the same next row
-                self.data_iter.seek(continued_stream_index(meta.config["data"], to_dict(config)["data"],
-                                                           self.data_iter.index))
+            saved_batch = int(meta.config.get("data", {}).get("batch_size", config.data.batch_size))
+            if not stream_changed and saved_batch != config.data.batch_size:  # the position is a batch index:
+                rows = self.data_iter.index * saved_batch  # at another batch size, the first whole new batch
+                self.data_iter.seek(-(-rows // config.data.batch_size))  # after the rows already trained on
             self.wall_offset, self.offset, self.counted = float(meta.wall_time), meta.offset, _counted(meta)
             self.history, self.record = meta.lineage[:-1], meta.stage_record
         if self.is_main:
@@ -376,7 +377,8 @@ class Trainer:
             self.last_eval = last_validation(kept_rows)
         self.projection.forget_after(self.step)
         self.writer.write({"step": self.step, "rollback_from_step": bad_step,
-                           metrics_lib.ROLLBACK_WINDOW: [resumed, bad_batch]})
+                           metrics_lib.ROLLBACK_WINDOW: [resumed, bad_batch],
+                           metrics_lib.ROLLBACK_BATCH: self.config.data.batch_size})
         self.say(f"warning: non-finite {self.nonfinite.last[2]} at step {bad_step}; rolled back to the step-"
                  f"{self.step} checkpoint and skipped data batches {resumed}..{bad_batch} (train.nan_policy=rollback)")
         self.last_fetched, self.hook_seconds = time.perf_counter(), 0.0  # the restore is not the next step's time

@@ -23,6 +23,7 @@ from scaling_jax.errors import CheckpointError
 from scaling_jax.run_dir import METRICS_FILE, PLOTS_DIR, TENSORBOARD_DIR
 
 ROLLBACK_WINDOW = "skipped_data_batches"  # a rollback row's [first, last] data batch it skipped
+ROLLBACK_BATCH = "batch_size"  # ...in batches of this many rows (a resume may change the batch size)
 PLAIN_PROGRESS_INTERVAL_S = 10.0  # non-TTY progress: one line at most this often, so CI logs stay readable
 
 # Published vendor dense bf16 peaks, FLOP/s per device. Ordered most specific first: matching is by substring,
@@ -188,11 +189,12 @@ class MetricsWriter:
                 if key != "step" and _is_number(value):
                     tb.add_scalar(key, value, step)
 
-    def truncate_after(self, step: int, data_index: int | None = None) -> list[dict]:
+    def truncate_after(self, step: int, data_index: int | None = None, batch_size: int = 1) -> list[dict]:
         """Exact resume from a checkpoint at ``step``: drop logged rows past it (and any torn line) so the
         log matches what the resumed run will re-log. A rollback's row sits at its checkpoint's step: it goes too
-        when the resumed data position (``data_index``) has not passed the batches it skipped, as the run will
-        read them, roll back and log it again. The rewrite is atomic; a missing file is fine.
+        when the resumed data position (batch ``data_index`` of ``batch_size`` rows) has not passed the batches
+        it skipped, as the run will read them, roll back and log it again. The rewrite is atomic; a missing file
+        is fine.
         Returns the rows kept (none where this process does not write the log)."""
         if not self._enabled:
             return []
@@ -204,7 +206,11 @@ class MetricsWriter:
             return []
         except ValueError as e:  # a damaged line other than a torn last one
             raise CheckpointError(f"{str(e).splitlines()[0]}; repair or delete that line, then resume") from None
-        replayed = lambda r: data_index is not None and r.get(ROLLBACK_WINDOW, [0, -1])[1] >= data_index  # noqa: E731
+        def replayed(r: dict) -> bool:  # the window's last batch, in rows, not yet behind the resumed position
+            window = r.get(ROLLBACK_WINDOW)
+            return (data_index is not None and window is not None
+                    and window[1] * r.get(ROLLBACK_BATCH, batch_size) >= data_index * batch_size)
+
         kept = [r for r in rows if r["step"] <= step and not replayed(r)]
         _atomic_write_bytes(self.path, b"".join(_encode_row(r) for r in kept))
         return kept

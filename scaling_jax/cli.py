@@ -228,13 +228,14 @@ def _writable_out(out: str, default_in: str | None = None, flag: str = "--out") 
 
     from scaling_jax import paths
 
-    fix = f"pass {flag} naming a writable place"
+    fix, kind = ("pass --out DIR naming a writable directory", "pass --out DIR") if flag == "--out" else \
+        (f"pass {flag} naming a writable place", f"pass {flag} naming a writable place")
     flag = flag if default_in is None else "the default output directory"
     if paths.is_remote(out):
         where = "write locally and copy the files up" if default_in is None else "pass --out LOCAL_DIR"
         raise UserError(f"{flag} '{out}' must be a local directory; {where}")
     if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"{flag} '{out}' is a file; {fix} (a new or existing directory)")
+        raise UserError(f"{flag} '{out}' is a file; {kind} (a new or existing directory)")
     probe = os.path.abspath(out)
     while not os.path.exists(probe):  # the nearest existing ancestor is where a directory gets created
         probe = os.path.dirname(probe)

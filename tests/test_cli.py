@@ -68,7 +68,7 @@ def test_unwritable_output_paths_non_utf8_files_and_non_yaml_overrides_are_one_l
     (tmp_path / "afile").write_text("x")
     result = _cli_here(capsys, "data", "prepare", "--output", str(tmp_path / "afile" / "out"), "data.source=stdlib",
                        "data.tokenizer=byte", "data.max_docs=5")
-    _assert_one_line_error(result, f"'{tmp_path / 'afile'}'", "check the path you gave")
+    _assert_one_line_error(result, f"'{tmp_path / 'afile'}' is a file", "pass --output naming a writable place")
     (tmp_path / "latin1.yaml").write_bytes("model:\n  layers: 2  # caf\xe9\n".encode("latin-1"))
     _assert_one_line_error(_cli_here(capsys, "info", str(tmp_path / "latin1.yaml")), "latin1.yaml", "is not UTF-8")
     # a glob is not YAML (a leading * is an alias): the override is its text, and the data error names it

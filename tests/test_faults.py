@@ -375,7 +375,7 @@ def test_nan_policy_rollback_restores_the_checkpoint_and_skips_the_bad_window(tm
     summary = train(config)
     rows = _rows(tmp_path)
     (event,) = [r for r in rows if "rollback_from_step" in r]
-    assert event == {"step": 3, "rollback_from_step": 5, "skipped_data_batches": [3, 4]}
+    assert event == {"step": 3, "rollback_from_step": 5, "skipped_data_batches": [3, 4], "batch_size": 8}
     losses = [r for r in rows if "loss" in r]
     assert [r["step"] for r in losses] == list(range(1, 9)) and all(r["skipped"] == 0 for r in losses)
     assert summary["step"] == 8 and np.isfinite(summary["val_loss"])

@@ -316,10 +316,9 @@ def generate_task(spec: str, n: int = 100, seed: int = 0) -> dict:
     defaults = inspect.signature(GENERATORS[name]).parameters
     for key, value in kwargs.items():  # a setting of the wrong kind failed deep inside as a comparison error
         default = defaults[key].default if key in defaults else None
-        want = float if isinstance(default, float) else type(default)
-        if isinstance(default, (int, float, str)) and not isinstance(default, bool) and not (
-                isinstance(value, want) and not isinstance(value, bool)
-                or want is float and isinstance(value, int) and not isinstance(value, bool)):
+        want = type(default)  # bool and other defaults are left to the generator
+        fits = isinstance(value, want) or (want is float and isinstance(value, int))
+        if want in (int, float, str) and (isinstance(value, bool) or not fits):
             raise DataError(f"task '{spec}': {key}={value!r} must be {want.__name__} (default {default!r}); see "
                             "scaling_jax/eval/generators.py for its difficulty settings")
     try:

@@ -388,9 +388,11 @@ def check_out_dir(spec: SweepSpec) -> None:
     another sweep's, a prepared data directory's or a user's file, which the sweep would replace)."""
     path = paths.join(spec.out_dir, MANIFEST)
     if not paths.exists(path):
-        names = paths.listdir(spec.out_dir) if paths.exists(spec.out_dir) else []
-        ours = {COMPILATION_CACHE_DIR, REPORT_DIR} | {paths.basename(r.config.train.run_dir) for r in plan(spec)}
-        foreign = [n for n in names if n not in ours and not run_dirs.is_run_dir(paths.join(spec.out_dir, n))]
+        names = set(paths.listdir(spec.out_dir) if paths.exists(spec.out_dir) else []) - {COMPILATION_CACHE_DIR,
+                                                                                          REPORT_DIR}
+        if names:  # the whole grid's run names (only then: planning loads a config per size)
+            names -= {paths.basename(r.config.train.run_dir) for r in plan(spec)}
+        foreign = sorted(n for n in names if not run_dirs.is_run_dir(paths.join(spec.out_dir, n)))
         if foreign:  # a user's directory: the sweep would write its manifest, runs and report among their files
             raise ConfigError(f"out_dir '{spec.out_dir}' holds {foreign[0]}, which no sweep wrote, and no sweep "
                               "manifest; point the sweep's out_dir at a new or empty directory")

@@ -153,10 +153,15 @@ def _write_failure(e: BaseException) -> str | None:
 
 class _OrbaxThreadErrors(logging.Filter):
     """orbax logs a failed background save with a full traceback before re-raising it to us; we turn it
-    into one CheckpointError line, so the duplicate traceback is dropped (``--debug`` still shows ours)."""
+    into one CheckpointError line, so the duplicate traceback is dropped (``--debug`` still shows ours).
+    Which of orbax's threads logs it depends on timing: the write's own thread, or the thread that waits
+    for the writes to commit."""
+
+    MESSAGES = ("raised an exception", "in background save thread")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "raised an exception" not in record.getMessage()
+        message = record.getMessage()
+        return not any(m in message for m in self.MESSAGES)
 
 
 _ORBAX_FILTER = _OrbaxThreadErrors()

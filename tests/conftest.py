@@ -158,14 +158,17 @@ def tiny_trained_run(tmp_path_factory):
 
 
 # The files that take longest go to the workers first (one file per worker: --dist loadfile), so the run does not
-# end with one worker finishing a long file while the other idles. Measured per file on 2 workers (2026-11-26); the
-# Ray files run as one unit (see RAY_FILES) where the first of them stands.
+# end with one worker finishing a long file while the other idles. Ordered by each file's seconds in a whole-suite
+# run with an empty compilation cache, as CI runs it (2 workers, 2026-11-27; files under ~4 s follow in name order);
+# the Ray files run as one unit (see RAY_FILES) where the first of them stands.
 LONGEST_FIRST = ("test_faults.py", "test_ray_executor.py", "test_gcs_sweep.py", "test_prepare_ray.py",
-                 "test_checkpoint.py", "test_scan_layers.py", "test_decode.py", "test_multiprocess.py",
-                 "test_gcs_run.py", "test_run_dir.py", "test_lm_eval_adapter.py", "test_continuation.py",
-                 "test_cli.py", "test_bad_inputs.py", "test_sharding.py", "test_train.py", "test_emergence.py",
-                 "test_eval_tasks.py", "test_multi_token.py", "test_prepare.py", "test_attention.py", "test_sweep.py",
-                 "test_t5x_convert.py", "test_maxtext_convert.py", "test_seqio_adapter.py", "test_hf_convert.py")
+                 "test_decode.py", "test_scan_layers.py", "test_multiprocess.py", "test_gcs_run.py", "test_run_dir.py",
+                 "test_checkpoint.py", "test_continuation.py", "test_multi_token.py", "test_lm_eval_adapter.py",
+                 "test_sharding.py", "test_trainer_seams.py", "test_attention.py", "test_compile_cache.py",
+                 "test_emergence.py", "test_t5x_convert.py", "test_report.py", "test_prepare.py", "test_bad_inputs.py",
+                 "test_eval_tasks.py", "test_seqio_adapter.py", "test_train.py", "test_sweep.py", "test_pipeline.py",
+                 "test_maxtext_convert.py", "test_laws.py", "test_packing.py", "test_cli.py", "test_bigbench.py",
+                 "test_noise_scale.py", "test_hf_convert.py", "test_memory.py")
 
 
 @pytest.hookimpl(wrapper=True)

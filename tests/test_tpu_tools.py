@@ -95,7 +95,8 @@ def test_install_ships_the_work_tree_without_ignored_files(tmp_path):
     import tarfile
 
     names = tarfile.open(archive).getnames()
-    assert {"scaling_jax/setup.cfg", "scaling_jax/scaling_jax/cli.py", "scaling_jax/scripts/tpu/tpu.py"} <= set(names)
+    shipped = {"scaling_jax/pyproject.toml", "scaling_jax/scaling_jax/cli.py", "scaling_jax/scripts/tpu/tpu.py"}
+    assert shipped <= set(names)
     assert not [n for n in names if "/runs/" in n or "__pycache__" in n or "/.git/" in n or "egg-info" in n]
 
 

@@ -25,15 +25,14 @@ if "PYTEST_XDIST_WORKER" not in os.environ:
     compileall.compile_dir(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scaling_jax"),
                            quiet=1)
 
-import jax  # noqa: E402
-
-from scaling_jax.parallel.cpu_threads import ensure_threads_for_collectives  # noqa: E402
+from importlib.metadata import version  # noqa: E402
 
 # XLA:CPU's newer MLIR fusion emitters compile the tests' programs more slowly than its LLVM IR emitters:
 # test_sharding.py + test_scan_layers.py took 46-49 s with this flag and 71-83 s without (alternated, one process,
 # load ~1.7), the whole suite 445 s against 633 s. jax >= 0.11 has only the new emitters and refuses the flag, so
 # it is set only where XLA knows it; before any backend starts, so this process and its subprocesses read it.
-FAST_COMPILE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false" if jax.__version_info__ < (0, 11) else ""
+FAST_COMPILE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false" if \
+    tuple(int(p) for p in version("jax").split(".")[:2]) < (0, 11) else ""
 # XLA:CPU splits each program's LLVM module into parts it compiles on a thread pool; on this project's 2 cores,
 # with two test workers compiling at once, the parts only add per-module work. One part: 5 compile-heavy files
 # (sharding, scan_layers, multi_token, checkpoint, decode) with an empty compilation cache took 52.9 and 67.3 s
@@ -41,13 +40,11 @@ FAST_COMPILE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false" if jax.__version_
 FAST_COMPILE_XLA_FLAGS += " --xla_cpu_parallel_codegen_split_count=1"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_XLA_FLAGS}".strip()
 
-jax.config.update("jax_num_cpu_devices", 8)  # before any JAX op; single-device tests use devices()[:1]
-ensure_threads_for_collectives()  # 16 client threads for 8 devices (else queued steps can deadlock XLA:CPU)
-
 import pytest  # noqa: E402
 
 from scaling_jax.cli import no_notebook_probe  # noqa: E402
 from scaling_jax.config import load_config  # noqa: E402
+from scaling_jax.parallel.cpu_threads import ensure_threads_for_collectives  # noqa: E402
 
 # What jax.monitoring records once per program built. It times jax's compile-or-get-cached call, so it fires whether
 # XLA compiled the program or the persistent cache gave it back (a hit also records the cache's own events: counting
@@ -66,6 +63,7 @@ PROGRAM_BUILT_EVENT = "/jax/core/compile/backend_compile_duration"
 CACHE_KEEP_BYTES = 512 << 20
 
 
+@pytest.hookimpl(trylast=True)  # after xdist's, which tells whether this process is its controller
 def pytest_configure(config):
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         if getattr(config, "cache", None) is not None:  # pytest's cacheprovider (absent with -p no:cacheprovider)
@@ -76,7 +74,13 @@ def pytest_configure(config):
             cache = tempfile.mkdtemp(prefix="scaling_jax_tests_jax_cache_")
             atexit.register(shutil.rmtree, cache, ignore_errors=True)
         os.environ["JAX_COMPILATION_CACHE_DIR"] = cache  # before the xdist workers and any subprocess start
+    if config.pluginmanager.has_plugin("dsession"):
+        return  # xdist's controller only hands tests to its workers: importing JAX here (~1.5 s) delayed their start
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 8)  # before any JAX op; single-device tests use devices()[:1]
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    ensure_threads_for_collectives()  # 16 client threads for 8 devices (else queued steps can deadlock XLA:CPU)
 
 
 def pytest_collection_finish(session):
@@ -114,6 +118,8 @@ def _forget_oldest(directory: str, keep_bytes: int) -> None:
 @contextlib.contextmanager
 def programs_built():
     """The programs built inside the block (a list of event names, one per program, compiled or from the cache)."""
+    import jax
+
     built: list[str] = []
 
     def listener(event: str, duration: float, **kwargs) -> None:
@@ -250,6 +256,7 @@ def assert_fixture_script_reproduces(script_name: str, fixtures: str, variants, 
 def decoder_logits(params: dict, cfg, input_ids):
     """Our decoder's logits for ``input_ids`` (one document per row) with ``params`` (a pure dict in our layout):
     what an imported checkpoint is compared against the source framework's own logits with."""
+    import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx

@@ -1,6 +1,7 @@
 """Checkpoints: exact resume after SIGKILL, clean exit on SIGTERM, restore onto another mesh."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,21 +73,35 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
     assert "SIGTERM: saved checkpoint at step" in out
 
 
-def test_restore_onto_a_different_mesh_gives_the_same_parameters(tmp_path):
-    run_dir = str(tmp_path / "run")
-    config = load_config("configs/quickstart.yaml", RUN + ["train.steps=2", f"train.run_dir={run_dir}",
-                                                           "mesh.data=8", "data.batch_size=8",
-                                                           "train.async_checkpointing=false"])
-    train(config)
-    saved = Checkpointer(run_dir, 3)
-    reference, _ = saved.restore(2, build_session(config).abstract, build_session(config).state_sharding, None)
+def _two_steps(run_dir, *extra: str) -> list[str]:
+    return [*RUN, "train.steps=2", "train.checkpoint_every=1", "mesh.data=8", "train.async_checkpointing=false",
+            f"train.run_dir={run_dir}", *extra]
 
-    other = load_config("configs/quickstart.yaml", RUN + ["train.steps=2", f"train.run_dir={run_dir}",
-                                                          "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
-                                                          "data.batch_size=8"])
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory):
+    """RUN trained 2 steps on an 8-way data mesh with a checkpoint after each: tests read it, or change a copy."""
+    run_dir = tmp_path_factory.mktemp("two_step_run") / "run"
+    train(load_config("configs/quickstart.yaml", _two_steps(run_dir)))
+    return run_dir
+
+
+def _copy(run_dir, tmp_path):
+    shutil.copytree(run_dir, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_restore_onto_a_different_mesh_gives_the_same_parameters(two_step_run):
+    saved = Checkpointer(two_step_run, 3)
+    session = build_session(load_config("configs/quickstart.yaml", _two_steps(two_step_run)))
+    reference, _ = saved.restore(2, session.abstract, session.state_sharding, None)
+
+    other = load_config("configs/quickstart.yaml", _two_steps(two_step_run, "mesh.data=2", "mesh.fsdp=2",
+                                                              "mesh.tensor=2"))
     session = build_session(other)
     restored, meta = saved.restore(2, session.abstract, session.state_sharding, None)
     assert meta["step"] == 2
+    assert reference.params["layers"]["attn"]["wq"].sharding.mesh.shape == {"data": 8, "fsdp": 1, "tensor": 1}
     wq = restored.params["layers"]["attn"]["wq"]  # stacked blocks: (layers, embed, heads, kv)
     assert wq.sharding.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2}
     assert wq.sharding.spec[1] == "fsdp"
@@ -96,24 +111,18 @@ def test_restore_onto_a_different_mesh_gives_the_same_parameters(tmp_path):
                  restored.opt_state, reference.opt_state)
 
 
-def test_resuming_with_another_model_shape_is_refused(tmp_path):
-    run_dir = str(tmp_path / "run")
-    base = RUN + ["train.steps=2", f"train.run_dir={run_dir}", "train.async_checkpointing=false"]
-    train(load_config("configs/quickstart.yaml", base))
+def test_resuming_with_another_model_shape_is_refused(two_step_run, tmp_path):
+    run_dir = _copy(two_step_run, tmp_path)
     with pytest.raises(CheckpointError, match="model.d_model=64 but the config says 128"):
-        train(load_config("configs/quickstart.yaml", base + ["model.d_model=128"]))
+        train(load_config("configs/quickstart.yaml", _two_steps(run_dir, "model.d_model=128")))
 
 
-def test_an_unfinished_save_never_becomes_latest(tmp_path):
+def test_an_unfinished_save_never_becomes_latest(two_step_run, tmp_path):
     """A save killed mid-write leaves orbax's temporary directory behind; resume must ignore it."""
-    run_dir = tmp_path / "run"
-    base = RUN + ["train.steps=2", "train.checkpoint_every=1", f"train.run_dir={run_dir}",
-                  "train.async_checkpointing=false"]
-    train(load_config("configs/quickstart.yaml", base))
-    checkpoints = run_dir / "checkpoints"
-    partial = checkpoints / "3.orbax-checkpoint-tmp-1234567"
+    run_dir = _copy(two_step_run, tmp_path)
+    partial = run_dir / "checkpoints" / "3.orbax-checkpoint-tmp-1234567"
     partial.mkdir()
     (partial / "state").mkdir()  # half-written: no metadata, no commit marker
     assert Checkpointer(run_dir, 3).latest_step() == 2
-    summary = train(load_config("configs/quickstart.yaml", [*base, "train.steps=3"]))
+    summary = train(load_config("configs/quickstart.yaml", _two_steps(run_dir, "train.steps=3")))
     assert summary["step"] == 3 and Checkpointer(run_dir, 3).latest_step() == 3

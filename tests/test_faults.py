@@ -209,6 +209,23 @@ def test_disk_full_during_save_is_one_error_and_the_previous_checkpoint_stays(tm
     assert Checkpointer(tmp_path, 1).latest_step() == 2
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("async_save", [True, False])
+def test_a_full_disk_during_training_prints_one_error_line_and_nothing_else(tmp_path, async_save):
+    """A training process whose checkpoint write hits the file-size limit (as a full disk would) printed our error
+    line amid ~320 lines of orbax's and asyncio's tracebacks: write threads posting to orbax's closed event loop,
+    orbax's finalize thread, and asyncio's never-retrieved write tasks at exit. Now stderr is the one line."""
+    env = {k: v for k, v in _env().items() if k != "JAX_COMPILATION_CACHE_DIR"}  # no program cache to write
+    command = _command(tmp_path / "run", "train.steps=3", "train.checkpoint_every=1", "train.compilation_cache=none",
+                       f"train.async_checkpointing={str(async_save).lower()}")
+    limited = ["bash", "-c", 'ulimit -f 64 && exec "$@"', "limited", *command]  # 64 KiB files: the state is ~0.9 MB
+    proc = subprocess.run(limited, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"error: could not write checkpoint step 1 to {tmp_path / 'run' / 'checkpoints'} ({os.strerror(errno.EFBIG)}); "
+        "free disk space or make it writable (no earlier checkpoint exists)"], proc.stderr
+
+
 def test_orbax_logged_tracebacks_of_a_failed_save_are_dropped_from_either_of_its_threads(tmp_path, caplog):
     """A failed save reaches the user once, as our CheckpointError; orbax logs it first with a traceback, from
     the write's thread or from its commit thread depending on timing (the second showed up in 1 of ~4 runs of

@@ -23,8 +23,10 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 import time
+import warnings
 import zlib
 from typing import Any
 
@@ -154,10 +156,10 @@ def _write_failure(e: BaseException) -> str | None:
 class _OrbaxThreadErrors(logging.Filter):
     """orbax logs a failed background save with a full traceback before re-raising it to us; we turn it
     into one CheckpointError line, so the duplicate traceback is dropped (``--debug`` still shows ours).
-    Which of orbax's threads logs it depends on timing: the write's own thread, or the thread that waits
-    for the writes to commit."""
+    Which of orbax's threads logs it depends on timing: the write's own thread, the thread that waits for the
+    writes to commit, or the manager's finalize thread when the trainer waits for the save."""
 
-    MESSAGES = ("raised an exception", "in background save thread")
+    MESSAGES = ("raised an exception", "in background save thread", "Save Finalize thread")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -165,6 +167,44 @@ class _OrbaxThreadErrors(logging.Filter):
 
 
 _ORBAX_FILTER = _OrbaxThreadErrors()
+
+
+class _UnretrievedWriteFailures(logging.Filter):
+    """A failed save leaves orbax's other write tasks holding the same I/O error; asyncio logs each one with a
+    traceback ("Task exception was never retrieved", and the same for the future gathering them) when it is
+    collected, dozens after our one-line error. Only those whose exception is an I/O failure of a write are
+    dropped; asyncio's other reports are kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not ("exception was never retrieved" in record.getMessage()
+                    and error is not None and _write_failure(error) is not None)
+
+
+_ASYNCIO_FILTER = _UnretrievedWriteFailures()
+
+
+def _is_closed_loop_callback(unraisable) -> bool:
+    """orbax runs each save's coroutines on an event loop of its own and closes it when the save fails; the
+    write threads still running then post their results to the closed loop, and each post is reported as an
+    unraisable RuntimeError, a traceback on stderr (16 of them for a 2-layer model's failed save)."""
+    return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed")
+
+
+@functools.cache
+def _drop_closed_loop_reports() -> None:
+    """Install (once) an unraisable-exception hook that drops ``_is_closed_loop_callback`` reports and hands
+    every other one to the hook that was there before; likewise for orbax's unawaited write coroutines."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if not _is_closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    # and a synchronous save's unstarted write coroutines, which Python reports as it exits
+    warnings.filterwarnings("ignore", r"coroutine '.*write_fragment' was never awaited", RuntimeWarning)
 
 
 # ----------------------------------------------------------------------------- checkpointer
@@ -201,7 +241,9 @@ class Checkpointer:
         self._digester: threading.Thread | None = None
         self._reported: set[int] = set()
         self._intact: set[int] = set()  # steps ``damage`` passed in this process (each verified once)
-        logging.getLogger("absl").addFilter(_ORBAX_FILTER)
+        logging.getLogger("absl").addFilter(_ORBAX_FILTER)  # orbax's own reports of a failed save: see above
+        logging.getLogger("asyncio").addFilter(_ASYNCIO_FILTER)
+        _drop_closed_loop_reports()
 
     def _step_dir(self, step: int) -> str:
         return paths.join(self.directory, str(step))

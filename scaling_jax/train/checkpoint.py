@@ -166,9 +166,6 @@ class _OrbaxThreadErrors(logging.Filter):
         return not any(m in message for m in self.MESSAGES)
 
 
-_ORBAX_FILTER = _OrbaxThreadErrors()
-
-
 class _UnretrievedWriteFailures(logging.Filter):
     """A failed save leaves orbax's other write tasks holding the same I/O error; asyncio logs each one with a
     traceback ("Task exception was never retrieved", and the same for the future gathering them) when it is
@@ -181,9 +178,6 @@ class _UnretrievedWriteFailures(logging.Filter):
                     and error is not None and _write_failure(error) is not None)
 
 
-_ASYNCIO_FILTER = _UnretrievedWriteFailures()
-
-
 def _is_closed_loop_callback(unraisable) -> bool:
     """orbax runs each save's coroutines on an event loop of its own and closes it when the save fails; the
     write threads still running then post their results to the closed loop, and each post is reported as an
@@ -193,9 +187,11 @@ def _is_closed_loop_callback(unraisable) -> bool:
 
 
 @functools.cache
-def _drop_closed_loop_reports() -> None:
-    """Install (once) an unraisable-exception hook that drops ``_is_closed_loop_callback`` reports and hands
-    every other one to the hook that was there before; likewise for orbax's unawaited write coroutines."""
+def _drop_orbax_failure_reports() -> None:
+    """Once per process: orbax's, asyncio's and Python's own reports of a failed save are dropped (the trainer
+    reports it as one CheckpointError line). Each filter matches only those reports; every other one passes."""
+    logging.getLogger("absl").addFilter(_OrbaxThreadErrors())
+    logging.getLogger("asyncio").addFilter(_UnretrievedWriteFailures())
     previous = sys.unraisablehook
 
     def hook(unraisable) -> None:
@@ -203,7 +199,7 @@ def _drop_closed_loop_reports() -> None:
             previous(unraisable)
 
     sys.unraisablehook = hook
-    # and a synchronous save's unstarted write coroutines, which Python reports as it exits
+    # a synchronous save's unstarted write coroutines, which Python reports as it exits
     warnings.filterwarnings("ignore", r"coroutine '.*write_fragment' was never awaited", RuntimeWarning)
 
 
@@ -241,9 +237,7 @@ class Checkpointer:
         self._digester: threading.Thread | None = None
         self._reported: set[int] = set()
         self._intact: set[int] = set()  # steps ``damage`` passed in this process (each verified once)
-        logging.getLogger("absl").addFilter(_ORBAX_FILTER)  # orbax's own reports of a failed save: see above
-        logging.getLogger("asyncio").addFilter(_ASYNCIO_FILTER)
-        _drop_closed_loop_reports()
+        _drop_orbax_failure_reports()
 
     def _step_dir(self, step: int) -> str:
         return paths.join(self.directory, str(step))
